@@ -1,0 +1,69 @@
+"""Real Stable Diffusion UNet layouts, full size and shrunk, built without downloading anything.
+
+The full-size configs are SD 1.5's and SDXL's published `unet/config.json` values; built on the
+`meta` device they cost no memory, so tuner parameter counts on the real layouts are exact.
+The tiny variants keep every block type, layer count and skip connection and shrink only the
+channel widths: the architecture tests of the adapters run on them in seconds.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+# Same layouts, channels shrunk (SDXL's pooled text width 32 + 6 size ids x 8 = 80).
+TINY_SD15_UNET = {**SD15_UNET, "sample_size": 8, "block_out_channels": (32, 32, 64, 64),
+                  "cross_attention_dim": 32, "norm_num_groups": 8}
+TINY_SDXL_UNET = {**SDXL_UNET, "sample_size": 8, "block_out_channels": (32, 64, 64),
+                  "attention_head_dim": (2, 4, 4), "cross_attention_dim": 64,
+                  "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 80, "norm_num_groups": 8}
+LAYOUTS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "tiny-sd15": TINY_SD15_UNET, "tiny-sdxl": TINY_SDXL_UNET}
+
+
+def build_unet(layout: str, seed: int = 0, device: str | torch.device = "cpu") -> UNet2DConditionModel:
+    """A UNet with one of the LAYOUTS; on device "meta" no memory is allocated (for counting)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return UNet2DConditionModel(**LAYOUTS[layout])
+
+
+def unet_inputs(unet: UNet2DConditionModel, batch: int = 1, seed: int = 0) -> dict:
+    """Seeded random inputs of the right shapes for any UNet (SDXL's added conditions too)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    size = cfg.sample_size
+    inputs = {
+        "sample": torch.randn(batch, cfg.in_channels, size, size, generator=g),
+        "timestep": torch.tensor(500),
+        "encoder_hidden_states": torch.randn(batch, 8, cfg.cross_attention_dim, generator=g),
+    }
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=g),
+            "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * batch, dtype=torch.float32),
+        }
+    return inputs
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,252 @@
+"""Train the embedded Shapes model: the VAE first, then the UNet with the text encoder.
+
+    studio shapes train --out runs/shapes        # seeded; re-run the same command to resume
+
+Each stage checkpoints its full state (weights, optimizer, EMA, RNG, step) every
+`--ckpt-every` steps to DIR/<stage>_state.pt (written atomically) and resumes from it.
+Progress goes to DIR/train.log. The finished diffusers folder is DIR/model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .model import SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG, write_tokenizer
+from .world import BASE_SHAPES, SHAPES, render, sample_scene
+
+
+def render_pool(n: int, seed: int, shapes: tuple[str, ...], outline_prob: float) -> tuple[torch.Tensor, list[str]]:
+    """n seeded scenes as a uint8 tensor (n, 3, 64, 64) and their captions."""
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng, shapes, outline_prob=outline_prob) for _ in range(n)]
+    pixels = np.stack([np.asarray(render(s)) for s in scenes]).transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(pixels)), [s.caption() for s in scenes]
+
+
+def to_unit(pixels_u8: torch.Tensor) -> torch.Tensor:
+    return pixels_u8.float() / 127.5 - 1.0
+
+
+def get_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_vae(out: Path, args: argparse.Namespace, device: torch.device, log: Log) -> AutoencoderKL:
+    """The VAE sees every shape and the outline style (held-out concepts included, as SD's VAE
+    saw everything): a VAE that never saw a star decodes it as a blob."""
+    if (out / "vae" / "config.json").exists():
+        return AutoencoderKL.from_pretrained(out / "vae").to(device)
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**VAE_CONFIG).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    step = 0
+    state_path = out / "vae_state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        set_rng_state(state["rng"])
+        log(f"vae: resumed at step {step}")
+    else:
+        torch.manual_seed(args.seed + 1)
+    pool, _ = render_pool(args.vae_pool, args.seed + 100, SHAPES, outline_prob=0.2)
+    t0 = time.time()
+    while step < args.vae_steps:
+        for group in opt.param_groups:
+            group["lr"] = get_lr(step, args.vae_steps, args.vae_lr)
+        x = to_unit(pool[torch.randint(0, len(pool), (args.vae_batch,))]).to(device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        # L1 keeps flat colours exact, MSE the edges; a tiny KL keeps the latent well scaled.
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + args.vae_kl * posterior.kl().mean()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"vae: loss is {loss.item()} at step {step}; lower --vae-lr and resume")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            mse = F.mse_loss(recon.detach().clamp(-1, 1), x).item() / 4  # in [0, 1] units
+            log(f"vae step {step}/{args.vae_steps} loss {loss.item():.4f} psnr {10 * math.log10(1 / max(mse, 1e-10)):.2f} "
+                f"({(time.time() - t0) / 50:.2f}s/step)")
+            t0 = time.time()
+        if step % args.ckpt_every == 0 or step == args.vae_steps:
+            atomic_save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state()},
+                        state_path)
+    # The latent scaling factor is measured on data, as SD's 0.18215 was.
+    with torch.no_grad():
+        sample = to_unit(pool[:1024]).to(device)
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in sample.split(128)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.save_pretrained(out / "vae")
+    log(f"vae: done, scaling_factor {vae.config.scaling_factor:.4f}")
+    return vae
+
+
+def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
+               device: torch.device, log: Log) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """The UNet and the text encoder train jointly on base shapes and filled style only:
+    held-out shapes and the outline style are left for customization."""
+    torch.manual_seed(args.seed + 2)
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                 **TEXT_ENCODER_CONFIG)
+    text_encoder = CLIPTextModel(text_config).to(device)
+    unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
+    ema = {"unet": copy.deepcopy(unet).requires_grad_(False), "text_encoder": copy.deepcopy(text_encoder).requires_grad_(False)}
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
+    noise_scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    step = 0
+    state_path = out / "unet_state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        ema["unet"].load_state_dict(state["ema_unet"])
+        ema["text_encoder"].load_state_dict(state["ema_text_encoder"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        set_rng_state(state["rng"])
+        log(f"unet: resumed at step {step}")
+
+    # Cache the VAE posterior of every pooled render once (mean and std), sample per step.
+    pool, captions = render_pool(args.unet_pool, args.seed + 200, BASE_SHAPES, outline_prob=0.0)
+    with torch.no_grad():
+        stats = [vae.encode(to_unit(chunk).to(device)).latent_dist for chunk in pool.split(256)]
+        lat_mean = torch.cat([d.mean for d in stats])
+        lat_std = torch.cat([d.std for d in stats])
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids.to(device)
+    alphas = noise_scheduler.alphas_cumprod.to(device)
+    snr = alphas / (1 - alphas)
+
+    t0 = time.time()
+    while step < args.unet_steps:
+        for group in opt.param_groups:
+            group["lr"] = get_lr(step, args.unet_steps, args.unet_lr, warmup=200)
+        idx = torch.randint(0, len(pool), (args.unet_batch,))
+        latents = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])) * vae.config.scaling_factor
+        batch_ids = ids[idx]
+        drop = torch.rand(len(idx), device=device) < args.caption_dropout  # trains the unconditional branch for CFG
+        batch_ids = torch.where(drop[:, None], empty_ids, batch_ids)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), device=device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, text_encoder(batch_ids).last_hidden_state).sample
+        # Min-SNR-5 weighting (Hang et al. 2023): faster convergence at equal steps.
+        weight = torch.clamp(snr[t], max=5.0) / snr[t]
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"unet: loss is {loss.item()} at step {step}; lower --unet-lr and resume")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+                for p_ema, p in zip(ema[name].parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1 - decay)
+        if step % 50 == 0:
+            log(f"unet step {step}/{args.unet_steps} loss {loss.item():.4f} ({(time.time() - t0) / 50:.2f}s/step)")
+            t0 = time.time()
+        if step % args.ckpt_every == 0 or step == args.unet_steps:
+            atomic_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                         "ema_unet": ema["unet"].state_dict(), "ema_text_encoder": ema["text_encoder"].state_dict(),
+                         "optimizer": opt.state_dict(), "step": step, "rng": rng_state()}, state_path)
+    return ema["unet"], ema["text_encoder"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="studio shapes train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="run folder (re-run to resume)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-6)
+    p.add_argument("--vae-pool", type=int, default=12000)
+    p.add_argument("--unet-steps", type=int, default=5000)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--unet-pool", type=int, default=30000)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "train.log")
+    log(f"args: {vars(args)}")
+    device = torch.device(args.device)
+    write_tokenizer(args.out / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(args.out / "tokenizer")
+    vae = train_vae(args.out, args, device, log).requires_grad_(False)
+    unet, text_encoder = train_unet(args.out, args, vae, tokenizer, device, log)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(args.out / "model", safe_serialization=True)
+    log(f"done: {args.out / 'model'}")
+
+
+if __name__ == "__main__":
+    main()
