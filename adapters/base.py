@@ -75,6 +75,13 @@ class Adapter(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def regularization_loss(self) -> torch.Tensor | None:
+        """An extra loss term the training loop adds each step (e.g. SaRA's nuclear norm)."""
+        return None
+
+    def on_step_end(self, step: int, total_steps: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called by the training loop after each optimizer step (e.g. SaRA's re-selection)."""
+
     def set_scale(self, scale: float) -> None:
         self.scale = float(scale)
 
