@@ -117,8 +117,8 @@ def train_vae(out: Path, args: argparse.Namespace, device: torch.device, log: Lo
         step += 1
         if step % 50 == 0:
             mse = F.mse_loss(recon.detach().clamp(-1, 1), x).item() / 4  # in [0, 1] units
-            log(f"vae step {step}/{args.vae_steps} loss {loss.item():.4f} psnr {10 * math.log10(1 / max(mse, 1e-10)):.2f} "
-                f"({(time.time() - t0) / 50:.2f}s/step)")
+            log(f"vae step {step}/{args.vae_steps} loss {loss.item():.4f} "
+                f"psnr {10 * math.log10(1 / max(mse, 1e-10)):.2f} ({(time.time() - t0) / 50:.2f}s/step)")
             t0 = time.time()
         if step % args.ckpt_every == 0 or step == args.vae_steps:
             atomic_save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state()},
@@ -133,6 +133,58 @@ def train_vae(out: Path, args: argparse.Namespace, device: torch.device, log: Lo
     return vae
 
 
+def finetune_decoder(out: Path, args: argparse.Namespace, vae: AutoencoderKL, device: torch.device,
+                     log: Log) -> AutoencoderKL:
+    """Fine-tune the VAE decoder alone on deterministic (mean) latents, as SD's ft-MSE VAE did.
+
+    The encoder, and so the latent space the UNet learned, stays fixed: this stage only sharpens
+    decoding (colour and edge PSNR) and can run after the UNet has trained."""
+    if args.decoder_steps <= 0 or (out / "vae_ft" / "config.json").exists():
+        return AutoencoderKL.from_pretrained(out / "vae_ft").to(device) if args.decoder_steps > 0 else vae
+    vae = copy.deepcopy(vae).requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
+    step = 0
+    state_path = out / "vae_ft_state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        set_rng_state(state["rng"])
+        log(f"decoder: resumed at step {step}")
+    else:
+        torch.manual_seed(args.seed + 3)
+    pool, _ = render_pool(args.vae_pool, args.seed + 300, SHAPES, outline_prob=0.2)
+    t0 = time.time()
+    while step < args.decoder_steps:
+        for group in opt.param_groups:
+            group["lr"] = get_lr(step, args.decoder_steps, args.decoder_lr, warmup=20)
+        x = to_unit(pool[torch.randint(0, len(pool), (args.vae_batch,))]).to(device)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            mse = F.mse_loss(recon.detach().clamp(-1, 1), x).item() / 4
+            log(f"decoder step {step}/{args.decoder_steps} loss {loss.item():.4f} "
+                f"psnr {10 * math.log10(1 / max(mse, 1e-10)):.2f} ({(time.time() - t0) / 50:.2f}s/step)")
+            t0 = time.time()
+        if step % args.ckpt_every == 0 or step == args.decoder_steps:
+            atomic_save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state()},
+                        state_path)
+    vae.save_pretrained(out / "vae_ft")
+    log("decoder: done")
+    return vae
+
+
 def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
                device: torch.device, log: Log) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """The UNet and the text encoder train jointly on base shapes and filled style only:
@@ -143,7 +195,8 @@ def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenize
                                  **TEXT_ENCODER_CONFIG)
     text_encoder = CLIPTextModel(text_config).to(device)
     unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
-    ema = {"unet": copy.deepcopy(unet).requires_grad_(False), "text_encoder": copy.deepcopy(text_encoder).requires_grad_(False)}
+    ema = {"unet": copy.deepcopy(unet).requires_grad_(False),
+           "text_encoder": copy.deepcopy(text_encoder).requires_grad_(False)}
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
     noise_scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
@@ -221,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6)
     p.add_argument("--vae-pool", type=int, default=12000)
+    p.add_argument("--decoder-steps", type=int, default=0, help="decoder-only VAE fine-tune after the UNet")
+    p.add_argument("--decoder-lr", type=float, default=3e-4)
     p.add_argument("--unet-steps", type=int, default=5000)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
@@ -239,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(args.out / "tokenizer")
     vae = train_vae(args.out, args, device, log).requires_grad_(False)
     unet, text_encoder = train_unet(args.out, args, vae, tokenizer, device, log)
+    vae = finetune_decoder(args.out, args, vae, device, log)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
