@@ -1,5 +1,13 @@
-"""Tuners as torch modules that attach to an unmodified diffusers UNet (see adapters/base.py)."""
+"""Tuners as torch modules that attach to an unmodified diffusers UNet (see adapters/base.py).
+
+Importing the method modules (below) registers them: `REGISTRY[name]` is the only name -> class map."""
 
 from .base import REGISTRY, Adapter, detect_family, register, unet_fingerprint
+from .io import load_adapter, read_metadata, save_adapter
+from .lora import LoRA, LoRAConfig
+from .sc_tuner import SCTuner, SCTunerConfig
 
-__all__ = ["REGISTRY", "Adapter", "detect_family", "register", "unet_fingerprint"]
+__all__ = [
+    "REGISTRY", "Adapter", "LoRA", "LoRAConfig", "SCTuner", "SCTunerConfig", "detect_family", "load_adapter",
+    "read_metadata", "register", "save_adapter", "unet_fingerprint",
+]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 FORMAT_VERSION = "1"
@@ -32,22 +34,51 @@ def detect_family(unet: nn.Module) -> str:
     return "SD1"
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module's weights live (adapters are built and attached there; `meta` included)."""
+    return next(module.parameters()).device
+
+
 def unet_fingerprint(unet: nn.Module) -> str:
     """A short hash of the UNet's architecture (every parameter name and shape).
 
     Two checkpoints of the same architecture share it; an adapter trained on SD 1.5 refuses a
-    UNet with another fingerprint because its shapes would not line up."""
+    UNet with another fingerprint because its shapes would not line up. Attached adapters do not
+    change it (see `_base_parameter_shapes`), so a LoRA can be loaded next to another one."""
     h = hashlib.sha256()
-    for name, p in unet.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)};".encode())
+    for name, shape in _base_parameter_shapes(unet):
+        h.update(f"{name}:{shape};".encode())
     return h.hexdigest()[:16]
 
 
+def _base_parameter_shapes(unet: nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of the UNet's own parameters as the bare model names them.
+
+    peft wraps a target `to_q` as `to_q.base_layer` and adds `to_q.lora_A.<adapter>`; we see
+    through the wrapper and skip the adapter weights. Hook-based adapters add no parameters."""
+    adapter_prefixes = tuple(
+        f"{name}.{attr}."
+        for name, module in unet.named_modules()
+        if isinstance(module, BaseTunerLayer)
+        for attr in module.adapter_layer_names
+    )
+    for name, p in unet.named_parameters():
+        if not name.startswith(adapter_prefixes):
+            yield name.replace(".base_layer.", "."), tuple(p.shape)
+
+
 class Adapter(nn.Module):
-    """Base class: subclasses set `method` and `config_class`, and implement `attach`/`detach`.
+    """Base class: subclasses set `method` and `config_class` and implement `from_unet`,
+    `from_shapes`, `attach` and `detach`.
 
     Override `merge`/`unmerge` where the maths allows (a weight delta); the defaults refuse.
     `trainable_parameters()` are what the training loop optimises (default: all requires_grad).
+    Attaching never changes any `requires_grad`: freeze the UNet (`unet.requires_grad_(False)`)
+    *before* attaching, because adapters that live inside the UNet's modules (peft LoRA layers)
+    would be frozen too by a later `unet.requires_grad_(False)`.
+
+    `base_family`/`base_fingerprint` name the UNet the adapter was built for (`from_unet`) or
+    trained on (read back from its file); adapters/io.py writes them and checks them on load.
     """
 
     method: ClassVar[str]
@@ -59,6 +90,33 @@ class Adapter(nn.Module):
         self.scale = 1.0
         self.unet: nn.Module | None = None
         self.merged = False
+        self.base_family: str | None = None
+        self.base_fingerprint: str | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # `self.unet` is a reference, not a submodule: nn.Module would otherwise register the
+        # UNet as a child, and the adapter's parameters(), state_dict() and .to() would take it in.
+        if name == "unet":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_unet(cls, unet: nn.Module, config: Any = None) -> Adapter:
+        """A fresh, unattached adapter sized for `unet` (default config when None), built on
+        the UNet's device (so a `meta` UNet counts parameters without allocating them)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_shapes(cls, config: Any, shapes: dict[str, tuple[int, ...]]) -> Adapter:
+        """An adapter whose `tensors()` have exactly these names and shapes (a saved file's),
+        ready for `load_tensors`; no UNet needed."""
+        raise NotImplementedError
+
+    def _record_base(self, unet: nn.Module) -> None:
+        self.base_family = detect_family(unet)
+        self.base_fingerprint = unet_fingerprint(unet)
 
     # -- wiring -------------------------------------------------------------------------
     def attach(self, unet: nn.Module) -> None:
@@ -71,16 +129,14 @@ class Adapter(nn.Module):
         if self.unet is not None:
             raise RuntimeError(f"{self.method} adapter is already attached; call detach() first")
 
+    def _check_attached(self, action: str) -> nn.Module:
+        if self.unet is None:
+            raise RuntimeError(f"cannot {action} a {self.method} adapter that is not attached; call attach(unet) first")
+        return self.unet
+
     # -- training / inference -------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
-    def regularization_loss(self) -> torch.Tensor | None:
-        """An extra loss term the training loop adds each step (e.g. SaRA's nuclear norm)."""
-        return None
-
-    def on_step_end(self, step: int, total_steps: int, optimizer: torch.optim.Optimizer) -> None:
-        """Called by the training loop after each optimizer step (e.g. SaRA's re-selection)."""
 
     def set_scale(self, scale: float) -> None:
         self.scale = float(scale)
@@ -101,6 +157,11 @@ class Adapter(nn.Module):
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(tensors, strict=True)
+
+    def header_metadata(self) -> dict[str, str]:
+        """Method-specific header entries besides our `studio.*` ones (LoRA: diffusers'
+        `lora_adapter_metadata`, so diffusers can load the file too)."""
+        return {}
 
 
 REGISTRY: dict[str, type[Adapter]] = {}

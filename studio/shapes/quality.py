@@ -61,7 +61,7 @@ def vae_reconstruction(vae, n: int = 200, seed: int = 7, shapes: Sequence[str] |
     kept = []
     device, dtype = vae.device, vae.dtype
     for scene in scenes:
-        x = torch.from_numpy(np.asarray(render(scene))).permute(2, 0, 1)[None].float() / 127.5 - 1
+        x = torch.from_numpy(np.array(render(scene))).permute(2, 0, 1)[None].float() / 127.5 - 1
         z = vae.encode(x.to(device, dtype)).latent_dist.mean
         y = vae.decode(z).sample.float().clamp(-1, 1).cpu()
         mse = float(((y - x) ** 2).mean()) / 4  # in [0, 1] pixel units
