@@ -5,9 +5,10 @@ Importing the method modules (below) registers them: `REGISTRY[name]` is the onl
 from .base import REGISTRY, Adapter, detect_family, register, unet_fingerprint
 from .io import load_adapter, read_metadata, save_adapter
 from .lora import LoRA, LoRAConfig
+from .sara import SaRA, SaRAConfig
 from .sc_tuner import SCTuner, SCTunerConfig
 
 __all__ = [
-    "REGISTRY", "Adapter", "LoRA", "LoRAConfig", "SCTuner", "SCTunerConfig", "detect_family", "load_adapter",
-    "read_metadata", "register", "save_adapter", "unet_fingerprint",
+    "REGISTRY", "Adapter", "LoRA", "LoRAConfig", "SCTuner", "SCTunerConfig", "SaRA", "SaRAConfig", "detect_family",
+    "load_adapter", "read_metadata", "register", "save_adapter", "unet_fingerprint",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -39,6 +40,9 @@ def device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+_PARAMETRIZED = re.compile(r"parametrizations\.(\w+)\.original$")
+
+
 def unet_fingerprint(unet: nn.Module) -> str:
     """A short hash of the UNet's architecture (every parameter name and shape).
 
@@ -46,7 +50,7 @@ def unet_fingerprint(unet: nn.Module) -> str:
     UNet with another fingerprint because its shapes would not line up. Attached adapters do not
     change it (see `_base_parameter_shapes`), so a LoRA can be loaded next to another one."""
     h = hashlib.sha256()
-    for name, shape in _base_parameter_shapes(unet):
+    for name, shape in sorted(_base_parameter_shapes(unet)):  # sorted: parametrize moves a weight last
         h.update(f"{name}:{shape};".encode())
     return h.hexdigest()[:16]
 
@@ -55,7 +59,8 @@ def _base_parameter_shapes(unet: nn.Module) -> Iterator[tuple[str, tuple[int, ..
     """(name, shape) of the UNet's own parameters as the bare model names them.
 
     peft wraps a target `to_q` as `to_q.base_layer` and adds `to_q.lora_A.<adapter>`; we see
-    through the wrapper and skip the adapter weights. Hook-based adapters add no parameters."""
+    through the wrapper and skip the adapter weights. torch parametrize (SaRA) stores `conv_in.weight`
+    as `conv_in.parametrizations.weight.original`. Hook-based adapters add no parameters."""
     adapter_prefixes = tuple(
         f"{name}.{attr}."
         for name, module in unet.named_modules()
@@ -64,7 +69,7 @@ def _base_parameter_shapes(unet: nn.Module) -> Iterator[tuple[str, tuple[int, ..
     )
     for name, p in unet.named_parameters():
         if not name.startswith(adapter_prefixes):
-            yield name.replace(".base_layer.", "."), tuple(p.shape)
+            yield _PARAMETRIZED.sub(r"\1", name.replace(".base_layer.", ".")), tuple(p.shape)
 
 
 class Adapter(nn.Module):
@@ -137,6 +142,18 @@ class Adapter(nn.Module):
     # -- training / inference -------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    @classmethod
+    def default_learning_rate(cls, config: Any) -> float | None:
+        """The method's learning rate when the user gives none (None: the training loop's default)."""
+        return None
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """An extra loss term the training loop adds each step (e.g. SaRA's nuclear norm)."""
+        return None
+
+    def on_step_end(self, step: int, total_steps: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called by the training loop after each optimizer step (e.g. SaRA's re-selection)."""
 
     def set_scale(self, scale: float) -> None:
         self.scale = float(scale)

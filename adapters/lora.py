@@ -1,0 +1,281 @@
+"""LoRA (Hu et al., 2021) through peft: W x + s (alpha / r) B A x on the UNet's attention (and feed-forward) Linears.
+
+The adapter owns its `lora_A`/`lora_B` Linears; `attach` lets peft wrap the targets
+(`inject_adapter_in_model`, the diffusers way) and then puts our modules into peft's layers, so the
+weights the training loop optimises and saves are the ones the forward pass uses. Files are in
+diffusers/peft format (`unet.<path>.lora_A.weight`, header `lora_adapter_metadata`), so diffusers'
+`pipe.load_lora_weights(path)` reads them too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .base import Adapter, device_of, register
+
+ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TARGETS = {"attn": ATTN_TARGETS, "attn_ff": (*ATTN_TARGETS, "ff.net.0.proj", "ff.net.2")}
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 4
+    # None -> rank, i.e. the LoRA branch scaled by alpha / rank = 1 (kohya and peft read a missing alpha so too).
+    alpha: float | None = None
+    # "attn": to_q/to_k/to_v/to_out.0 of every attention; "attn_ff" adds the feed-forward's two Linears
+    # (the SCEdit paper's LoRA baseline, 23.94 M parameters on SD 1.5 at rank 64).
+    target: str = "attn"
+    dropout: float = 0.0  # on the LoRA branch's input, training only
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRAConfig.rank must be an integer >= 1, got {self.rank!r}")
+        if self.alpha is None:
+            self.alpha = self.rank
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"LoRAConfig.alpha must be a finite number (or None for alpha = rank), got {self.alpha!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"LoRAConfig.target must be one of {sorted(TARGETS)}, got {self.target!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+def target_linears(unet: nn.Module, target: str) -> dict[str, nn.Linear]:
+    """Module path -> the nn.Linear to adapt (seen through a peft wrapper another adapter left there)."""
+    suffixes = tuple(f".{name}" for name in TARGETS[target])
+    found = {}
+    for path, module in unet.named_modules():
+        if path.endswith(suffixes):
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not isinstance(base, nn.Linear):
+                raise ValueError(f"{path} is a {type(base).__name__}; LoRA here adapts nn.Linear layers only")
+            found[path] = base
+    return found
+
+
+@contextmanager
+def _requires_grad_kept(*modules: nn.Module) -> Iterator[None]:
+    # peft's injection freezes the base model and set_adapter/delete_adapter unfreeze active adapters;
+    # attaching or detaching an adapter must not change what trains.
+    saved = [(p, p.requires_grad) for module in modules for p in module.parameters()]
+    yield
+    for p, requires_grad in saved:
+        p.requires_grad_(requires_grad)
+
+
+def _unmerge_layer(layer: BaseTunerLayer, adapter_name: str) -> None:
+    # Subtract only this adapter's delta: peft's Linear.unmerge() undoes every adapter merged into the layer.
+    weight = layer.get_base_layer().weight
+    weight.data -= layer.get_delta_weight(adapter_name).to(weight.dtype)
+    layer.merged_adapters.remove(adapter_name)
+
+
+_names = itertools.count()  # peft adapter names must be unique per UNet; one per LoRA instance
+_A_KEY = re.compile(r"unet\.(.+)\.lora_A\.weight")
+
+
+@register
+class LoRA(Adapter):
+    """`shapes` maps each target module path to (in_features, out_features); build with
+    `from_unet(unet)` or `from_shapes` (a saved file's tensor shapes)."""
+
+    method = "lora"
+    config_class = LoRAConfig
+
+    def __init__(self, config: LoRAConfig, shapes: dict[str, tuple[int, int]]):
+        super().__init__(config)
+        # ModuleDict names cannot hold dots; "a.b.to_out.0" -> "a_b_to_out_0" (kohya's spelling of the path).
+        self.paths = {path.replace(".", "_"): path for path in shapes}
+        if len(self.paths) != len(shapes):
+            raise ValueError("two target paths collapse to the same module name once dots become underscores")
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        for key, path in self.paths.items():
+            in_features, out_features = shapes[path]
+            # A keeps nn.Linear's default init, kaiming-uniform(a=sqrt(5)), as peft does; B = 0, so the
+            # adapted UNet starts equal to the base.
+            self.lora_A[key] = nn.Linear(in_features, config.rank, bias=False)
+            self.lora_B[key] = nn.Linear(config.rank, out_features, bias=False)
+            nn.init.zeros_(self.lora_B[key].weight)
+        # One dropout module (no weights) shared by every peft layer, owned here so that adapter.train() /
+        # adapter.eval() switch it, as they would if the LoRA branches were our own modules.
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.adapter_name = f"studio_lora_{next(_names)}"
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module, config: LoRAConfig | None = None) -> LoRA:
+        config = config or LoRAConfig()
+        linears = target_linears(unet, config.target)
+        if not linears:
+            raise ValueError(f"no {TARGETS[config.target]} Linear layers found in this UNet")
+        with torch.device(device_of(unet)):
+            adapter = cls(config, {path: (m.in_features, m.out_features) for path, m in linears.items()})
+        adapter._record_base(unet)
+        return adapter
+
+    @classmethod
+    def from_shapes(cls, config: LoRAConfig, shapes: dict[str, tuple[int, ...]]) -> LoRA:
+        # lora_A is (r, in), lora_B (out, r); a rank other than config.rank fails in load_tensors' strict load.
+        targets = {}
+        for name, shape in shapes.items():
+            if m := _A_KEY.fullmatch(name):
+                b_shape = shapes.get(f"unet.{m[1]}.lora_B.weight")
+                if b_shape is None:
+                    raise ValueError(f"{name} has no matching lora_B tensor")
+                targets[m[1]] = (shape[1], b_shape[0])
+        return cls(config, targets)
+
+    # -- serialisation: diffusers/peft keys and header ------------------------------------
+    def _file_keys(self) -> dict[str, str]:
+        """File key (`unet.<path>.lora_A.weight`) -> our state_dict key (`lora_A.<name>.weight`)."""
+        return {
+            f"unet.{path}.{part}.weight": f"{part}.{key}.weight"
+            for key, path in self.paths.items()
+            for part in ("lora_A", "lora_B")
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        state = self.state_dict()
+        return {file_key: state[key].detach().contiguous() for file_key, key in self._file_keys().items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        keys = self._file_keys()
+        missing, unexpected = sorted(set(keys) - set(tensors)), sorted(set(tensors) - set(keys))
+        if missing or unexpected:
+            raise ValueError(f"LoRA tensors do not fit its targets: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.load_state_dict({key: tensors[file_key] for file_key, key in keys.items()}, strict=True)
+
+    def peft_fields(self) -> dict:
+        """The LoraConfig fields that describe this adapter (exact module paths, so nothing else matches)."""
+        return {
+            "r": self.config.rank,
+            "lora_alpha": self.config.alpha,
+            "lora_dropout": self.config.dropout,
+            "target_modules": sorted(self.paths.values()),
+        }
+
+    def header_metadata(self) -> dict[str, str]:
+        # diffusers' LoRA loader builds LoraConfig(**fields) from this JSON, keys prefixed by the component.
+        fields = {f"unet.{name}": value for name, value in self.peft_fields().items()}
+        return {"lora_adapter_metadata": json.dumps(fields, sort_keys=True)}
+
+    # -- wiring -------------------------------------------------------------------------
+    def _layers(self, action: str) -> list[BaseTunerLayer]:
+        unet = self._check_attached(action)
+        return [unet.get_submodule(path) for path in self.paths.values()]
+
+    def _check_fits(self, unet: nn.Module) -> None:
+        """Every target exists and has our widths; checked before anything is touched."""
+        problems = []
+        for key, path in self.paths.items():
+            want = (self.lora_A[key].in_features, self.lora_B[key].out_features)
+            try:
+                module = unet.get_submodule(path)
+            except AttributeError:
+                problems.append(f"{path} is missing")
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            found = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else type(base).__name__
+            if found != want:
+                problems.append(f"{path} is {found}, expected Linear{want}")
+        if problems:
+            raise ValueError(
+                f"this LoRA does not fit the UNet ({len(problems)} of {len(self.paths)} targets differ: "
+                f"{'; '.join(problems[:3])}); build one for this model with LoRA.from_unet(unet)"
+            )
+        if any(m.merged for m in unet.modules() if isinstance(m, BaseTunerLayer)):
+            # peft's injection would silently unmerge them.
+            raise RuntimeError("the UNet has merged (fused) adapters; unmerge them before attaching another LoRA")
+        if self.adapter_name in getattr(unet, "peft_config", {}):
+            raise RuntimeError(f"the UNet already has an adapter named {self.adapter_name!r}")
+
+    def attach(self, unet: nn.Module) -> None:
+        self._check_not_attached()
+        self._check_fits(unet)
+        active = {path: list(m.active_adapters) for path, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
+        self.to(device_of(unet))
+        with _requires_grad_kept(unet, self), warnings.catch_warnings():
+            # Several adapters on one UNet is intended here; peft warns about it.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            # low_cpu_mem_usage: peft's own lora_A/B are made on `meta` and never filled, as ours replace them.
+            inject_adapter_in_model(
+                LoraConfig(**self.peft_fields()), unet, adapter_name=self.adapter_name, low_cpu_mem_usage=True
+            )
+            # Our modules go into peft's layers: the forward pass uses the very weights we train and save.
+            for key, path in self.paths.items():
+                layer = unet.get_submodule(path)
+                layer.lora_A[self.adapter_name] = self.lora_A[key]
+                layer.lora_B[self.adapter_name] = self.lora_B[key]
+                layer.lora_dropout[self.adapter_name] = self.dropout
+            # peft made the new adapter the only active one in every tuner layer: re-activate the others.
+            for path, m in unet.named_modules():
+                if isinstance(m, BaseTunerLayer):
+                    ours = [self.adapter_name] if self.adapter_name in getattr(m, "lora_A", {}) else []
+                    m.set_adapter(active.get(path, []) + ours)
+        self.unet = unet
+        self.set_scale(self.scale)
+
+    def detach(self) -> None:
+        if self.unet is None:
+            return
+        if self.merged:
+            self.unmerge()
+        unet = self.unet
+        with _requires_grad_kept(unet):
+            for path in self.paths.values():
+                layer = unet.get_submodule(path)
+                if set(layer.lora_A) == {self.adapter_name}:
+                    # Ours is the layer's only adapter: put the original nn.Linear object back, no wrapper left.
+                    parent, _, child = path.rpartition(".")
+                    setattr(unet.get_submodule(parent), child, layer.get_base_layer())
+                else:
+                    layer.delete_adapter(self.adapter_name)
+        unet.peft_config.pop(self.adapter_name)
+        # peft created `unet.peft_config`; drop it when empty unless diffusers manages it.
+        if not unet.peft_config and not getattr(unet, "_hf_peft_config_loaded", False):
+            del unet.peft_config
+        self.unet = None
+
+    # -- scale and merge ----------------------------------------------------------------
+    def set_scale(self, scale: float) -> None:
+        if self.merged:
+            raise RuntimeError("unmerge() before changing the scale of a merged LoRA (its delta used the old scale)")
+        super().set_scale(scale)
+        if self.unet is not None:
+            for layer in self._layers("scale"):
+                layer.set_scale(self.adapter_name, self.scale)  # scaling = scale * alpha / r
+
+    def merge(self) -> None:
+        """W += scale (alpha / r) B A in every target through peft's `get_delta_weight` (checked finite);
+        peft layers then skip their LoRA branches. On a non-finite result nothing stays merged."""
+        layers = self._layers("merge")
+        if self.merged:
+            raise RuntimeError("this LoRA is already merged")
+        for i, layer in enumerate(layers):
+            try:
+                layer.merge(safe_merge=True, adapter_names=[self.adapter_name])
+            except ValueError:
+                for done in layers[:i]:
+                    _unmerge_layer(done, self.adapter_name)
+                raise
+        self.merged = True
+
+    def unmerge(self) -> None:
+        layers = self._layers("unmerge")
+        if not self.merged:
+            raise RuntimeError("this LoRA is not merged")
+        for layer in layers:
+            _unmerge_layer(layer, self.adapter_name)
+        self.merged = False

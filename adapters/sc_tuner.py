@@ -1,0 +1,129 @@
+"""SC-Tuner (SCEdit: Jiang et al., CVPR 2024, arXiv 2312.11392): a residual channel MLP on every long skip.
+
+For the skip x (B, C, H, W) feeding decoder resnet `up_blocks[b].resnets[r]`:
+    T(x) = W2 GELU(W1 x + b1) + b2,    W1: C -> L, W2: L -> C,  L = floor(C * hidden_ratio)
+    x'   = x + s T(x)
+The UNet stays frozen and every trainable weight sits at the encoder -> decoder hand-off, so no
+autograd graph is recorded in the encoder or mid block (see /work/shared/papers/scedit.md, sec. 4).
+12 tuners on SD 1.x/2.x (19.68 M parameters at hidden_ratio 1.0), 9 on SDXL (9.84 M).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .base import Adapter, device_of, register
+from .skips import hook_skips, long_skips
+
+
+@dataclass
+class SCTunerConfig:
+    # r_down: hidden width L = floor(C * hidden_ratio). 1.0, the paper's default, means no bottleneck.
+    hidden_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        ratio = self.hidden_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+            raise ValueError(f"SCTunerConfig.hidden_ratio must be a number > 0 (1.0 is the paper's), got {ratio!r}")
+        self.hidden_ratio = float(ratio)
+
+
+class SkipMLP(nn.Module):
+    """T(x) = W2 GELU(W1 x + b1) + b2 per pixel, as 1x1 convs (a Linear over channels without permutes).
+
+    W1, b1 keep PyTorch's default init (kaiming-uniform, a=sqrt(5)) as in the reference; W2, b2 start
+    at zero so that the tuned UNet equals the base at step 0. Consequence: at step 0 only W2, b2 get
+    gradient (W1's passes through W2 = 0)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def module_name(key: str) -> str:
+    """Skip key "b.r" -> ModuleDict name "up_blocks_b_resnets_r" (module names cannot hold dots)."""
+    block, resnet = key.split(".")
+    return f"up_blocks_{block}_resnets_{resnet}"
+
+
+_FC1_KEY = re.compile(r"tuners\.up_blocks_(\d+)_resnets_(\d+)\.fc1\.weight")
+
+
+@register
+class SCTuner(Adapter):
+    """One `SkipMLP` per long skip, keyed by the consuming resnet; attached by forward-pre-hooks.
+
+    `widths` maps skip keys "b.r" to C_skip. Build with `from_unet(unet)` (widths read from the UNet)
+    or `from_shapes` (widths read from a saved file's tensor shapes)."""
+
+    method = "sc_tuner"
+    config_class = SCTunerConfig
+
+    def __init__(self, config: SCTunerConfig, widths: dict[str, int]):
+        super().__init__(config)
+        self.widths = dict(widths)
+        self.tuners = nn.ModuleDict()
+        for key, channels in self.widths.items():
+            # + 1e-6: floor(C * r) without float error turning e.g. 640 * 0.3 into 191.
+            hidden = int(channels * config.hidden_ratio + 1e-6)
+            if hidden < 1:
+                raise ValueError(
+                    f"SCTunerConfig.hidden_ratio={config.hidden_ratio} leaves the {channels}-channel skip {key} "
+                    f"without hidden units; use hidden_ratio >= {1 / channels:.4g}"
+                )
+            self.tuners[module_name(key)] = SkipMLP(channels, hidden)
+        self._handles: list[RemovableHandle] = []
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module, config: SCTunerConfig | None = None) -> SCTuner:
+        with torch.device(device_of(unet)):
+            adapter = cls(config or SCTunerConfig(), {skip.key: skip.channels for skip in long_skips(unet)})
+        adapter._record_base(unet)
+        return adapter
+
+    @classmethod
+    def from_shapes(cls, config: SCTunerConfig, shapes: dict[str, tuple[int, ...]]) -> SCTuner:
+        # fc1.weight is (L, C, 1, 1); every other shape is checked by load_tensors' strict load.
+        widths = {f"{m[1]}.{m[2]}": shape[1] for name, shape in shapes.items() if (m := _FC1_KEY.fullmatch(name))}
+        return cls(config, widths)
+
+    # -- wiring -------------------------------------------------------------------------
+    def attach(self, unet: nn.Module) -> None:
+        self._check_not_attached()
+        skips = long_skips(unet)
+        found = {skip.key: skip.channels for skip in skips}
+        if found != self.widths:
+            raise ValueError(
+                f"this SC-Tuner was built for {len(self.widths)} skips {self.widths}, but the UNet has "
+                f"{len(found)} skips {found}; build one for this model with SCTuner.from_unet(unet)"
+            )
+        self.to(device_of(unet))
+        self._handles = hook_skips(unet, skips, self.edit_skip)
+        self.unet = unet
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.unet = None
+
+    def edit_skip(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """x' = x + s T(x). The tuner runs in its own dtype (fp32 master weights under an fp16 UNet);
+        s = 0 returns x itself, so the base output is reproduced exactly."""
+        if self.scale == 0:
+            return x
+        tuner = self.tuners[module_name(key)]
+        return x + self.scale * tuner(x.to(tuner.fc1.weight.dtype)).to(x.dtype)

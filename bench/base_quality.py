@@ -1,0 +1,67 @@
+"""Base-model quality on the Shapes world: prompt fidelity per attribute and VAE reconstruction.
+
+    python bench/base_quality.py [--model assets/shapes-sd] [--seeds 4] [--steps 25]
+
+The grid is fixed: every base colour x shape x the five positions, plus 30 two-object prompts,
+4 seeds each, 25 DDIM steps, guidance 7.5, scored by the Shapes analyzer. Targets (issue #3):
+colour >= 95 %, shape >= 90 %, position >= 90 %, two-object all-four-attributes >= 60 %,
+VAE PSNR >= 30 dB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from pipelines import load_model
+from studio.shapes.quality import score_prompts, single_object_grid, two_object_scenes, vae_reconstruction
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model source (default: the embedded Shapes model)")
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    args = p.parse_args()
+
+    model = load_model(args.model)
+    pipe = model.pipe
+    pipe.set_progress_bar_config(disable=True)
+    seeds = list(range(args.seeds))
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"device {pipe.device}; model {model.name}")
+    t0 = time.time()
+    single = score_prompts(pipe, single_object_grid(), seeds, num_inference_steps=args.steps,
+                           guidance_scale=args.guidance)
+    pairs = score_prompts(pipe, two_object_scenes(), seeds, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance, attributes=("color", "shape", "position"))
+    vae = vae_reconstruction(pipe.vae)
+    rows = [
+        ("colour (single objects)", single["color"], 0.95),
+        ("shape (single objects)", single["shape"], 0.90),
+        ("position (single objects)", single["position"], 0.90),
+        ("all three (single objects)", single["all"], None),
+        ("two-object: colour", pairs["color"], None),
+        ("two-object: shape", pairs["shape"], None),
+        ("two-object: all four attributes", pairs["all"], 0.60),
+    ]
+    print(f"{'metric':36s} {'value':>8s} {'target':>8s}")
+    for name, value, target in rows:
+        mark = "" if target is None else ("  ok" if value >= target else "  MISSED")
+        print(f"{name:36s} {value:8.1%} {'' if target is None else f'{target:.0%}':>8s}{mark}")
+    for key, value in vae.items():
+        if key.startswith("psnr"):
+            target = 30.0 if key == "psnr_all" else None
+            mark = "" if target is None else ("  ok" if value >= target else "  MISSED")
+            print(f"{'VAE ' + key + ' (dB, 200 renders)':36s} {value:8.2f} {'' if target is None else '30':>8s}{mark}")
+    print(f"{'VAE reconstructions read right':36s} {vae['analyzer_kept']:8.1%}")
+    print(f"({len(single_object_grid()) + 30} prompts x {len(seeds)} seeds, {args.steps} DDIM steps, "
+          f"CFG {args.guidance}; {time.time() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Training sets from image folders: captions, kohya repeat folders, prior-preservation class images.
+
+One folder may mix these layouts (conventions.md section 4):
+
+    data/
+      a.png   a.txt            sidecar caption (.txt, as the GUIs write it, or .caption, sd-scripts' default)
+      b.jpg   b.caption
+      c.webp                   no sidecar: metadata.jsonl's caption, else the trigger word
+      metadata.jsonl           Hugging Face imagefolder: {"file_name": "c.webp", "text": "..."} per line
+      10_sks star/             kohya repeat folder: each image counts 10 times per epoch, and images
+        d.png                  without a caption get the folder's "sks star"
+
+Everything is checked before any work starts: a missing folder, no images, an unreadable image or
+an image without a caption raises `DatasetError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import StudioError
+from .generate import generate, save_png
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+CAPTION_EXTENSIONS = (".txt", ".caption")
+METADATA_FILE = "metadata.jsonl"
+METADATA_CAPTION_KEYS = ("text", "caption")  # the imagefolder column diffusers' scripts read, then the other usual one
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: "<repeats>_<token> <class>"
+
+
+class DatasetError(StudioError):
+    """A training folder that cannot be used as it is; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image, its caption, and how many times it counts per epoch."""
+
+    image: Path
+    caption: str
+    repeats: int = 1
+
+
+def scan_folder(folder: str | os.PathLike, *, fallback_caption: str | None = None) -> list[Example]:
+    """Every image in `folder` and in its kohya `N_name` subfolders, with its caption.
+
+    A caption comes from, in order: the image's sidecar file, `metadata.jsonl` in the image's
+    folder, the repeat folder's name, `fallback_caption` (the trigger word). Images are listed in
+    sorted order, top folder first, so the result (and the data order built on it) never depends
+    on the file system's listing order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"training folder {folder} does not exist; pass the folder that holds the training images")
+    examples = _scan_one(folder, repeats=1, fallback_caption=fallback_caption)
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        match = REPEAT_FOLDER.match(sub.name)
+        if match is None:
+            if _images_in(sub):
+                raise DatasetError(
+                    f"{sub} holds images but its name is not a kohya repeat folder; rename it to "
+                    f"'<repeats>_<token> <class>' (e.g. '10_sks star') or move its images into {folder}"
+                )
+            continue
+        repeats = int(match[1])
+        if repeats < 1:
+            raise DatasetError(f"{sub}: 0 repeats would never show its images; use at least 1 (e.g. '1_{match[2]}')")
+        examples += _scan_one(sub, repeats=repeats, fallback_caption=match[2])
+    if not examples:
+        raise DatasetError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}; add images or pass the folder holding them"
+        )
+    return examples
+
+
+def _scan_one(folder: Path, repeats: int, fallback_caption: str | None) -> list[Example]:
+    metadata = _read_metadata(folder)
+    return [Example(image, _caption(image, metadata, fallback_caption), repeats) for image in _images_in(folder)]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _read_metadata(folder: Path) -> dict[Path, str]:
+    """`metadata.jsonl` (Hugging Face imagefolder) as {image path: caption}; {} when there is none."""
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        return {}
+    captions = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path} line {number} is not valid JSON ({e.msg}); fix or delete that line") from e
+        key = next((k for k in METADATA_CAPTION_KEYS if k in row), None)
+        if "file_name" not in row or key is None:
+            raise DatasetError(
+                f"{path} line {number} needs a 'file_name' and a caption ('text' or 'caption'); got keys {sorted(row)}"
+            )
+        image = folder / row["file_name"]
+        if not image.is_file():
+            raise DatasetError(f"{path} line {number} names {image}, which does not exist; fix the name or drop it")
+        captions[image] = str(row[key]).strip()
+    return captions
+
+
+def _caption(image: Path, metadata: dict[Path, str], fallback_caption: str | None) -> str:
+    sidecars = [image.with_suffix(ext) for ext in CAPTION_EXTENSIONS if image.with_suffix(ext).is_file()]
+    if len(sidecars) > 1:
+        raise DatasetError(f"{image} has two captions ({', '.join(p.name for p in sidecars)}); keep only one")
+    if sidecars:
+        caption = sidecars[0].read_text(encoding="utf-8").strip()
+        if not caption:
+            raise DatasetError(f"{sidecars[0]} is empty; write the caption in it, or delete it to use the trigger word")
+        return caption
+    if image in metadata:
+        return metadata[image]
+    if fallback_caption:
+        return fallback_caption
+    raise DatasetError(
+        f"{image} has no caption: add {image.stem}.txt next to it, or set a trigger word to caption every image "
+        "that has none"
+    )
+
+
+def load_images(examples: Sequence[Example], resolution: int) -> torch.Tensor:
+    """The examples' images as uint8 (N, 3, resolution, resolution): the shorter side resized to
+    `resolution` (bicubic), then center-cropped, as SD's training data was prepared."""
+    pixels = torch.empty(len(examples), 3, resolution, resolution, dtype=torch.uint8)
+    for i, example in enumerate(examples):
+        pixels[i] = torch.from_numpy(np.array(_read_image(example.image, resolution))).permute(2, 0, 1)
+    return pixels
+
+
+def _read_image(path: Path, resolution: int) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            # Phones store rotation in EXIF; without the transpose a portrait photo trains sideways.
+            image = ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for unknown, truncated or corrupt files
+        raise DatasetError(f"cannot read image {path} ({e}); re-save it as PNG or JPEG, or delete it") from e
+    return ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+
+
+def generate_class_images(pipe, class_dir: Path, class_prompt: str, num_images: int, *, num_inference_steps: int,
+                          guidance_scale: float) -> list[Path]:
+    """Top `class_dir` up to `num_images` images of `class_prompt` drawn by `pipe` (the base model:
+    call it before attaching an adapter), for DreamBooth-style prior preservation.
+
+    Image `class-<seed>.png` comes from seed <seed>, taking the smallest seeds whose files are
+    missing, so the set is the same whenever it is (re)built; existing images, generated or
+    supplied, count toward `num_images` and are never regenerated. Each PNG is written atomically
+    with its generation settings. Returns the new files."""
+    class_dir.mkdir(parents=True, exist_ok=True)
+    missing = max(num_images - len(_images_in(class_dir)), 0)
+    free_seeds = (seed for seed in itertools.count() if not (class_dir / f"class-{seed:05d}.png").exists())
+    written = []
+    for seed in itertools.islice(free_seeds, missing):
+        result = generate(pipe, class_prompt, seed=seed, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale)
+        written.append(save_png(result.images[0], result.settings[0], class_dir / f"class-{seed:05d}.png"))
+    return written
+
+
+class EpochSampler:
+    """An endless stream of example indices: each example `repeats` times per epoch, reshuffled
+    every epoch (kohya's epoch semantics).
+
+    Position p of the stream is a pure function of (seed, stream, p), so resuming needs only the
+    position, and every process of a multi-GPU run computes the same stream without talking."""
+
+    def __init__(self, repeats: Sequence[int], seed: int, stream: int = 0):
+        self.pool = np.repeat(np.arange(len(repeats)), repeats)
+        self.seed, self.stream = seed, stream
+        self._epoch, self._order = -1, self.pool
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        """Indices at stream positions start, ..., start + count - 1."""
+        out = torch.empty(count, dtype=torch.long)
+        for k, position in enumerate(range(start, start + count)):
+            epoch, i = divmod(position, len(self.pool))
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._order = np.random.default_rng((self.seed, self.stream, epoch)).permutation(self.pool)
+            out[k] = int(self._order[i])
+        return out

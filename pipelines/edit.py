@@ -1,0 +1,562 @@
+"""Real-image editing with uniform attention maps (UAM; Mo et al., WACV 2025, arXiv 2411.19652).
+
+See papers/uam.md for the algorithm, its defaults and where the reference code departs from the paper.
+
+    image ─VAE─> z0 ─DDIM inversion, one 2-row batch─> z^u_T (uniform attention, "")
+                                                      z_T   (normal attention, "" or the source prompt)
+    denoise three branches in one batch per step:
+        u    z^u_T  uniform, "",     no CFG  -> x̂0_u, the high-fidelity reconstruction
+        src  z_T    normal,  source, CFG     -> x̂0_src ┐ Δ = x̂0_src − x̂0_tgt -> keep mask M
+        tgt  z_T    normal,  target, CFG     -> x̂0_tgt ┘ on 0 < t < T_mask: x̂0_tgt <- M·x̂0_u + (1−M)·x̂0_tgt
+
+The maths are pure module-level functions (tested alone); the public entry points are `invert`,
+`reconstruct`, `edit` and the baselines `ddim_reconstruct` and `edit_without_uniform`. All latent
+arithmetic runs in fp32 whatever the model's dtype. The pipe is left as it was: its scheduler is only
+read (a DDIM schedule is built from its config) and the attention processors are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from adapters.base import detect_family, unet_fingerprint
+from adapters.uniform_attention import UniformAttentionHandle, attach_uniform_attention
+
+from .errors import GenerationInterrupted, InputError
+from .generate import ProgressCallback
+from .images import ImageInput, load_image, load_mask
+from .loading import LoadedModel
+
+ThresholdMode = Literal["paper", "reference"]
+MaskChannels = Literal["per_channel", "max"]
+Model = LoadedModel | StableDiffusionPipeline
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DDIMSchedule:
+    """The timesteps of one DDIM run and the ᾱ they index; both inversion and denoising walk it."""
+
+    timesteps: list[int]  # denoising order, e.g. 981, 961, ..., 1 for 50 "leading" steps with offset 1
+    alphas_cumprod: torch.Tensor  # ᾱ for every training timestep, fp32
+
+    def alpha_bar(self, t: int) -> torch.Tensor:
+        """ᾱ_t, and ᾱ_0 = alphas_cumprod[0] for t < 0 (the P2P/MasaCtrl convention, uam.md §3)."""
+        return self.alphas_cumprod[max(t, 0)]
+
+    def previous(self, i: int) -> int:
+        """The timestep that denoising step i lands on: the next one in the schedule, −1 after the last."""
+        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
+
+
+def ddim_schedule(scheduler_config: dict, num_inference_steps: int) -> DDIMSchedule:
+    """A DDIM schedule from any diffusers scheduler config (its betas, timestep spacing and offset),
+    built on a fresh `DDIMScheduler` so that the pipe's own scheduler is never touched."""
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(num_inference_steps)
+    return DDIMSchedule([int(t) for t in scheduler.timesteps], scheduler.alphas_cumprod.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# Maths (uam.md §3-§5); tensors in, tensors out
+# ---------------------------------------------------------------------------------------------
+def predict_x0(sample: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
+    """x̂0 = (z_t − √(1−ᾱ_t)·ε) / √ᾱ_t, DDIM's predicted clean latent (Song et al. 2021, Eq. 12)."""
+    return (sample - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
+
+
+def ddim_renoise(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
+    """z = √ᾱ·x̂0 + √(1−ᾱ)·ε: the deterministic (η = 0) half of DDIM's Eq. 12 that moves x̂0 to level ᾱ."""
+    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * eps
+
+
+def ddim_denoising_step(sample: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor | float,
+                        alpha_prev: torch.Tensor | float) -> torch.Tensor:
+    """z_{t_prev} = √ᾱ_{t_prev}·x̂0 + √(1−ᾱ_{t_prev})·ε with x̂0 from z_t (DDIM, η = 0; uam.md §3)."""
+    return ddim_renoise(predict_x0(sample, eps, alpha_t), eps, alpha_prev)
+
+
+def ddim_inversion_step(sample: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor | float,
+                        alpha_t: torch.Tensor | float) -> torch.Tensor:
+    """z_t = √ᾱ_t·x̂0 + √(1−ᾱ_t)·ε with x̂0 = (z_{t_prev} − √(1−ᾱ_{t_prev})·ε)/√ᾱ_{t_prev} (uam.md §3).
+
+    ε = ε_θ(z_{t_prev}, t) is predicted at the *destination* timestep (P2P/MasaCtrl convention), so
+    for the same ε this is the exact inverse of `ddim_denoising_step`.
+    """
+    return ddim_renoise(predict_x0(sample, eps, alpha_prev), eps, alpha_t)
+
+
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """ε = ε_∅ + w·(ε_c − ε_∅) (Ho & Salimans 2022)."""
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def quantile_levels(quantile: float, num_steps: int) -> torch.Tensor:
+    """q_i = linspace(0, q, steps)[i]: the threshold's quantile level ramps up towards q (uam.md §4.3)."""
+    return torch.linspace(0, quantile, num_steps)
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary dilation of a (B, C, H, W) 0/1 mask by a (2r+1)² square, per channel: a stride-1 max-pool."""
+    return F.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius) if radius > 0 else mask
+
+
+def adaptive_keep_mask(x0_source: torch.Tensor, x0_target: torch.Tensor, level: float, *,
+                       threshold_mode: ThresholdMode = "reference", dilation: int = 1,
+                       mask_channels: MaskChannels = "per_channel") -> torch.Tensor:
+    """The keep mask M (1 = copy the auxiliary branch) from where the branches disagree (uam.md §4.2-4.4, §5).
+
+    Δ = x̂0_src − x̂0_tgt element-wise; λ = quantile(|Δ|, level) per sample over all C·H·W elements.
+
+    - "paper":     E = 1[|Δ| > λ],  M = dilate(1 − E): the keep region grows.
+    - "reference": E = 1[|Δ| > 2λ], M = 1 − dilate(E): the code soft-thresholds first and tests
+      |Δ − clamp(Δ, ±λ)| > λ, which is |Δ| > 2λ; the edit region grows.
+
+    mask_channels "per_channel" keeps one mask per latent channel (the reference); "max" marks a position
+    edited in every channel once any channel is (our extension). x0_*: (B, C, H, W) -> M: (B, C, H, W).
+    """
+    delta = (x0_source - x0_target).abs().float()
+    lam = torch.quantile(delta.flatten(1), level, dim=1).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    edit = delta > (2 * lam if threshold_mode == "reference" else lam)
+    if mask_channels == "max":
+        edit = edit.any(dim=1, keepdim=True).expand_as(edit)
+    edit = edit.float()
+    if threshold_mode == "reference":
+        return 1 - dilate(edit, dilation)
+    return dilate(1 - edit, dilation)
+
+
+def restrict_edit(keep: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Edit only inside the user's mask U: E' = E ∧ U, i.e. M' = 1 − (1 − M)·U (U: (1, 1, h, w) 0/1)."""
+    return 1 - (1 - keep) * allowed
+
+
+def blend_branches(x0_aux: torch.Tensor, x0_source: torch.Tensor, x0_target: torch.Tensor, keep: torch.Tensor,
+                   source_blend: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x̂0_tgt <- M⊙x̂0_u + (1−M)⊙x̂0_tgt, and with `source_blend` x̂0_src <- (1−M)⊙x̂0_u + M⊙x̂0_src
+    (uam.md §4.5; the reference code copies the auxiliary branch into the source's *edit* region)."""
+    target = keep * x0_aux + (1 - keep) * x0_target
+    source = (1 - keep) * x0_aux + keep * x0_source if source_blend else x0_source
+    return source, target
+
+
+# ---------------------------------------------------------------------------------------------
+# Model plumbing: image/prompt encoding and one batched UNet call over several branches
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Branches:
+    """The branches (latent rows) evaluated together in one UNet call per step.
+
+    An unguided branch takes one row with its embedding; a guided one an (uncond, cond) pair that
+    classifier-free guidance combines. Rows are laid out [unguided..., uncond of guided..., cond of
+    guided...]: for the edit that is uam.md §7's [u, src_uncond, tgt_uncond, src_cond, tgt_cond].
+    """
+
+    embeds: torch.Tensor  # (n, L, D) conditional embedding per branch
+    uniform: tuple[bool, ...]  # uniform cross-attention per branch
+    guided: tuple[bool, ...]  # classifier-free guidance per branch
+    uncond: torch.Tensor | None = None  # (1, L, D) embedding of "" for the unconditional rows
+    guidance_scale: float = 1.0
+
+    @property
+    def rows(self) -> int:
+        """UNet batch rows per step."""
+        return len(self.guided) + sum(self.guided)
+
+
+def _predict_noise(pipe: StableDiffusionPipeline, branches: _Branches, latents: torch.Tensor, t: int,
+                   handle: UniformAttentionHandle | None) -> torch.Tensor:
+    """ε per branch (n, C, h, w) in fp32 from one UNet call over `branches.rows` rows."""
+    guided = torch.tensor(branches.guided)  # CPU masks: row bookkeeping never waits for the accelerator
+    uniform = torch.tensor(branches.uniform)
+    free = ~guided
+    parts = [(latents[free], branches.embeds[free], uniform[free])]
+    if any(branches.guided):
+        uncond = branches.uncond.expand(int(guided.sum()), -1, -1)
+        parts += [(latents[guided], uncond, uniform[guided]),
+                  (latents[guided], branches.embeds[guided], uniform[guided])]
+    sample, context, row_mask = (torch.cat(part) for part in zip(*parts))
+    if handle is not None:
+        handle.row_mask = row_mask  # explicit per-row choice: never inferred from the batch size
+    dtype = pipe.unet.dtype
+    out = pipe.unet(sample.to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False)[0].float()
+
+    n_free = int(free.sum())
+    eps = torch.empty_like(latents)
+    eps[free] = out[:n_free]
+    if any(branches.guided):
+        eps_uncond, eps_cond = out[n_free:].chunk(2)
+        eps[guided] = classifier_free_guidance(eps_uncond, eps_cond, branches.guidance_scale)
+    return eps
+
+
+def _uniform_attention(pipe: StableDiffusionPipeline, branches: _Branches) -> contextlib.AbstractContextManager:
+    """Uniform attention attached for the loop only when some branch uses it (restored on exit)."""
+    return attach_uniform_attention(pipe.unet) if any(branches.uniform) else contextlib.nullcontext()
+
+
+def _run_inversion(pipe: StableDiffusionPipeline, branches: _Branches, latents: torch.Tensor, schedule: DDIMSchedule,
+                   callback: ProgressCallback | None = None) -> tuple[torch.Tensor, int]:
+    """DDIM inversion z0 -> z_T of the stacked branch latents (n, C, h, w); returns (z_T, UNet rows run)."""
+    num_steps = len(schedule.timesteps)
+    with _uniform_attention(pipe, branches) as handle:
+        for step, i in enumerate(reversed(range(num_steps))):
+            t, t_prev = schedule.timesteps[i], schedule.previous(i)
+            eps = _predict_noise(pipe, branches, latents, t, handle)  # ε_θ(z_{t_prev}, t): destination t
+            latents = ddim_inversion_step(latents, eps, schedule.alpha_bar(t_prev), schedule.alpha_bar(t))
+            _report(callback, step + 1, num_steps)
+    return latents, branches.rows * num_steps
+
+
+def _run_denoising(pipe: StableDiffusionPipeline, branches: _Branches, latents: torch.Tensor, schedule: DDIMSchedule,
+                   guide: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None,
+                   callback: ProgressCallback | None = None) -> tuple[torch.Tensor, int]:
+    """DDIM sampling (η = 0) of the stacked branch latents; returns (z_0, UNet rows run).
+
+    `guide(step, t, x0)` may rewrite the predicted x̂0 of every branch before re-noising (the edit's blend).
+    """
+    with _uniform_attention(pipe, branches) as handle:
+        for i, t in enumerate(schedule.timesteps):
+            eps = _predict_noise(pipe, branches, latents, t, handle)
+            alpha_t, alpha_prev = schedule.alpha_bar(t), schedule.alpha_bar(schedule.previous(i))
+            if guide is None:
+                latents = ddim_denoising_step(latents, eps, alpha_t, alpha_prev)
+            else:  # each branch is re-noised with its own, unmodified ε (uam.md §4.6)
+                latents = ddim_renoise(guide(i, t, predict_x0(latents, eps, alpha_t)), eps, alpha_prev)
+            _report(callback, i + 1, len(schedule.timesteps))
+    return latents, branches.rows * len(schedule.timesteps)
+
+
+def _report(callback: ProgressCallback | None, step: int, total: int) -> None:
+    """callback(step, total) after each step, as in `generate`; returning True stops the run."""
+    if callback is not None and callback(step, total):
+        raise GenerationInterrupted("editing stopped by the callback")
+
+
+def encode_image(pipe: StableDiffusionPipeline, image: Image.Image) -> torch.Tensor:
+    """z0 = scaling_factor · E(x).mean, (1, C, h, w) fp32: the posterior mean, so inversion is deterministic."""
+    pixels = pipe.image_processor.preprocess(image).to(device=pipe._execution_device, dtype=pipe.vae.dtype)
+    return pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
+
+
+def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
+    """PIL images from (n, C, h, w) latents through the pipe's VAE."""
+    pixels = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+
+
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """(n, L, D) text embeddings from the pipe's own `encode_prompt` ("" padded as its tokenizer pads it)."""
+    return pipe.encode_prompt(prompts, pipe._execution_device, 1, False)[0]
+
+
+def _image_size(pipe: StableDiffusionPipeline, height: int | None, width: int | None) -> tuple[int, int]:
+    """(width, height) to work at: the model's native size unless given; multiples of the VAE factor."""
+    factor = pipe.vae_scale_factor
+    native = pipe.unet.config.sample_size * factor
+    height, width = height or native, width or native
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value % factor:
+            raise InputError(f"{name}={value!r} is not a multiple of {factor}: use e.g. {native} (the native size)")
+    return width, height
+
+
+def _check_model(model: Model, num_inference_steps: int) -> StableDiffusionPipeline:
+    """The pipeline of `model` once it is known to suit UAM editing (SD 1.x/2.x, ε-prediction)."""
+    pipe = model.pipe if isinstance(model, LoadedModel) else model
+    if detect_family(pipe.unet) == "SDXL":
+        raise InputError("an SDXL model was given: UAM editing supports SD 1.x/2.x models (one text encoder)")
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type != "epsilon":
+        raise InputError(f"prediction_type={prediction_type!r}: UAM editing needs an ε-prediction model "
+                         "(e.g. SD 1.5 or SD 2 base)")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise InputError(f"num_inference_steps={num_inference_steps!r} must be a positive integer: use e.g. 50")
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Inversion:
+    image: Image.Image  # the normalised input that was inverted
+    image_latents: torch.Tensor  # z0 = scaling_factor · E(x).mean, (1, C, h, w) fp32
+    uniform_latents: torch.Tensor  # z^u_T: start of the auxiliary branch (uniform attention, "")
+    latents: torch.Tensor  # z_T: start of the source and target branches (normal attention, `prompt`)
+    prompt: str  # the normal row's inversion prompt ("" = the MasaCtrl setup)
+    schedule: DDIMSchedule
+    unet_rows: int  # UNet row-evaluations this call ran: 2 x steps, or 0 when served from the cache
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    image: Image.Image
+    unet_rows: int  # UNet row-evaluations this call ran
+
+
+@dataclass(frozen=True)
+class EditResult:
+    image: Image.Image  # the edited image (target branch)
+    reconstruction: Image.Image  # the auxiliary branch: the uniform-attention reconstruction of the input
+    mask: Image.Image  # "L", image-sized: the edit region of the last blended step (mean over channels)
+    inversion: Inversion
+    unet_rows: int  # UNet row-evaluations this call ran, inversion included unless it was cached
+
+
+# ---------------------------------------------------------------------------------------------
+# Inversion cache (uam.md §7 "Caching"): editing an image again with another target reuses it
+# ---------------------------------------------------------------------------------------------
+class InversionCache:
+    """LRU of inversions keyed by the image's pixels, the model's identity and the inversion settings."""
+
+    def __init__(self, max_entries: int = 8):  # at 512x512: ~1 MB each (the RGB image and three latents)
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, Inversion] = OrderedDict()
+
+    def get(self, key: tuple) -> Inversion | None:
+        if key not in self._entries:
+            return None
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def put(self, key: tuple, inversion: Inversion) -> None:
+        self._entries[key] = inversion
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+INVERSION_CACHE = InversionCache()
+
+
+def _model_key(pipe: StableDiffusionPipeline) -> tuple:
+    """Which model, as loaded and wired now. Adapters attach through attention processors, forward
+    hooks or peft layers (which rename parameters, so the fingerprint changes); all three are in the key.
+    Weights changed in place (a merged LoRA) are not: call `INVERSION_CACHE.clear()` after merging."""
+    unet = pipe.unet
+    wiring = hashlib.sha256()
+    for name, module in unet.named_modules():
+        hooks = (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
+        wiring.update(f"{name}:{[id(hook) for hook in hooks]};".encode())
+    for name, processor in unet.attn_processors.items():
+        wiring.update(f"{name}:{id(processor)};".encode())
+    return (
+        getattr(pipe, "name_or_path", None), unet_fingerprint(unet), wiring.hexdigest(),
+        id(unet), id(pipe.vae), id(pipe.text_encoder), str(unet.dtype), str(pipe._execution_device),
+    )
+
+
+def _inversion_key(pipe: StableDiffusionPipeline, image: Image.Image, prompt: str, num_inference_steps: int) -> tuple:
+    pixels = hashlib.sha256(image.tobytes()).hexdigest()
+    scheduler = json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str)
+    return (pixels, image.size, image.mode, _model_key(pipe), prompt, num_inference_steps, scheduler)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def invert(model: Model, image: ImageInput, prompt: str = "", num_inference_steps: int = 50, *,
+           height: int | None = None, width: int | None = None, use_cache: bool = True,
+           callback: ProgressCallback | None = None) -> Inversion:
+    """DDIM-invert `image` in one 2-row batch: row 0 with uniform attention and "", row 1 with normal
+    attention and `prompt` ("" for the MasaCtrl setup, the source prompt for P2P) (uam.md §3).
+
+    The image is normalised by `load_image` to `width` x `height` (default: the model's native size).
+    With `use_cache`, the same pixels, model and settings are inverted once (`INVERSION_CACHE`).
+    callback(step, total) runs after each inversion step (not on a cache hit); True stops the run.
+    """
+    # 1. Check inputs and normalise the image
+    pipe = _check_model(model, num_inference_steps)
+    image = load_image(image, size=_image_size(pipe, height, width))
+
+    # 2. Reuse a cached inversion
+    key = _inversion_key(pipe, image, prompt, num_inference_steps) if use_cache else None
+    cached = INVERSION_CACHE.get(key) if use_cache else None
+    if cached is not None:
+        return dataclasses.replace(cached, unet_rows=0)
+
+    # 3. Encode the image and the two prompts
+    z0 = encode_image(pipe, image)
+    branches = _Branches(encode_prompts(pipe, ["", prompt]), uniform=(True, False), guided=(False, False))
+
+    # 4. Invert both rows together, no CFG
+    schedule = ddim_schedule(pipe.scheduler.config, num_inference_steps)
+    latents, rows = _run_inversion(pipe, branches, torch.cat([z0, z0]), schedule, callback)
+
+    inversion = Inversion(image, z0, latents[:1], latents[1:], prompt, schedule, rows)
+    if use_cache:
+        INVERSION_CACHE.put(key, inversion)
+    return inversion
+
+
+@torch.no_grad()
+def reconstruct(model: Model, inversion: Inversion, *, callback: ProgressCallback | None = None) -> ImageResult:
+    """Denoise z^u_T with uniform attention, "" and no CFG: UAM's reconstruction (uam.md §3)."""
+    pipe = _check_model(model, len(inversion.schedule.timesteps))
+    branches = _Branches(encode_prompts(pipe, [""]), uniform=(True,), guided=(False,))
+    latents, rows = _run_denoising(pipe, branches, inversion.uniform_latents, inversion.schedule, callback=callback)
+    return ImageResult(decode_latents(pipe, latents)[0], rows)
+
+
+@torch.no_grad()
+def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str, *,
+         num_inference_steps: int = 50,
+         guidance_scale: float = 7.5,  # CFG of the source and target branches (none when <= 1)
+         mask_start_t: int = 200,  # T_mask: blend only on 0 < t < T_mask (the last 9-10 of 50 steps)
+         quantile: float = 0.5,  # q: the threshold's quantile level ramps from 0 to q
+         dilation: int = 1,  # radius of the mask's dilation (3x3 max-pool)
+         threshold_mode: ThresholdMode = "reference",  # "reference": |Δ| > 2λ, dilate the edit region
+         mask_channels: MaskChannels = "per_channel",  # one mask per latent channel, as the reference
+         source_blend: bool = True,  # also blend the source branch (better numbers, uam.md §6)
+         user_mask: ImageInput | np.ndarray | None = None,  # edit only inside it; empty = no limit
+         invert_with_source_prompt: bool = False,  # False: MasaCtrl setup (""), True: P2P setup
+         height: int | None = None, width: int | None = None, use_cache: bool = True,
+         callback: ProgressCallback | None = None) -> EditResult:
+    """Edit a real image from `source_prompt` to `target_prompt` with UAM's adaptive mask guidance (uam.md §4).
+
+    Three branches share one UNet batch per step: the auxiliary reconstruction (uniform attention, "",
+    no CFG), the source and the target (CFG). On 0 < t < T_mask the target's x̂0 takes the auxiliary
+    branch's x̂0 where the source and target agree (the keep mask), limited to `user_mask` if given.
+    UNet rows: 2 per step for the inversion (unless cached) + 5 per step with CFG (3 without).
+    Everything is deterministic (η = 0, posterior mean): there is no seed to pass.
+    callback(step, total) counts the inversion's steps (unless cached), then the edit's; True stops.
+    """
+    # 1. Check inputs, normalise the image and the user mask (before any work)
+    pipe = _check_model(model, num_inference_steps)
+    _check_edit_inputs(source_prompt, target_prompt, guidance_scale, mask_start_t, quantile, dilation,
+                       threshold_mode, mask_channels)
+    image = load_image(image, size=_image_size(pipe, height, width))
+    allowed = load_mask(user_mask, image.size)
+
+    # 2. Invert (2 rows per step), or reuse this image's cached inversion
+    steps = num_inference_steps
+    inversion = invert(pipe, image, source_prompt if invert_with_source_prompt else "", steps,
+                       height=image.height, width=image.width, use_cache=use_cache,
+                       callback=None if callback is None else lambda step, _: callback(step, 2 * steps))
+    done = steps if inversion.unet_rows else 0  # progress steps already reported
+    latent_size = inversion.latents.shape[-2:]
+    if allowed is not None:  # a latent cell may change when any of its pixels may
+        allowed = torch.from_numpy(allowed).float()[None, None].to(inversion.latents.device)
+        allowed = F.adaptive_max_pool2d(allowed, latent_size)
+
+    # 3. Encode the prompts: "" serves the auxiliary branch and the unconditional rows
+    empty, source, target = encode_prompts(pipe, ["", source_prompt, target_prompt]).chunk(3)
+    cfg = guidance_scale > 1
+    branches = _Branches(torch.cat([empty, source, target]), uniform=(True, False, False), guided=(False, cfg, cfg),
+                         uncond=empty, guidance_scale=guidance_scale)
+
+    # 4. Start latents [u, src, tgt] = [z^u_T, z_T, z_T]
+    latents = torch.cat([inversion.uniform_latents, inversion.latents, inversion.latents])
+
+    # 5. Denoise the three branches, blending x̂0 with the adaptive keep mask on 0 < t < T_mask
+    levels = quantile_levels(quantile, steps)
+    last_keep: torch.Tensor | None = None
+
+    def guide(i: int, t: int, x0: torch.Tensor) -> torch.Tensor:
+        nonlocal last_keep
+        if not 0 < t < mask_start_t:
+            return x0
+        x0_aux, x0_source, x0_target = x0.chunk(3)
+        keep = adaptive_keep_mask(x0_source, x0_target, float(levels[i]), threshold_mode=threshold_mode,
+                                  dilation=dilation, mask_channels=mask_channels)
+        if allowed is not None:
+            keep = restrict_edit(keep, allowed)
+        last_keep = keep
+        x0_source, x0_target = blend_branches(x0_aux, x0_source, x0_target, keep, source_blend)
+        return torch.cat([x0_aux, x0_source, x0_target])
+
+    progress = None if callback is None else lambda step, _: callback(done + step, done + steps)
+    latents, rows = _run_denoising(pipe, branches, latents, inversion.schedule, guide, progress)
+
+    # 6. Decode the target and the auxiliary reconstruction; show the last blended step's edit region
+    edited, reconstruction = decode_latents(pipe, latents[[2, 0]])
+    edit_region = torch.ones(latent_size) if last_keep is None else (1 - last_keep)[0].mean(dim=0)
+    mask = Image.fromarray((edit_region.cpu().numpy() * 255).round().astype(np.uint8), "L")
+    mask = mask.resize(image.size, Image.Resampling.NEAREST)
+    return EditResult(edited, reconstruction, mask, inversion, inversion.unet_rows + rows)
+
+
+def _check_edit_inputs(source_prompt: str, target_prompt: str, guidance_scale: float, mask_start_t: int,
+                       quantile: float, dilation: int, threshold_mode: str, mask_channels: str) -> None:
+    """Refuse bad settings in milliseconds (each message: the argument, the value, the rule, the fix)."""
+    if not isinstance(source_prompt, str) or not isinstance(target_prompt, str):
+        raise InputError("source_prompt and target_prompt must be strings (an empty string is allowed)")
+    _check_guidance(guidance_scale)
+    if not mask_start_t >= 0:
+        raise InputError(f"mask_start_t={mask_start_t!r} must be >= 0: use e.g. 200 (0 turns the mask guidance off)")
+    if not 0 <= quantile <= 1:
+        raise InputError(f"quantile={quantile!r} must be in [0, 1]: use e.g. 0.5")
+    if not isinstance(dilation, int) or dilation < 0:
+        raise InputError(f"dilation={dilation!r} must be an integer radius >= 0: use e.g. 1 (a 3x3 max-pool)")
+    if threshold_mode not in ("paper", "reference"):
+        raise InputError(f"threshold_mode={threshold_mode!r} is unknown: use 'reference' or 'paper'")
+    if mask_channels not in ("per_channel", "max"):
+        raise InputError(f"mask_channels={mask_channels!r} is unknown: use 'per_channel' or 'max'")
+
+
+def _check_guidance(guidance_scale: float) -> None:
+    if not guidance_scale >= 0:  # also refuses NaN
+        raise InputError(f"guidance_scale={guidance_scale!r} must be >= 0: use e.g. 7.5 (0 or 1 turns guidance off)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines (for the bench): plain DDIM inversion, no auxiliary branch, no mask
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def ddim_reconstruct(model: Model, image: ImageInput, prompt: str = "", guidance_scale: float = 1.0,
+                     num_inference_steps: int = 50, *, height: int | None = None,
+                     width: int | None = None) -> ImageResult:
+    """DDIM inversion with `prompt` (no CFG), then reconstruction with `prompt` at `guidance_scale`:
+    "" at 1.0 is UAM's sanity baseline (uam.md §7), the source prompt at 7.5 the usual editing setup.
+    UNet rows: 1 per step + 2 per step with CFG (1 without)."""
+    return _ddim_invert_and_sample(model, image, prompt, prompt, guidance_scale, num_inference_steps, height, width)
+
+
+@torch.no_grad()
+def edit_without_uniform(model: Model, image: ImageInput, source_prompt: str, target_prompt: str, *,
+                         num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
+                         width: int | None = None) -> ImageResult:
+    """Plain DDIM editing: invert with the source prompt, denoise with the target prompt at the same
+    guidance; no auxiliary branch, no mask. UNet rows: 1 per step + 2 per step with CFG (1 without)."""
+    return _ddim_invert_and_sample(model, image, source_prompt, target_prompt, guidance_scale, num_inference_steps,
+                                   height, width)
+
+
+def _ddim_invert_and_sample(model: Model, image: ImageInput, inversion_prompt: str, prompt: str,
+                            guidance_scale: float, num_inference_steps: int, height: int | None,
+                            width: int | None) -> ImageResult:
+    pipe = _check_model(model, num_inference_steps)
+    _check_guidance(guidance_scale)
+    image = load_image(image, size=_image_size(pipe, height, width))
+    empty, inversion_embeds, embeds = encode_prompts(pipe, ["", inversion_prompt, prompt]).chunk(3)
+    schedule = ddim_schedule(pipe.scheduler.config, num_inference_steps)
+
+    inverse = _Branches(inversion_embeds, uniform=(False,), guided=(False,))
+    latents, inversion_rows = _run_inversion(pipe, inverse, encode_image(pipe, image), schedule)
+    forward = _Branches(embeds, uniform=(False,), guided=(guidance_scale > 1,), uncond=empty,
+                        guidance_scale=guidance_scale)
+    latents, rows = _run_denoising(pipe, forward, latents, schedule)
+    return ImageResult(decode_latents(pipe, latents)[0], inversion_rows + rows)

@@ -1,0 +1,285 @@
+"""Text-to-image with a loaded model, and PNGs that remember how they were made.
+
+    result = generate(model, "a red circle", seed=1, num_inference_steps=20)
+    paths = save_images(result, "out")      # out/00000-1.png with A1111 `parameters` + `studio` JSON
+
+Argument names follow diffusers' pipelines. The pipeline's own `__call__` does the work; this
+module validates first, picks the sampler, seeds every image, reports progress through
+`callback_on_step_end`, and records each image's settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+from PIL import Image, PngImagePlugin
+
+from adapters import detect_family
+
+from .errors import GenerationInterrupted, InputError
+from .loading import LoadedModel
+
+# A1111's sampler names -> (scheduler class, overrides on top of the model's scheduler config).
+SCHEDULERS: dict[str, tuple[type, dict]] = {
+    "DDIM": (DDIMScheduler, {}),
+    "Euler": (EulerDiscreteScheduler, {}),
+    "Euler a": (EulerAncestralDiscreteScheduler, {}),
+    "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+# diffusers' rule: SD's VAE downsamples by 8 (the Shapes model's by 4, which 8 also satisfies).
+SIZE_MULTIPLE = 8
+MAX_SIZE = 2048  # pixels per side, A1111's limit; beyond it SD models produce repetition and run out of memory
+MAX_IMAGES = 16  # images in one batch (they are denoised together, so memory grows with it)
+MAX_SEED = 2**32 - 1  # A1111's seed range, so seeds copy between tools
+
+ProgressCallback = Callable[[int, int], bool | None]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that made one image; `infotext()` is A1111's `parameters` text for it."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str
+    guidance_scale: float
+    seed: int | None  # None when the caller passed its own generator
+    width: int
+    height: int
+    model_name: str
+    model_hash: str
+    model_family: str
+    scheduler_config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def infotext(self) -> str:
+        params = {"Steps": self.steps, "Sampler": self.sampler, "CFG scale": self.guidance_scale, "Seed": self.seed,
+                  "Size": f"{self.width}x{self.height}", "Model hash": self.model_hash, "Model": self.model_name}
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in params.items() if v not in (None, "")))
+        return "\n".join(lines)
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    settings: list[GenerationSettings]  # settings[i] made images[i]
+
+
+def generate(
+    model: LoadedModel | DiffusionPipeline,
+    prompt: str,
+    *,
+    negative_prompt: str = "",
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    seed: int | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_images_per_prompt: int = 1,
+    scheduler: str = "DDIM",
+    callback: ProgressCallback | None = None,
+) -> GenerationResult:
+    """Generate `num_images_per_prompt` images for `prompt`.
+
+    seed: image i uses seed + i, so any image re-generates alone from its own seed (to the last
+    bit of rounding: batched and single convolutions round differently); None picks a random
+    seed; pass either a seed or diffusers-style `generator`(s), not both. height/width: default
+    the model's native size. scheduler: one of SCHEDULERS, built from the model's own scheduler
+    config. callback(step, total) runs after each denoising step; returning True stops the run
+    and raises GenerationInterrupted. Bad settings raise InputError before any work.
+    """
+    pipe = model.pipe if isinstance(model, LoadedModel) else model
+
+    # 1. Check inputs (each message: the argument, the value, the rule, the fix).
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height = native if height is None else height
+    width = native if width is None else width
+    check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                 num_images_per_prompt, scheduler, seed, generator)
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        _warn_if_truncated(pipe.tokenizer, name, text)
+
+    # 2. Seeds: one CPU generator per image, so noise is identical on any device.
+    if generator is None:
+        seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+        generator = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images_per_prompt)]
+        seeds = [seed + i for i in range(num_images_per_prompt)]
+    else:
+        seeds = [None] * num_images_per_prompt
+
+    # 3. Sampler: built from the model's scheduler config, swapped in for this call only.
+    scheduler_cls, overrides = SCHEDULERS[scheduler]
+    original_scheduler = pipe.scheduler
+    sampler = scheduler_cls.from_config(original_scheduler.config, **overrides)
+
+    # 4. Denoise with the pipeline's own loop; the step hook reports progress and can interrupt.
+    stopped = False
+
+    def on_step_end(pipe: DiffusionPipeline, i: int, t: torch.Tensor, kwargs: dict) -> dict:
+        nonlocal stopped
+        if callback is not None and callback(i + 1, pipe.num_timesteps):
+            stopped = True
+            pipe._interrupt = True  # diffusers' documented stop flag, checked at the top of each step
+        return {}
+
+    pipe.scheduler = sampler
+    try:
+        images = pipe(
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, callback_on_step_end=on_step_end,
+        ).images
+    finally:
+        pipe.scheduler = original_scheduler
+    if stopped:
+        raise GenerationInterrupted("generation stopped by the callback")
+
+    # 5. Record what made each image.
+    name, model_hash, family = _identity(model)
+    settings = [
+        GenerationSettings(prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
+                           sampler=scheduler, guidance_scale=float(guidance_scale), seed=s, width=width,
+                           height=height, model_name=name, model_hash=model_hash, model_family=family,
+                           scheduler_config=dict(sampler.config))
+        for s in seeds
+    ]
+    return GenerationResult(images=images, settings=settings)
+
+
+def check_inputs(prompt: str, negative_prompt: str = "", height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 25, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
+                 scheduler: str = "DDIM", seed: int | None = None, generator: object = None) -> None:
+    """Refuse bad settings in milliseconds, before any model work (the CLI calls it before loading).
+
+    height/width None mean the model's native size, checked when it is known."""
+    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+        raise InputError("prompt and negative_prompt must be strings (an empty string is allowed)")
+    for name, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
+        if not isinstance(value, int) or not SIZE_MULTIPLE <= value <= MAX_SIZE:
+            raise InputError(f"{name}={value!r} is out of range: use a multiple of {SIZE_MULTIPLE} "
+                             f"from {SIZE_MULTIPLE} to {MAX_SIZE}")
+        if value % SIZE_MULTIPLE:
+            below = value - value % SIZE_MULTIPLE
+            options = [str(v) for v in (below, below + SIZE_MULTIPLE) if SIZE_MULTIPLE <= v <= MAX_SIZE]
+            raise InputError(f"{name}={value} is not a multiple of {SIZE_MULTIPLE}: use {' or '.join(options)}")
+    if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
+        raise InputError(f"num_inference_steps={num_inference_steps!r} must be a positive integer: use e.g. 25")
+    if not guidance_scale >= 0:  # also refuses NaN
+        raise InputError(f"guidance_scale={guidance_scale!r} must be >= 0: use e.g. 7.5 (0 or 1 turns guidance off)")
+    if not isinstance(num_images_per_prompt, int) or not 1 <= num_images_per_prompt <= MAX_IMAGES:
+        raise InputError(f"num_images_per_prompt={num_images_per_prompt!r} must be from 1 to {MAX_IMAGES}: "
+                         "run again for more images")
+    if scheduler not in SCHEDULERS:
+        raise InputError(f"scheduler={scheduler!r} is unknown: use one of {', '.join(SCHEDULERS)}")
+    if seed is not None and generator is not None:
+        raise InputError("pass either seed or generator, not both")
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise InputError(f"seed={seed!r} must be an integer from 0 to {MAX_SEED}: leave it empty for a random seed")
+
+
+def _warn_if_truncated(tokenizer, name: str, text: str) -> None:
+    """CLIP sees at most model_max_length tokens (start and end included); say how many are dropped."""
+    n_tokens = len(tokenizer.tokenize(text)) + 2  # + start and end tokens
+    limit = tokenizer.model_max_length
+    if n_tokens > limit:
+        warnings.warn(f"{name} is {n_tokens} tokens, the text encoder reads {limit}: the last "
+                      f"{n_tokens - limit} tokens are dropped; shorten it", UserWarning, stacklevel=3)
+
+
+def _identity(model: LoadedModel | DiffusionPipeline) -> tuple[str, str, str]:
+    if isinstance(model, LoadedModel):
+        return model.name, model.hash, model.family
+    return Path(model.name_or_path or "").name, "", detect_family(model.unet)
+
+
+# --- PNG metadata ------------------------------------------------------------------------
+
+
+def _quote(value: str) -> str:
+    """A1111 quotes values holding a separator (comma, colon, newline) as JSON strings."""
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
+
+
+# A1111's "Key: value" pairs; a value is a JSON string or runs up to the next comma.
+_PARAM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """Read A1111 `parameters` text back: {"Prompt", "Negative prompt", "Steps", "Seed", ...} as strings."""
+    *head, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:  # no parameters line: all of it is prompt
+        head, last = [*head, last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in head:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PARAM.findall(last):
+        out[key] = json.loads(value) if value.startswith('"') else value.strip()
+    return out
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in ("sd-studio", "diffusers", "torch", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:  # running from a checkout without `pip install -e`
+            versions[package] = "unknown"
+    return versions
+
+
+def save_png(image: Image.Image, settings: GenerationSettings, path: str | os.PathLike) -> Path:
+    """Write `image` with an A1111 `parameters` chunk and a `studio` JSON chunk of the exact settings.
+
+    Written to a temporary file in the same folder and renamed, so a crash never leaves half a PNG."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", settings.infotext())
+    info.add_text("studio", json.dumps({**asdict(settings), "versions": _versions()}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def save_images(result: GenerationResult, out_dir: str | os.PathLike) -> list[Path]:
+    """Save every image as out_dir/NNNNN-SEED.png (A1111's naming), numbering on from files already there."""
+    out_dir = Path(out_dir)
+    numbers = [int(m.group(1)) for p in out_dir.glob("*.png") if (m := re.match(r"(\d+)[-.]", p.name))]
+    start = max(numbers, default=-1) + 1
+    paths = []
+    for i, (image, settings) in enumerate(zip(result.images, result.settings)):
+        suffix = "" if settings.seed is None else f"-{settings.seed}"
+        paths.append(save_png(image, settings, out_dir / f"{start + i:05d}{suffix}.png"))
+    return paths

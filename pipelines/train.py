@@ -1,0 +1,684 @@
+"""One training loop for every adapter method: a folder of images in, an adapter file out.
+
+    config = TrainConfig(data_dir="data/stars", method="sc_tuner", trigger="sks", steps=200)
+    result = train(pipe, config)                  # result.adapter_path: runs/train/sks.safetensors
+
+Methods differ only in the adapter `adapters.REGISTRY` builds (which weights train) and in its
+`regularization_loss()` (what adds to the loss); `train` reads top to bottom:
+
+  1. check the pipeline, the data and the resume point (before any work)
+  2. prior preservation: class images from the base model, generated once and reused
+  3. freeze the pipeline; build the adapter and attach it
+  4. cache VAE posteriors and text embeddings once
+  5. optimizer, LR schedule, accelerate; the checkpoint's state when resuming
+  6. the loop: noise, timestep, prediction, MSE (+ prior) (+ regularization), step;
+     samples, checkpoints and progress along the way
+  7. the adapter file, with its trigger words and training settings
+
+Exact resume: data order and noise are pure functions of (seed, step) plus one saved CPU
+generator, and a checkpoint holds everything else (adapter, optimizer, LR schedule, grad
+scaler, Python/NumPy/torch/CUDA RNG), so a resumed run reproduces an uninterrupted one.
+
+Multi-GPU: the same code runs under `accelerate launch --multi_gpu`. Every process draws the
+same global batch and trains on its own slice; only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file
+from torch import nn
+
+from adapters import REGISTRY, Adapter, detect_family, save_adapter
+
+from .datasets import EpochSampler, Example, generate_class_images, load_images, scan_folder
+from .errors import StudioError
+from .generate import generate, save_png
+
+DEFAULT_LEARNING_RATE = 1e-4  # AdamW as SCEdit trains (scedit.md sec. 6): lr 1e-4, wd 1e-2, constant
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")  # diffusers' get_scheduler names
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Settings that fix the data order, the noise or the adapter's shape: a resume must keep them.
+RESUME_KEYS = ("method", "method_options", "batch_size", "gradient_accumulation_steps", "seed")
+
+
+class TrainConfigError(StudioError):
+    """A training setting that cannot work; the message names the field, the value and the fix."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; no checkpoint was written after the last good one."""
+
+    def __init__(self, step: int, loss: float, learning_rate: float, checkpoint: Path | None):
+        self.step, self.loss, self.checkpoint = step, loss, checkpoint
+        where = (f"resume from the last good checkpoint {checkpoint} (resume='latest')" if checkpoint
+                 else "start again")
+        super().__init__(
+            f"training diverged: the loss is {loss} in step {step}. Lower learning_rate (now {learning_rate:g}; "
+            f"try {learning_rate / 10:g}) and {where}"
+        )
+
+
+def adapter_name_problem(name: str) -> str | None:
+    """Why `name` cannot name an adapter file (its stem), or None: one path component, not empty,
+    not hidden (names starting with '.' are the temporary files of atomic writes)."""
+    if not name.strip():
+        return "is empty"
+    if "/" in name or "\\" in name:
+        return "contains a slash"
+    if name.startswith("."):
+        return "starts with '.'"
+    return None
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings in a YAML (.yaml/.yml) or TOML (.toml) file, unchecked (see TrainConfig.from_dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        values = yaml.safe_load(text) or {}
+    elif path.suffix == ".toml":
+        import tomllib  # Python 3.11+; imported here so that YAML configs also work on 3.10
+
+        values = tomllib.loads(text)
+    else:
+        raise TrainConfigError(f"config file {path}: unknown format; use .yaml, .yml or .toml")
+    if not isinstance(values, dict):
+        raise TrainConfigError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
+    return values
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any, minimum: float, *, inclusive: bool = True) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value >= minimum if inclusive else value > minimum
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training job needs besides the pipeline; `from_file` reads it from YAML or TOML."""
+
+    data_dir: Path  # images + .txt/.caption sidecars, metadata.jsonl, or kohya "N_token class" folders
+    output_dir: Path = Path("runs/train")  # checkpoints/, samples/, class_images/ and <name>.safetensors
+    method: str = "sc_tuner"  # a key of adapters.REGISTRY
+    method_options: dict[str, Any] = field(default_factory=dict)  # the method's config fields, e.g. {"rank": 8}
+    name: str | None = None  # adapter file stem; default: the trigger word, else the method
+    trigger: str | None = None  # caption of images without one ("<trigger> <class_prompt>" with a class prompt)
+    class_prompt: str | None = None  # the class the subject belongs to ("star"): prompts the class images
+    class_dir: Path | None = None  # class images for prior preservation; default output_dir/class_images
+    num_class_images: int = 0  # > 0 turns prior preservation on; missing class images are generated
+    prior_loss_weight: float = 1.0  # weight of the class half's loss (DreamBooth's lambda)
+    steps: int = 200  # optimizer steps
+    batch_size: int = 1  # images per process per micro-batch (a prior batch doubles the UNet batch)
+    gradient_accumulation_steps: int = 1
+    learning_rate: float | None = None  # None: the method's default (SaRA's), else DEFAULT_LEARNING_RATE
+    weight_decay: float = 1e-2
+    lr_scheduler: str = "constant"  # one of LR_SCHEDULERS
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    mixed_precision: str | None = None  # None: the UNet's half dtype, else bf16/fp16 on a GPU, "no" on CPU
+    gradient_checkpointing: bool = False  # less activation memory for ~30% more time
+    seed: int = 0
+    checkpoint_every: int = 100  # steps; 0: only when cancelled
+    keep_last: int = 2  # checkpoints kept
+    sample_every: int = 0  # steps; samples are made at step 0, every sample_every steps and at the end
+    sample_prompts: list[str] = field(default_factory=list)  # none: no samples
+    sample_seeds: list[int] = field(default_factory=lambda: [0])
+    sample_steps: int = 20  # DDIM steps for samples and generated class images
+    guidance_scale: float = 7.5  # CFG for samples and generated class images
+    resume: str | None = None  # "latest" (a fresh start when there is no checkpoint) or a checkpoint folder
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser()
+        self.output_dir = Path(self.output_dir).expanduser()
+        self.class_dir = Path(self.class_dir).expanduser() if self.class_dir is not None else None
+        self.method_options = dict(self.method_options or {})
+        self.sample_prompts, self.sample_seeds = list(self.sample_prompts), list(self.sample_seeds)
+
+        def check(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise TrainConfigError(f"{name}={getattr(self, name)!r}: {rule}")
+
+        check(self.data_dir.is_dir(), "data_dir", "is not a folder; pass the folder that holds the training images")
+        check(self.method in REGISTRY, "method", f"is unknown; use one of {sorted(REGISTRY)}")
+        self.adapter_config()  # the method's own dataclass validates its options
+        check(self.trigger is None or (isinstance(self.trigger, str) and bool(self.trigger.strip())), "trigger",
+              "must be a non-empty word, or unset")
+        problem = adapter_name_problem(self.adapter_name)
+        check(problem is None, "name", f"the adapter file's name {self.adapter_name!r} {problem} (default: the "
+              "trigger word); set a plain name")
+        check(_is_int(self.num_class_images, 0), "num_class_images", "must be an integer >= 0 (0: no prior loss)")
+        check(self.num_class_images == 0 or bool(self.class_prompt), "class_prompt",
+              f"is needed with num_class_images={self.num_class_images}: it prompts and captions the class images "
+              "(e.g. 'star'); set it, or set num_class_images=0")
+        check(self.class_dir is None or self.num_class_images > 0, "class_dir",
+              "is set but num_class_images=0; set num_class_images to turn prior preservation on")
+        check(_is_number(self.prior_loss_weight, 0, inclusive=False), "prior_loss_weight", "must be a number > 0")
+        check(_is_int(self.steps, 1), "steps", "must be an integer >= 1")
+        check(_is_int(self.batch_size, 1), "batch_size", "must be an integer >= 1")
+        check(_is_int(self.gradient_accumulation_steps, 1), "gradient_accumulation_steps", "must be an integer >= 1")
+        if self.learning_rate is None:
+            self.learning_rate = (REGISTRY[self.method].default_learning_rate(self.adapter_config())
+                                  or DEFAULT_LEARNING_RATE)
+        check(_is_number(self.learning_rate, 0, inclusive=False), "learning_rate", "must be a finite number > 0")
+        check(_is_number(self.weight_decay, 0), "weight_decay", "must be a finite number >= 0")
+        check(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", f"must be one of {LR_SCHEDULERS}")
+        check(_is_int(self.warmup_steps, 0) and self.warmup_steps < self.steps, "warmup_steps",
+              f"must be an integer in [0, steps={self.steps})")
+        check(self.warmup_steps == 0 or self.lr_scheduler != "constant", "lr_scheduler",
+              f"'constant' has no warm-up but warmup_steps={self.warmup_steps}; use 'constant_with_warmup'")
+        check(self.max_grad_norm is None or _is_number(self.max_grad_norm, 0, inclusive=False), "max_grad_norm",
+              "must be a number > 0, or None for no clipping")
+        check(self.mixed_precision is None or self.mixed_precision in MIXED_PRECISIONS, "mixed_precision",
+              f"must be one of {MIXED_PRECISIONS}, or None to choose from the hardware")
+        check(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "must be true or false")
+        check(_is_int(self.seed, 0), "seed", "must be an integer >= 0")
+        check(_is_int(self.checkpoint_every, 0), "checkpoint_every", "must be an integer >= 0 (0: only on cancel)")
+        check(_is_int(self.keep_last, 1), "keep_last", "must be an integer >= 1")
+        check(_is_int(self.sample_every, 0), "sample_every", "must be an integer >= 0")
+        check(all(isinstance(p, str) and p.strip() for p in self.sample_prompts), "sample_prompts",
+              "must be a list of non-empty prompts")
+        check(self.sample_every == 0 or bool(self.sample_prompts), "sample_every",
+              "is set but sample_prompts is empty; add prompts or set sample_every=0")
+        check(bool(self.sample_seeds) and all(_is_int(s, 0) for s in self.sample_seeds), "sample_seeds",
+              "must be a non-empty list of integers >= 0")
+        check(_is_int(self.sample_steps, 1), "sample_steps", "must be an integer >= 1")
+        check(_is_number(self.guidance_scale, 0), "guidance_scale", "must be a finite number >= 0")
+        check(self.resume is None or self.resume == "latest" or (Path(self.resume) / "state.pt").is_file(), "resume",
+              "must be 'latest' or a checkpoint folder (output_dir/checkpoints/step-XXXXXX)")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
+        """Read YAML (.yaml/.yml) or TOML (.toml) whose keys are this class's fields; `overrides`
+        (e.g. the command line's flags) win over the file."""
+        return cls.from_dict({**read_config_file(path), **overrides}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
+        """Like `TrainConfig(**values)`, with unknown or missing keys refused by name."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise TrainConfigError(f"{source}: unknown setting(s) {unknown}; the settings are {known}")
+        if "data_dir" not in values:
+            raise TrainConfigError(f"{source}: data_dir is required (the folder of training images)")
+        return cls(**values)
+
+    @property
+    def adapter_name(self) -> str:
+        return self.name or self.trigger or self.method
+
+    @property
+    def fallback_caption(self) -> str | None:
+        """The caption of an image without one: DreamBooth's "<trigger> <class>" ("sks star")."""
+        if self.trigger and self.class_prompt:
+            return f"{self.trigger} {self.class_prompt}"
+        return self.trigger
+
+    @property
+    def class_images_dir(self) -> Path:
+        return self.class_dir if self.class_dir is not None else self.output_dir / "class_images"
+
+    def adapter_config(self) -> Any:
+        """The method's config dataclass built from `method_options` (it validates them)."""
+        config_class = REGISTRY[self.method].config_class
+        try:
+            return config_class(**self.method_options)
+        except (TypeError, ValueError) as e:
+            names = [f.name for f in dataclasses.fields(config_class)]
+            raise TrainConfigError(f"method_options={self.method_options!r}: {e} ({self.method} takes {names})") from e
+
+    def training_metadata(self) -> dict[str, Any]:
+        """The settings recorded in the adapter file (local paths and run control left out)."""
+        skip = {"data_dir", "output_dir", "class_dir", "resume", "checkpoint_every", "keep_last"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+@dataclass
+class TrainProgress:
+    """What the progress callback sees: after each step, and at step 0 with the first samples."""
+
+    step: int  # optimizer steps done
+    total_steps: int
+    loss: float | None = None  # this step's loss (mean over the global batch); None at step 0
+    learning_rate: float | None = None
+    samples: list[Path] = field(default_factory=list)  # images written at this step
+    checkpoint: Path | None = None  # checkpoint written at this step
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path | None  # None when cancelled: resume to finish (the checkpoint holds an adapter file too)
+    step: int  # optimizer steps done
+    cancelled: bool
+    losses: list[float]  # one per step taken in this call (a resumed run starts at the resume point)
+    checkpoint: Path | None  # the last checkpoint written
+
+
+ProgressCallback = Callable[[TrainProgress], None]
+
+
+@dataclass
+class _Encoded:
+    """A training set after the frozen encoders, kept on the device for the whole run."""
+
+    latent_mean: torch.Tensor  # (N, C, h, w) VAE posterior mean, already shifted and scaled
+    latent_std: torch.Tensor  # (N, C, h, w) posterior std, scaled: a fresh latent is drawn each step
+    text: torch.Tensor  # (U, L, D) embeddings of the U distinct captions
+    caption_index: torch.Tensor  # (N,) row of `text` for each image
+
+
+class _Denoiser(nn.Module):
+    """The frozen UNet with the adapter as one module. The adapter's weights act through hooks in the
+    UNet's forward, so this is the forward DDP must run (to all-reduce the adapter's gradients) and
+    autocast must cover; the UNet's frozen weights get no gradient and DDP leaves them alone."""
+
+    def __init__(self, unet: nn.Module, adapter: Adapter):
+        super().__init__()
+        self.unet, self.adapter = unet, adapter
+
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=text).sample
+
+
+def train(
+    pipe, config: TrainConfig, *, progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train `config.method` on `config.data_dir` with `pipe` (a StableDiffusionPipeline) frozen.
+
+    The pipeline is moved to accelerate's device and its modules are frozen; the adapter is
+    detached again at the end, so `pipe` generates as before. `progress` gets a TrainProgress
+    after each step; `should_stop()` is asked before each step and True ends the run with a
+    checkpoint. A NaN/inf loss raises TrainingDiverged before the weights change."""
+    # 1. Check the pipeline, the data and the resume point before any work.
+    _check_pipeline(pipe)
+    mixed_precision = _mixed_precision(config, pipe.unet.dtype)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    examples = scan_folder(config.data_dir, fallback_caption=config.fallback_caption)
+    pixels = load_images(examples, resolution)
+    resume_from = _resume_point(config)
+
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              mixed_precision=mixed_precision)
+    set_seed(config.seed)  # Python, NumPy, torch, CUDA: the adapter's initial weights depend on the seed alone
+    # accelerate picks the device (cuda:N per process under `accelerate launch`); the frozen models work there.
+    pipe.to(accelerator.device)
+
+    # 2. Prior preservation: class images from the base model (no adapter attached yet).
+    class_examples: list[Example] = []
+    if config.num_class_images:
+        if accelerator.is_main_process:
+            generate_class_images(pipe, config.class_images_dir, config.class_prompt, config.num_class_images,
+                                  num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale)
+        accelerator.wait_for_everyone()
+        class_examples = scan_folder(config.class_images_dir, fallback_caption=config.class_prompt)
+        class_examples = class_examples[:config.num_class_images]
+
+    # 3. A checkpoint must come from the same settings and data (checked before anything is built).
+    #    Freeze the pipeline, build the adapter (with the checkpoint's weights), attach it. Freeze first:
+    #    peft LoRA layers live inside the UNet, and a later unet.requires_grad_(False) would freeze them too.
+    run_key = {**{k: getattr(config, k) for k in RESUME_KEYS}, "num_processes": accelerator.num_processes,
+               "data": _data_fingerprint(examples, class_examples)}
+    state = _read_checkpoint(resume_from, run_key) if resume_from is not None else None
+    for component in pipe.components.values():
+        if isinstance(component, nn.Module):
+            component.requires_grad_(False)
+    adapter = REGISTRY[config.method].from_unet(pipe.unet, config.adapter_config())  # fp32 master weights
+    if state is not None:
+        adapter.load_tensors(load_file(resume_from / "adapter.safetensors"))
+    adapter.attach(pipe.unet)
+    checkpointing_was_on = pipe.unet.is_gradient_checkpointing
+    if config.gradient_checkpointing:
+        # diffusers checkpoints with use_reentrant=False by default. SC-Tuner needs that: its weights sit on
+        # the skips inside the up-blocks, whose tensor inputs (frozen decoder features) need no grad, and
+        # reentrant checkpointing then returns outputs without grad: the tuners would silently get none
+        # (scedit.md sec. 4; tests/test_train.py checks equal gradients with and without checkpointing).
+        pipe.unet.enable_gradient_checkpointing()
+    try:
+        # 4. Cache what the frozen encoders compute, once.
+        instance = _encode(pipe, pixels, [e.caption for e in examples])
+        prior = _encode(pipe, load_images(class_examples, resolution), [e.caption for e in class_examples]) \
+            if class_examples else None
+        del pixels
+
+        # 5. Optimizer over the adapter's (loaded) weights, LR schedule and accelerate; the checkpoint's state.
+        params = adapter.trainable_parameters()
+        if not params:
+            raise TrainConfigError(f"method={config.method!r}: the adapter has no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                                     num_training_steps=config.steps)
+        denoiser, optimizer = accelerator.prepare(_Denoiser(pipe.unet, adapter), optimizer)
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        # Every random draw of the loop comes from this CPU generator: the same numbers on any device and
+        # in every process (each then takes its own slice), saved in checkpoints.
+        generator = torch.Generator().manual_seed(config.seed)
+        instance_sampler = EpochSampler([e.repeats for e in examples], config.seed, stream=0)
+        prior_sampler = EpochSampler([e.repeats for e in class_examples], config.seed, stream=1)
+        per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        training_info = {**config.training_metadata(), "mixed_precision": mixed_precision, "resolution": resolution,
+                         "num_images": len(examples), "num_class_images": len(class_examples)}
+        trigger_words = [config.trigger] if config.trigger else []
+        start = 0
+        if state is not None:
+            start = _restore(state, resume_from, config, optimizer, lr_scheduler, accelerator, generator)
+        adapter.train()
+
+        def checkpoint(step: int) -> Path:
+            return _save_checkpoint(config, step, adapter, optimizer, lr_scheduler, accelerator, generator, run_key,
+                                    trigger_words, training_info)
+
+        def samples(step: int) -> list[Path]:
+            wanted = config.sample_prompts and (step in (0, config.steps) or
+                                                (config.sample_every and step % config.sample_every == 0))
+            if not wanted or not accelerator.is_main_process:
+                return []
+            return _write_samples(pipe, adapter, config, step)
+
+        # 6. The loop.
+        if start == 0 and (first := samples(0)) and progress is not None:
+            progress(TrainProgress(0, config.steps, samples=first))
+        losses: list[float] = []
+        last_checkpoint = resume_from
+        cancelled = False
+        for step in range(start, config.steps):
+            if should_stop is not None and should_stop():
+                cancelled = True
+                if last_checkpoint != _checkpoint_dir(config, step):  # not just written by the previous step
+                    last_checkpoint = checkpoint(step)
+                break
+            # All randomness of this step, drawn for the global batch at once (every micro-batch of every
+            # process): accumulation and multi-GPU then train on exactly what one big batch would.
+            draws = [_draw(instance, instance_sampler, step, per_step, generator, noise_scheduler)]
+            if prior is not None:
+                draws.append(_draw(prior, prior_sampler, step, per_step, generator, noise_scheduler))
+            step_loss = 0.0
+            for micro in range(config.gradient_accumulation_steps):
+                # Rows of this micro-batch on this process; instance rows first, then the class rows.
+                first_row = (micro * accelerator.num_processes + accelerator.process_index) * config.batch_size
+                rows = slice(first_row, first_row + config.batch_size)
+                latents, text, noise, timesteps = (
+                    torch.cat([d[k][rows] for d in draws]).to(accelerator.device)
+                    for k in ("latents", "text", "noise", "timesteps")
+                )
+                with accelerator.accumulate(denoiser):
+                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                    pred = denoiser(noisy_latents, timesteps, text)
+                    target = _target(noise_scheduler, latents, noise, timesteps)
+                    per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    loss = per_image[:config.batch_size].mean()
+                    if prior is not None:
+                        loss = loss + config.prior_loss_weight * per_image[config.batch_size:].mean()
+                    regularization = adapter.regularization_loss()
+                    if regularization is not None:
+                        loss = loss + regularization
+                    # The mean over processes: NaN anywhere stops every process, before any weight changes.
+                    loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+                    if not math.isfinite(loss_value):
+                        raise TrainingDiverged(step + 1, loss_value, lr_scheduler.get_last_lr()[0], last_checkpoint)
+                    accelerator.backward(loss)  # divides by gradient_accumulation_steps
+                step_loss += loss_value / config.gradient_accumulation_steps
+            # The last micro-batch synchronised the gradients (accelerator.sync_gradients): one optimizer step.
+            if config.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            adapter.on_step_end(step, config.steps, optimizer)
+            if [id(p) for p in adapter.trainable_parameters()] != [id(p) for p in params]:
+                # SaRA's re-selection swaps in smaller Parameters (and puts them in the optimizer itself):
+                # clip those from now on, and wrap them anew so DDP all-reduces their gradients.
+                params = adapter.trainable_parameters()
+                denoiser = accelerator.prepare(_Denoiser(pipe.unet, adapter))
+            losses.append(step_loss)
+
+            done = step + 1
+            written = samples(done)  # before the checkpoint, whose RNG state then follows them
+            saved = None
+            if config.checkpoint_every and done % config.checkpoint_every == 0:
+                saved = last_checkpoint = checkpoint(done)
+            if progress is not None:
+                progress(TrainProgress(done, config.steps, step_loss, lr_scheduler.get_last_lr()[0], written, saved))
+        else:  # no break: every step is done (also when resuming a finished run)
+            step = config.steps
+
+        # 7. The adapter file.
+        adapter_path = None
+        if not cancelled:
+            adapter_path = config.output_dir / f"{config.adapter_name}.safetensors"
+            if accelerator.is_main_process:
+                save_adapter(adapter, adapter_path, trigger_words=trigger_words,
+                             training={**training_info, "step": step})
+        return TrainResult(adapter_path, step, cancelled, losses, last_checkpoint)
+    finally:
+        adapter.detach()
+        if config.gradient_checkpointing and not checkpointing_was_on:
+            pipe.unet.disable_gradient_checkpointing()
+
+
+def _check_pipeline(pipe) -> None:
+    unet = pipe.unet
+    if detect_family(unet) == "SDXL":
+        raise TrainConfigError("training SDXL is not supported yet (it needs pooled text embeddings and size ids); "
+                               "use an SD 1.x/2.x model")
+    if unet.config.in_channels != pipe.vae.config.latent_channels:
+        raise TrainConfigError(f"the UNet takes {unet.config.in_channels} input channels (an inpainting or other "
+                               "special model); train on a text-to-image model with "
+                               f"{pipe.vae.config.latent_channels}")
+    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise TrainConfigError(f"the scheduler's prediction_type {kind!r} is not one of {PREDICTION_TYPES}")
+
+
+def _mixed_precision(config: TrainConfig, unet_dtype: torch.dtype) -> str:
+    """The config's choice, else the UNet's own half dtype, else bf16 (fp16 on older GPUs) on CUDA, else none."""
+    half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(unet_dtype)
+    if config.mixed_precision is not None:
+        if half is not None and config.mixed_precision == "no":
+            raise TrainConfigError(f"mixed_precision='no', but the pipeline's UNet is {unet_dtype}; set it to "
+                                   f"'{half}' or load the model in float32")
+        return config.mixed_precision
+    if half is not None:
+        return half
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _data_fingerprint(examples: list[Example], class_examples: list[Example]) -> str:
+    """A hash of the images' names, captions and repeats: the data order depends on all of them."""
+    rows = [(e.image.name, e.caption, e.repeats) for e in (*examples, *class_examples)]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def _encode(pipe, pixels: torch.Tensor, captions: list[str], chunk: int = 16) -> _Encoded:
+    """VAE posteriors of uint8 `pixels` (N, 3, H, W) and text embeddings of the distinct `captions`."""
+    vae, device = pipe.vae, pipe.device
+    scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+    means, stds = [], []
+    for batch in pixels.split(chunk):
+        posterior = vae.encode(batch.to(device, vae.dtype) / 127.5 - 1.0).latent_dist
+        means.append((posterior.mean.float() - shift) * scale)
+        stds.append(posterior.std.float() * scale)
+    distinct = list(dict.fromkeys(captions))
+    text = torch.cat([
+        pipe.encode_prompt(distinct[i:i + chunk], device, 1, False)[0].float() for i in range(0, len(distinct), chunk)
+    ])
+    caption_index = torch.tensor([distinct.index(c) for c in captions], device=device)
+    return _Encoded(torch.cat(means), torch.cat(stds), text, caption_index)
+
+
+def _draw(data: _Encoded, sampler: EpochSampler, step: int, count: int, generator: torch.Generator,
+          noise_scheduler: DDPMScheduler) -> dict[str, torch.Tensor]:
+    """Step `step`'s `count` examples: a latent sampled from each posterior, its text, noise and timestep."""
+    index = sampler.take(step * count, count).to(data.latent_mean.device)
+    shape = (count, *data.latent_mean.shape[1:])
+    eps = torch.randn(shape, generator=generator).to(data.latent_mean.device)
+    return {
+        "latents": data.latent_mean[index] + data.latent_std[index] * eps,
+        "text": data.text[data.caption_index[index]],
+        "noise": torch.randn(shape, generator=generator),
+        "timesteps": torch.randint(0, noise_scheduler.config.num_train_timesteps, (count,), generator=generator),
+    }
+
+
+def _target(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
+            timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict, by the scheduler's prediction_type (v for SD 2.x-768)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    return latents  # "sample"
+
+
+def _write_samples(pipe, adapter: Adapter, config: TrainConfig, step: int) -> list[Path]:
+    """One image per (prompt, seed) with the adapter attached, through the studio's `generate`
+    (DDIM, fixed seeds), into output_dir/samples/step-XXXXXX/<prompt index>-seed<seed>.png."""
+    folder = config.output_dir / "samples" / f"step-{step:06d}"
+    paths = []
+    adapter.eval()  # no dropout in previews
+    try:
+        for i, prompt in enumerate(config.sample_prompts):
+            for seed in config.sample_seeds:
+                result = generate(pipe, prompt, seed=seed, num_inference_steps=config.sample_steps,
+                                  guidance_scale=config.guidance_scale)
+                paths.append(save_png(result.images[0], result.settings[0], folder / f"{i:02d}-seed{seed}.png"))
+    finally:
+        adapter.train()
+    return paths
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The finished checkpoints of a run, oldest first (half-written ones are hidden `.tmp` folders)."""
+    root = Path(output_dir) / "checkpoints"
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _checkpoint_dir(config: TrainConfig, step: int) -> Path:
+    return config.output_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def _resume_point(config: TrainConfig) -> Path | None:
+    existing = list_checkpoints(config.output_dir)
+    if config.resume is None:
+        if existing:
+            raise TrainConfigError(
+                f"resume=None, but output_dir {config.output_dir} already holds checkpoints (latest "
+                f"{existing[-1].name}); pass resume='latest' to continue that run, or choose another output_dir"
+            )
+        return None
+    if config.resume == "latest":
+        return existing[-1] if existing else None  # nothing yet: a fresh start, so re-running a job resumes it
+    return Path(config.resume)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _save_checkpoint(config: TrainConfig, step: int, adapter: Adapter, optimizer, lr_scheduler,
+                     accelerator: Accelerator, generator: torch.Generator, run_key: dict[str, Any],
+                     trigger_words: list[str], training_info: dict[str, Any]) -> Path:
+    """Everything an exact resume needs, in output_dir/checkpoints/step-XXXXXX/: the adapter (a normal
+    adapter file), optimizer, LR schedule, grad scaler, loop generator, step, and each process's RNG.
+    Written into a hidden temporary folder renamed when complete, so the newest checkpoint is always whole."""
+    final = _checkpoint_dir(config, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(accelerator.device), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_adapter(adapter, tmp / "adapter.safetensors", trigger_words=trigger_words,
+                     training={**training_info, "step": step})
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        torch.save({"step": step, "run": run_key, "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler,
+                    "generator": generator.get_state()}, tmp / "state.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # a run resumed from an earlier checkpoint reaches this step again
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(config.output_dir)[:-config.keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def _read_checkpoint(folder: Path, run_key: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's state.pt, refused if made with other data or settings than `run_key` records."""
+    # weights_only=False: our own file, holding Python and NumPy RNG states (tuples and arrays).
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    for key, value in run_key.items():
+        if state["run"].get(key) != value:
+            what = "the training images or captions" if key == "data" else key
+            raise TrainConfigError(
+                f"checkpoint {folder} was made with other {what} ({state['run'].get(key)!r}, now {value!r}); "
+                "resume with the same settings and data, or start a new output_dir"
+            )
+    return state
+
+
+def _restore(state: dict[str, Any], folder: Path, config: TrainConfig, optimizer, lr_scheduler,
+             accelerator: Accelerator, generator: torch.Generator) -> int:
+    """Put a checkpoint's training state (all but the adapter's weights) back; returns its step."""
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    # A resume may lower the learning rate (the fix for a diverged run): keep the schedule's position, take
+    # the config's base rate, and let the scheduler recompute the current rate (bit for bit the saved one
+    # when the rate is unchanged).
+    lr_scheduler.base_lrs = [config.learning_rate] * len(lr_scheduler.base_lrs)
+    lr_scheduler.last_epoch -= 1
+    lr_scheduler.step()
+    if accelerator.scaler is not None and state["grad_scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
+    generator.set_state(state["generator"])
+    _set_rng_state(torch.load(folder / f"rng-{accelerator.process_index}.pt", weights_only=False),
+                   accelerator.device)
+    return state["step"]

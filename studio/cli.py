@@ -1,0 +1,101 @@
+"""The `studio` command line: one subcommand per job, each a thin call into pipelines/.
+
+    studio generate "a red circle" --seed 1 --out out/
+    studio shapes train --out runs/shapes
+
+A refused input exits with status 2 and one line `error: ...` (no traceback), like argparse's own
+errors. New jobs (train, edit, adapters...) add a `_add_<name>` function and one line in `build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from pipelines import SCHEDULERS, StudioError
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="text-to-image; saves PNGs with their settings",
+                       description="Generate images and save them as PNGs carrying their settings (A1111 style).")
+    p.add_argument("prompt")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=None, help="seed of image 1; image i uses seed+i-1 (default random)")
+    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--n", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--scheduler", default="DDIM", choices=list(SCHEDULERS), help="sampler (default DDIM)")
+    p.add_argument("--model", default=None,
+                   help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--out", default="out", help="output folder (default out/)")
+    p.set_defaults(run=_generate)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from pipelines import check_inputs, generate, load_model, save_images
+
+    # Refuse bad settings before the (possibly slow) model load.
+    check_inputs(args.prompt, args.negative, args.height, args.width, args.steps, args.guidance, args.n,
+                 args.scheduler, args.seed)
+    model = load_model(args.model, device=args.device)
+    # delay: the bar appears only once denoising runs, so a refused input prints just its error.
+    with tqdm(total=args.steps, desc="generating", unit="step", file=sys.stderr, delay=0.1) as bar:
+        def progress(step: int, total: int) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        result = generate(model, args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance, seed=args.seed, width=args.width, height=args.height,
+                          num_images_per_prompt=args.n, scheduler=args.scheduler, callback=progress)
+    for path in save_images(result, args.out):
+        print(path)
+
+
+def _add_shapes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shapes", help="the Shapes world: train the embedded model")
+    shapes = p.add_subparsers(dest="shapes_command", required=True, metavar="COMMAND")
+    # Every argument goes to studio.shapes.train (its own --help included): prefix_chars that no
+    # argument starts with stop argparse from reading "--out" as an option of this parser.
+    train = shapes.add_parser("train", help="train the Shapes model (see `studio shapes train --help`)",
+                              add_help=False, prefix_chars="\0")
+    train.add_argument("args", nargs="*")
+    train.set_defaults(run=_shapes_train)
+
+
+def _shapes_train(args: argparse.Namespace) -> None:
+    from studio.shapes.train import main
+
+    main(args.args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="studio", description="Stable Diffusion customization studio.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub)
+    _add_shapes(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            # Our own warnings (a truncated prompt...) are for the user: show them as plain lines.
+            warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+            args.run(args)
+    except StudioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130  # the shell's convention for Ctrl-C
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Assemble the studio: one tab per module, the model loaded once and shared by all of them.
+
+A new tab is a module with `TITLE` and `build(model, out_dir)` (see generate_tab.py), added to TABS.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from pipelines import LoadedModel
+
+from . import generate_tab
+
+TABS = [generate_tab]  # later: train_tab, edit_tab, adapters_tab
+
+
+def build_app(model: LoadedModel, out_dir: str | Path | None = None) -> gr.Blocks:
+    """The studio's Blocks for `model`; images are saved under `out_dir` (default: a new temp folder).
+
+    Served with `.launch(...)`; pass `allowed_paths=[out_dir]` there when out_dir is outside the
+    temp folder and the working directory, so Gradio may serve the images."""
+    out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="studio-"))
+    with gr.Blocks(title="SD Studio") as demo:
+        gr.Markdown(f"# SD Studio\nModel: **{model.name}** ({model.family}, hash {model.hash}) on {model.device}")
+        with gr.Tabs():
+            for tab in TABS:
+                with gr.Tab(tab.TITLE, id=tab.TITLE.lower()):
+                    tab.build(model, out_dir)
+    # Model work queues one at a time (all such events share generate_tab's MODEL_QUEUE id).
+    demo.queue(default_concurrency_limit=1)
+    return demo

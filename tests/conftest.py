@@ -1,0 +1,29 @@
+"""Fixtures shared by every test file: the embedded model (loaded once) and a tiny SD 1.5 pipeline.
+
+Tests never touch the network: the hub is set offline before anything imports huggingface_hub.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pipelines import EMBEDDED_MODEL, LoadedModel, load_model  # noqa: E402
+from pipelines.architectures import tiny_sd15_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded() -> LoadedModel:
+    """The embedded Shapes model on CPU in fp32, shared by the session: restore anything you change on it."""
+    return load_model(device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture
+def tiny_sd15():
+    """A fresh random-weight StableDiffusionPipeline with SD 1.5's layouts (64x64 images), yours to modify."""
+    return tiny_sd15_pipeline(str(EMBEDDED_MODEL / "tokenizer"))

@@ -1,0 +1,361 @@
+"""The adapter contract matrix (in the spirit of peft's tests/test_custom_models.py).
+
+Every row of CASES runs on the tiny SD 1.5 and SDXL layouts (real block structure, shrunk channels)
+through the same contracts: attach/detach identity, zero-init identity, scale, gradients,
+merge, save/load round trip and base-model checks. A new method adds a row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import save_file
+
+from adapters import REGISTRY, LoRA, LoRAConfig, SCTuner, SCTunerConfig, load_adapter, read_metadata, save_adapter
+from adapters.base import FORMAT_VERSION
+from adapters.skips import long_skips
+from pipelines.architectures import build_unet, count_parameters, tiny_sd15_pipeline, unet_inputs
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "shapes-sd" / "tokenizer"
+OTHER_LAYOUT = {"tiny-sd15": "tiny-sdxl", "tiny-sdxl": "tiny-sd15"}
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    config: Any
+    mergeable: bool
+
+
+CASES = [
+    Case("sc_tuner", SCTunerConfig(), mergeable=False),
+    Case("lora", LoRAConfig(rank=4, alpha=8), mergeable=True),  # alpha != rank: a lost alpha shows
+]
+
+
+@pytest.fixture(params=CASES, ids=lambda case: case.method)
+def case(request) -> Case:
+    return request.param
+
+
+@pytest.fixture(params=["tiny-sd15", "tiny-sdxl"])
+def layout(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def unet(layout):
+    return build_unet(layout)
+
+
+@pytest.fixture
+def inputs(unet) -> dict:
+    return unet_inputs(unet, batch=2)
+
+
+def make(case: Case, unet):
+    return REGISTRY[case.method].from_unet(unet, case.config)
+
+
+def run(unet, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return unet(**inputs).sample
+
+
+def perturb(adapter, seed: int = 0) -> None:
+    """Move every adapter weight off its (identity) init, deterministically."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+# -- the contract matrix ------------------------------------------------------------------------
+
+
+def test_identity_at_init_and_after_detach(case, unet, inputs):
+    base = run(unet, inputs)
+    requires_grad = [p.requires_grad for p in unet.parameters()]
+    modules = dict(unet.named_modules())
+    adapter = make(case, unet)
+    adapter.attach(unet)
+    ours = {id(p) for p in adapter.parameters()}
+    assert [p.requires_grad for p in unet.parameters() if id(p) not in ours] == requires_grad, "attach changes no flag"
+    assert torch.equal(run(unet, inputs), base), "identity at init (SC-Tuner: W2 = b2 = 0; LoRA: B = 0)"
+    perturb(adapter)
+    assert not torch.equal(run(unet, inputs), base)
+    adapter.detach()
+    assert torch.equal(run(unet, inputs), base)
+    assert dict(unet.named_modules()) == modules, "the original module objects are back, no wrapper left"
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in unet.modules())
+    assert not hasattr(unet, "peft_config")
+
+
+def test_scale(case, unet, inputs):
+    base = run(unet, inputs)
+    adapter = make(case, unet)
+    adapter.attach(unet)
+    perturb(adapter)
+    tuned = run(unet, inputs)
+    adapter.set_scale(0.0)
+    assert torch.equal(run(unet, inputs), base)
+    adapter.set_scale(2.0)  # not clamped at 1 (the SCEdit reference clamps; we do not)
+    doubled = run(unet, inputs)
+    assert not torch.equal(doubled, tuned) and torch.isfinite(doubled).all()
+    adapter.set_scale(1.0)
+    assert torch.equal(run(unet, inputs), tuned)
+
+
+def test_only_adapter_parameters_get_gradients(case, unet, inputs):
+    unet.requires_grad_(False)  # the training loop freezes the UNet before attaching
+    adapter = make(case, unet)
+    adapter.attach(unet)
+    assert adapter.trainable_parameters() == list(adapter.parameters())
+    unet(**inputs).sample.square().mean().backward()
+    ours = {id(p) for p in adapter.parameters()}
+    assert all(p.grad is not None for p in adapter.parameters())
+    assert all(p.grad is None for p in unet.parameters() if id(p) not in ours)
+
+
+def test_merge(case, unet, inputs):
+    adapter = make(case, unet)
+    adapter.attach(unet)
+    perturb(adapter)
+    if not case.mergeable:
+        with pytest.raises(NotImplementedError, match="cannot be merged"):
+            adapter.merge()
+        return
+    weights = {k: v.clone() for k, v in unet.state_dict().items() if "lora_" not in k}
+    tuned = run(unet, inputs)
+    adapter.merge()
+    torch.testing.assert_close(run(unet, inputs), tuned, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        adapter.set_scale(0.5)
+    adapter.unmerge()
+    torch.testing.assert_close(run(unet, inputs), tuned, atol=1e-5, rtol=0)
+    for k, v in unet.state_dict().items():
+        if k in weights:
+            torch.testing.assert_close(v, weights[k], atol=1e-5, rtol=0)
+
+
+def test_save_load_round_trip(case, layout, unet, inputs, tmp_path):
+    adapter = make(case, unet)
+    adapter.attach(unet)
+    perturb(adapter)
+    tuned = run(unet, inputs)
+    path = save_adapter(adapter, tmp_path / "style.safetensors", trigger_words=["sks", "shape"],
+                        training={"steps": 10, "lr": 1e-4})
+    assert list(tmp_path.iterdir()) == [path], "written atomically: no temporary file left"
+
+    meta = read_metadata(path)
+    assert meta["studio.method"] == case.method
+    assert json.loads(meta["studio.config"]) == adapter.config_dict()
+    assert meta["studio.base_family"] == {"tiny-sd15": "SD1", "tiny-sdxl": "SDXL"}[layout]
+    assert json.loads(meta["studio.trigger_words"]) == ["sks", "shape"]
+    assert json.loads(meta["studio.training"]) == {"steps": 10, "lr": 1e-4}
+    assert meta["studio.version"] == FORMAT_VERSION
+    assert meta["modelspec.architecture"].endswith("/" + case.method.replace("_", "-"))
+    assert meta["modelspec.trigger_phrase"] == "sks, shape"
+
+    fresh = build_unet(layout)
+    loaded = load_adapter(path, fresh)
+    assert type(loaded) is type(adapter) and loaded.unet is fresh
+    assert torch.equal(run(fresh, inputs), tuned)
+    loaded.detach()
+    assert load_adapter(path).unet is None  # without a UNet: built from the file alone
+
+
+def test_loading_onto_another_family_fails(case, layout, unet, tmp_path):
+    adapter = make(case, unet)
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    other = build_unet(OTHER_LAYOUT[layout])
+    want, have = adapter.base_family, {"tiny-sd15": "SD1", "tiny-sdxl": "SDXL"}[OTHER_LAYOUT[layout]]
+    with pytest.raises(ValueError, match=f"trained on an {want} model .* UNet is {have} .* load an {want} model"):
+        load_adapter(path, other)
+    # Skipping the metadata check still refuses shapes that do not fit, before touching the UNet.
+    with pytest.raises(ValueError, match="build one for this model"):
+        load_adapter(path, other, strict=False)
+    assert not any(isinstance(m, BaseTunerLayer) or m._forward_pre_hooks for m in other.modules())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.method)
+def test_loading_onto_another_architecture_of_the_family_fails(case, tmp_path):
+    path = save_adapter(make(case, build_unet("tiny-sd15")), tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="fingerprint .* pass strict=False"):
+        load_adapter(path, build_unet("sd15", device="meta"))  # full-size SD 1.5 layout
+
+
+def test_adapters_coexist(unet, inputs):
+    """SC-Tuner and two LoRAs at once, each detachable in any order."""
+    base = run(unet, inputs)
+    first, sc, second = LoRA.from_unet(unet), SCTuner.from_unet(unet), LoRA.from_unet(unet)
+    first.attach(unet)
+    perturb(first, seed=1)
+    only_first = run(unet, inputs)
+    for adapter, seed in ((sc, 2), (second, 3)):
+        adapter.attach(unet)
+        perturb(adapter, seed)
+    assert not torch.allclose(run(unet, inputs), only_first, atol=1e-3)
+    sc.detach()
+    second.detach()
+    torch.testing.assert_close(run(unet, inputs), only_first, atol=1e-5, rtol=0)
+    first.detach()
+    assert torch.equal(run(unet, inputs), base)
+
+
+def test_lora_dropout_follows_the_adapters_mode():
+    unet = build_unet("tiny-sd15")
+    inputs = unet_inputs(unet)
+    lora = LoRA.from_unet(unet, LoRAConfig(dropout=0.5))
+    lora.attach(unet)
+    perturb(lora)
+    lora.eval()  # as the training loop does for preview samples
+    assert torch.equal(run(unet, inputs), run(unet, inputs))
+    lora.train()
+    assert not torch.equal(run(unet, inputs), run(unet, inputs))
+
+
+# -- SC-Tuner specifics -------------------------------------------------------------------------
+
+SKIP_WIDTHS = {  # decoder order, up_blocks.b.resnets.r (scedit.md, sec. 3)
+    "sd15": [1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 320],
+    "sdxl": [1280, 1280, 640, 640, 640, 320, 320, 320, 320],
+    "tiny-sd15": [64, 64, 64, 64, 64, 32, 32, 32, 32, 32, 32, 32],
+    "tiny-sdxl": [64, 64, 64, 64, 64, 32, 32, 32, 32],
+}
+
+
+@pytest.mark.parametrize("layout", list(SKIP_WIDTHS))
+def test_sc_tuner_skips(layout):
+    unet = build_unet(layout, device="cpu" if layout.startswith("tiny") else "meta")
+    tuner = SCTuner.from_unet(unet)
+    assert [skip.channels for skip in long_skips(unet)] == SKIP_WIDTHS[layout]
+    assert list(tuner.tuners) == [f"up_blocks_{s.block}_resnets_{s.resnet}" for s in long_skips(unet)]
+    assert count_parameters(tuner) == sum(2 * c * c + 2 * c for c in SKIP_WIDTHS[layout])  # 2C^2 + 2C per tuner
+
+
+def test_full_size_parameter_counts():
+    sd15, sdxl = build_unet("sd15", device="meta"), build_unet("sdxl", device="meta")
+    assert count_parameters(SCTuner.from_unet(sd15)) == 19_680_000  # 19.68 M (SCEdit paper)
+    assert count_parameters(SCTuner.from_unet(sdxl)) == 9_841_920  # 9.84 M
+    # The paper's LoRA baseline: r = 64 on q/k/v/out + FF, 23.94 M.
+    assert count_parameters(LoRA.from_unet(sd15, LoRAConfig(rank=64, target="attn_ff"))) == 23_937_024
+
+
+def test_sc_tuner_step0_gradients_reach_only_the_last_layer(unet, inputs):
+    unet.requires_grad_(False)
+    tuner = SCTuner.from_unet(unet)
+    tuner.attach(unet)
+    unet(**inputs).sample.square().mean().backward()
+    for mlp in tuner.tuners.values():
+        assert mlp.fc2.weight.grad.abs().sum() > 0 and mlp.fc2.bias.grad.abs().sum() > 0
+        assert not mlp.fc1.weight.grad.any() and not mlp.fc1.bias.grad.any()  # W1's gradient passes W2 = 0
+
+
+def test_sc_tuner_records_no_graph_in_encoder_or_mid_block(unet, inputs):
+    unet.requires_grad_(False)
+    SCTuner.from_unet(unet).attach(unet)
+    outputs: dict[str, list[torch.Tensor]] = {"down": [], "mid": [], "up": []}
+
+    def keep(part):
+        def hook(module, args, output):
+            stack = [output]
+            while stack:
+                item = stack.pop()
+                if isinstance(item, torch.Tensor):
+                    outputs[part].append(item)
+                elif isinstance(item, (tuple, list)):
+                    stack.extend(item)
+        return hook
+
+    for block in unet.down_blocks:
+        block.register_forward_hook(keep("down"))
+    unet.mid_block.register_forward_hook(keep("mid"))
+    for block in unet.up_blocks:
+        block.register_forward_hook(keep("up"))
+    unet(**inputs)
+    assert outputs["down"] and outputs["mid"] and outputs["up"]
+    assert all(not t.requires_grad and t.grad_fn is None for t in outputs["down"] + outputs["mid"])
+    assert all(t.grad_fn is not None for t in outputs["up"])
+
+
+# -- configs, registry, files -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: SCTunerConfig(hidden_ratio=0), "hidden_ratio"),
+        (lambda: SCTunerConfig(hidden_ratio=float("nan")), "hidden_ratio"),
+        (lambda: LoRAConfig(rank=0), "rank"),
+        (lambda: LoRAConfig(alpha=float("inf")), "alpha"),
+        (lambda: LoRAConfig(target="mlp"), "target"),
+        (lambda: LoRAConfig(dropout=1.0), "dropout"),
+    ],
+)
+def test_configs_refuse_bad_values(build, field):
+    with pytest.raises(ValueError, match=field):
+        build()
+
+
+def test_config_defaults():
+    assert LoRAConfig(rank=8).alpha == 8  # missing alpha = rank, as kohya and peft read it
+    with pytest.raises(ValueError, match="without hidden units"):
+        SCTuner(SCTunerConfig(hidden_ratio=0.01), {"0.0": 32})
+
+
+def test_registry_knows_the_methods():
+    assert {"sc_tuner", "lora"} <= set(REGISTRY)
+
+
+def test_unknown_method_is_refused_with_the_known_ones(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"studio.method": "nope", "studio.version": FORMAT_VERSION})
+    with pytest.raises(ValueError, match=r"'nope'.*known: \[.*'lora'.*'sc_tuner'"):
+        load_adapter(path)
+
+
+def test_save_refuses_bad_header_input(tmp_path):
+    adapter = SCTuner.from_unet(build_unet("tiny-sd15"))
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        save_adapter(adapter, tmp_path / "a.safetensors", trigger_words="sks")
+    with pytest.raises(ValueError, match="studio.method"):
+        save_adapter(adapter, tmp_path / "a.safetensors", extra={"studio.method": "lora"})
+    assert not list(tmp_path.iterdir())
+
+
+# -- diffusers interop --------------------------------------------------------------------------
+
+
+def test_lora_file_loads_in_diffusers_and_back(tmp_path):
+    def generate(pipe) -> np.ndarray:
+        return pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    pipe = tiny_sd15_pipeline(str(TOKENIZER))
+    base = generate(pipe)
+    # alpha != rank: diffusers must read our header; attn_ff: the feed-forward paths must map too.
+    lora = LoRA.from_unet(pipe.unet, LoRAConfig(rank=4, alpha=2, target="attn_ff"))
+    lora.attach(pipe.unet)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for up in lora.lora_B.values():
+            up.weight.copy_(torch.randn(up.weight.shape, generator=g))
+    ours = generate(pipe)
+    assert not np.allclose(ours, base, atol=1e-3)
+    path = save_adapter(lora, tmp_path / "lora.safetensors")
+
+    with_diffusers = tiny_sd15_pipeline(str(TOKENIZER))
+    with_diffusers.load_lora_weights(str(path))
+    np.testing.assert_allclose(generate(with_diffusers), ours, atol=1e-5)
+
+    with_studio = tiny_sd15_pipeline(str(TOKENIZER))
+    load_adapter(path, with_studio.unet)
+    np.testing.assert_allclose(generate(with_studio), ours, atol=1e-5)
