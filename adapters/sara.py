@@ -127,8 +127,7 @@ class _InjectDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weight: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (idx,) = ctx.saved_tensors
-        grad = grad_weight.reshape(-1).index_select(0, idx).float()  # (N,) -> (n,)
-        return (grad if ctx.scale == 1 else grad * ctx.scale), None, None, None
+        return grad_weight.reshape(-1).index_select(0, idx).float() * ctx.scale, None, None, None  # (N,) -> (n,)
 
 
 class SparseDelta(nn.Module):
@@ -305,7 +304,7 @@ class SaRA(Adapter):
 
     @classmethod
     def from_unet(cls, unet: nn.Module, config: SaRAConfig | None = None) -> SaRA:
-        """Select M1 on `unet` (with no adapter attached), ΔP = 0, and log the counts per tensor."""
+        """Select M1 on `unet`'s current weights (seen through peft LoRA wrappers), ΔP = 0; log the counts."""
         adapter = cls(config or SaRAConfig())
         device = device_of(unet)
         if device.type == "meta":

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from .base import Adapter, device_of, register
-from .skips import hook_skips, long_skips
+from .skips import SkipHandle, hook_skips, long_skips
 
 
 @dataclass
@@ -28,10 +27,14 @@ class SCTunerConfig:
     hidden_ratio: float = 1.0
 
     def __post_init__(self) -> None:
-        ratio = self.hidden_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
-            raise ValueError(f"SCTunerConfig.hidden_ratio must be a number > 0 (1.0 is the paper's), got {ratio!r}")
-        self.hidden_ratio = float(ratio)
+        self.hidden_ratio = check_hidden_ratio("SCTunerConfig", self.hidden_ratio)
+
+
+def check_hidden_ratio(owner: str, ratio: object) -> float:
+    """`ratio` as a float, or a ValueError naming `owner`.hidden_ratio (shared by SC- and CSC-Tuner configs)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError(f"{owner}.hidden_ratio must be a number > 0 (1.0 is the paper's), got {ratio!r}")
+    return float(ratio)
 
 
 class SkipMLP(nn.Module):
@@ -59,7 +62,29 @@ def module_name(key: str) -> str:
     return f"up_blocks_{block}_resnets_{resnet}"
 
 
+def skip_mlps(widths: dict[str, int], hidden_ratio: float, owner: str) -> nn.ModuleDict:
+    """One SkipMLP per skip key "b.r" of width C, with L = floor(C * hidden_ratio) hidden units."""
+    mlps = nn.ModuleDict()
+    for key, channels in widths.items():
+        # + 1e-6: floor(C * r) without float error turning e.g. 640 * 0.3 into 191.
+        hidden = int(channels * hidden_ratio + 1e-6)
+        if hidden < 1:
+            raise ValueError(
+                f"{owner}.hidden_ratio={hidden_ratio} leaves the {channels}-channel skip {key} "
+                f"without hidden units; use hidden_ratio >= {1 / channels:.4g}"
+            )
+        mlps[module_name(key)] = SkipMLP(channels, hidden)
+    return mlps
+
+
 _FC1_KEY = re.compile(r"tuners\.up_blocks_(\d+)_resnets_(\d+)\.fc1\.weight")
+
+
+def widths_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Skip key "b.r" -> C_skip, in decoder order, read from the `tuners.*.fc1.weight` shapes (L, C, 1, 1) of
+    a saved file; every other shape is checked by load_tensors' strict load."""
+    found = {(int(m[1]), int(m[2])): shape[1] for name, shape in shapes.items() if (m := _FC1_KEY.fullmatch(name))}
+    return {f"{b}.{r}": found[b, r] for b, r in sorted(found)}
 
 
 @register
@@ -75,17 +100,8 @@ class SCTuner(Adapter):
     def __init__(self, config: SCTunerConfig, widths: dict[str, int]):
         super().__init__(config)
         self.widths = dict(widths)
-        self.tuners = nn.ModuleDict()
-        for key, channels in self.widths.items():
-            # + 1e-6: floor(C * r) without float error turning e.g. 640 * 0.3 into 191.
-            hidden = int(channels * config.hidden_ratio + 1e-6)
-            if hidden < 1:
-                raise ValueError(
-                    f"SCTunerConfig.hidden_ratio={config.hidden_ratio} leaves the {channels}-channel skip {key} "
-                    f"without hidden units; use hidden_ratio >= {1 / channels:.4g}"
-                )
-            self.tuners[module_name(key)] = SkipMLP(channels, hidden)
-        self._handles: list[RemovableHandle] = []
+        self.tuners = skip_mlps(self.widths, config.hidden_ratio, "SCTunerConfig")
+        self._handles: list[SkipHandle] = []
 
     @classmethod
     def from_unet(cls, unet: nn.Module, config: SCTunerConfig | None = None) -> SCTuner:
@@ -96,9 +112,7 @@ class SCTuner(Adapter):
 
     @classmethod
     def from_shapes(cls, config: SCTunerConfig, shapes: dict[str, tuple[int, ...]]) -> SCTuner:
-        # fc1.weight is (L, C, 1, 1); every other shape is checked by load_tensors' strict load.
-        widths = {f"{m[1]}.{m[2]}": shape[1] for name, shape in shapes.items() if (m := _FC1_KEY.fullmatch(name))}
-        return cls(config, widths)
+        return cls(config, widths_from_shapes(shapes))
 
     # -- wiring -------------------------------------------------------------------------
     def attach(self, unet: nn.Module) -> None:
@@ -111,7 +125,7 @@ class SCTuner(Adapter):
                 f"{len(found)} skips {found}; build one for this model with SCTuner.from_unet(unet)"
             )
         self.to(device_of(unet))
-        self._handles = hook_skips(unet, skips, self.edit_skip)
+        self._handles = hook_skips(unet, skips, self.delta_skip)
         self.unet = unet
 
     def detach(self) -> None:
@@ -120,10 +134,11 @@ class SCTuner(Adapter):
         self._handles = []
         self.unet = None
 
-    def edit_skip(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        """x' = x + s T(x). The tuner runs in its own dtype (fp32 master weights under an fp16 UNet);
-        s = 0 returns x itself, so the base output is reproduced exactly."""
+    def delta_skip(self, key: str, x: torch.Tensor) -> torch.Tensor | None:
+        """s T(x), the term this tuner adds to the skip x (adapters/skips.py sums every editor's).
+        The tuner runs in its own dtype (fp32 master weights under an fp16 UNet); s = 0 adds nothing,
+        so the base output is reproduced exactly."""
         if self.scale == 0:
-            return x
+            return None
         tuner = self.tuners[module_name(key)]
-        return x + self.scale * tuner(x.to(tuner.fc1.weight.dtype)).to(x.dtype)
+        return self.scale * tuner(x.to(tuner.fc1.weight.dtype)).to(x.dtype)

@@ -1,5 +1,8 @@
-"""The headless Python API: load a model, generate (later: train/customize, compose, edit, erase)."""
+"""The headless Python API: load a model, generate, edit (later: train/customize, compose, erase)."""
 
+from .annotators import ANNOTATORS, build_control_pairs, prepare_hint
+from .control import ControlSpec, parse_control_arg
+from .edit import EditResult, Inversion, check_edit_inputs, edit, invert, reconstruct, save_edit
 from .errors import GenerationInterrupted, InputError, ModelLoadError, StudioError
 from .generate import (
     SCHEDULERS,
@@ -14,19 +17,31 @@ from .generate import (
 from .loading import EMBEDDED_MODEL, LoadedModel, load_model
 
 __all__ = [
+    "ANNOTATORS",
     "EMBEDDED_MODEL",
     "SCHEDULERS",
+    "ControlSpec",
+    "EditResult",
     "GenerationInterrupted",
     "GenerationResult",
     "GenerationSettings",
     "InputError",
+    "Inversion",
     "LoadedModel",
     "ModelLoadError",
     "StudioError",
+    "build_control_pairs",
+    "check_edit_inputs",
     "check_inputs",
+    "edit",
     "generate",
+    "invert",
     "load_model",
+    "parse_control_arg",
     "parse_infotext",
+    "prepare_hint",
+    "reconstruct",
+    "save_edit",
     "save_images",
     "save_png",
 ]

@@ -10,7 +10,7 @@ See papers/uam.md for the algorithm, its defaults and where the reference code d
         tgt  z_T    normal,  target, CFG     -> x̂0_tgt ┘ on 0 < t < T_mask: x̂0_tgt <- M·x̂0_u + (1−M)·x̂0_tgt
 
 The maths are pure module-level functions (tested alone); the public entry points are `invert`,
-`reconstruct`, `edit` and the baselines `ddim_reconstruct` and `edit_without_uniform`. All latent
+`reconstruct`, `edit` (with `save_edit`) and the baselines `ddim_reconstruct` and `edit_without_uniform`. All latent
 arithmetic runs in fp32 whatever the model's dtype. The pipe is left as it was: its scheduler is only
 read (a DDIM schedule is built from its config) and the attention processors are restored.
 """
@@ -21,9 +21,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -36,7 +38,7 @@ from adapters.base import detect_family, unet_fingerprint
 from adapters.uniform_attention import UniformAttentionHandle, attach_uniform_attention
 
 from .errors import GenerationInterrupted, InputError
-from .generate import ProgressCallback
+from .generate import GenerationSettings, ProgressCallback, _identity, save_png, write_png
 from .images import ImageInput, load_image, load_mask
 from .loading import LoadedModel
 
@@ -285,9 +287,13 @@ def _check_model(model: Model, num_inference_steps: int) -> StableDiffusionPipel
     if prediction_type != "epsilon":
         raise InputError(f"prediction_type={prediction_type!r}: UAM editing needs an ε-prediction model "
                          "(e.g. SD 1.5 or SD 2 base)")
+    _check_steps(num_inference_steps)
+    return pipe
+
+
+def _check_steps(num_inference_steps: int) -> None:
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise InputError(f"num_inference_steps={num_inference_steps!r} must be a positive integer: use e.g. 50")
-    return pipe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +323,7 @@ class EditResult:
     mask: Image.Image  # "L", image-sized: the edit region of the last blended step (mean over channels)
     inversion: Inversion
     unet_rows: int  # UNet row-evaluations this call ran, inversion included unless it was cached
+    settings: GenerationSettings  # what made `image`: the target prompt, the edit's own keys in extra_params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,8 +453,9 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
     """
     # 1. Check inputs, normalise the image and the user mask (before any work)
     pipe = _check_model(model, num_inference_steps)
-    _check_edit_inputs(source_prompt, target_prompt, guidance_scale, mask_start_t, quantile, dilation,
-                       threshold_mode, mask_channels)
+    check_edit_inputs(source_prompt, target_prompt, num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, mask_start_t=mask_start_t, quantile=quantile, dilation=dilation,
+                      threshold_mode=threshold_mode, mask_channels=mask_channels)
     image = load_image(image, size=_image_size(pipe, height, width))
     allowed = load_mask(user_mask, image.size)
 
@@ -496,14 +504,38 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
     edit_region = torch.ones(latent_size) if last_keep is None else (1 - last_keep)[0].mean(dim=0)
     mask = Image.fromarray((edit_region.cpu().numpy() * 255).round().astype(np.uint8), "L")
     mask = mask.resize(image.size, Image.Resampling.NEAREST)
-    return EditResult(edited, reconstruction, mask, inversion, inversion.unet_rows + rows)
+
+    # 7. Record what made the edit: A1111's keys for the target prompt, plus the edit's own
+    name, model_hash, family = _identity(model)
+    settings = GenerationSettings(
+        prompt=target_prompt, negative_prompt="", steps=steps, sampler="DDIM", guidance_scale=float(guidance_scale),
+        seed=None, width=image.width, height=image.height, model_name=name, model_hash=model_hash,
+        model_family=family, scheduler_config=dict(pipe.scheduler.config),
+        extra_params={"Edit": "UAM", "Source prompt": source_prompt, "Mask start": mask_start_t,
+                      "Mask quantile": quantile, "Mask dilation": dilation, "Threshold mode": threshold_mode,
+                      "Mask channels": mask_channels, "Source blend": source_blend,
+                      "User mask": allowed is not None, "Invert with source prompt": invert_with_source_prompt},
+    )
+    return EditResult(edited, reconstruction, mask, inversion, inversion.unet_rows + rows, settings)
 
 
-def _check_edit_inputs(source_prompt: str, target_prompt: str, guidance_scale: float, mask_start_t: int,
-                       quantile: float, dilation: int, threshold_mode: str, mask_channels: str) -> None:
-    """Refuse bad settings in milliseconds (each message: the argument, the value, the rule, the fix)."""
+def save_edit(result: EditResult, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write out_dir/edited.png (with its settings, as `save_png`), reconstruction.png and mask.png, each
+    through a temporary file and a rename; returns their paths by name. Files already there are replaced."""
+    out_dir = Path(out_dir)
+    return {"edited": save_png(result.image, result.settings, out_dir / "edited.png"),
+            "reconstruction": write_png(result.reconstruction, out_dir / "reconstruction.png"),
+            "mask": write_png(result.mask, out_dir / "mask.png")}
+
+
+def check_edit_inputs(source_prompt: str, target_prompt: str, *, num_inference_steps: int, guidance_scale: float,
+                      mask_start_t: int, quantile: float, dilation: int, threshold_mode: str,
+                      mask_channels: str = "per_channel") -> None:
+    """Refuse bad settings in milliseconds, before any model work (the CLI calls it before loading);
+    each message: the argument, the value, the rule, the fix."""
     if not isinstance(source_prompt, str) or not isinstance(target_prompt, str):
         raise InputError("source_prompt and target_prompt must be strings (an empty string is allowed)")
+    _check_steps(num_inference_steps)
     _check_guidance(guidance_scale)
     if not mask_start_t >= 0:
         raise InputError(f"mask_start_t={mask_start_t!r} must be >= 0: use e.g. 200 (0 turns the mask guidance off)")

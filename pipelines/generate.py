@@ -16,7 +16,7 @@ import re
 import secrets
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +33,7 @@ from PIL import Image, PngImagePlugin
 
 from adapters import detect_family
 
+from .control import ControlSpec, check_controls, control_params, controlled
 from .errors import GenerationInterrupted, InputError
 from .loading import LoadedModel
 
@@ -68,10 +69,13 @@ class GenerationSettings:
     model_hash: str
     model_family: str
     scheduler_config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # More "Key: value" pairs for the infotext (A1111's extra_generation_params), e.g. an edit's settings.
+    extra_params: dict = field(default_factory=dict, hash=False)
 
     def infotext(self) -> str:
         params = {"Steps": self.steps, "Sampler": self.sampler, "CFG scale": self.guidance_scale, "Seed": self.seed,
-                  "Size": f"{self.width}x{self.height}", "Model hash": self.model_hash, "Model": self.model_name}
+                  "Size": f"{self.width}x{self.height}", "Model hash": self.model_hash, "Model": self.model_name,
+                  **self.extra_params}
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
@@ -98,6 +102,7 @@ def generate(
     width: int | None = None,
     num_images_per_prompt: int = 1,
     scheduler: str = "DDIM",
+    control: Sequence[ControlSpec] = (),
     callback: ProgressCallback | None = None,
 ) -> GenerationResult:
     """Generate `num_images_per_prompt` images for `prompt`.
@@ -106,8 +111,10 @@ def generate(
     bit of rounding: batched and single convolutions round differently); None picks a random
     seed; pass either a seed or diffusers-style `generator`(s), not both. height/width: default
     the model's native size. scheduler: one of SCHEDULERS, built from the model's own scheduler
-    config. callback(step, total) runs after each denoising step; returning True stops the run
-    and raises GenerationInterrupted. Bad settings raise InputError before any work.
+    config. control: CSC-Tuners with their control images and scales (pipelines/control.py), in
+    effect for this call only; both CFG branches are controlled. callback(step, total) runs after
+    each denoising step; returning True stops the run and raises GenerationInterrupted. Bad
+    settings raise InputError before any work.
     """
     pipe = model.pipe if isinstance(model, LoadedModel) else model
 
@@ -117,6 +124,7 @@ def generate(
     width = native if width is None else width
     check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                  num_images_per_prompt, scheduler, seed, generator)
+    check_controls(control)
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         _warn_if_truncated(pipe.tokenizer, name, text)
 
@@ -133,7 +141,8 @@ def generate(
     original_scheduler = pipe.scheduler
     sampler = scheduler_cls.from_config(original_scheduler.config, **overrides)
 
-    # 4. Denoise with the pipeline's own loop; the step hook reports progress and can interrupt.
+    # 4. Denoise with the pipeline's own loop, under the controls (hints made first, undone after);
+    #    the step hook reports progress and can interrupt.
     stopped = False
 
     def on_step_end(pipe: DiffusionPipeline, i: int, t: torch.Tensor, kwargs: dict) -> dict:
@@ -145,11 +154,12 @@ def generate(
 
     pipe.scheduler = sampler
     try:
-        images = pipe(
-            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt, generator=generator, callback_on_step_end=on_step_end,
-        ).images
+        with controlled(pipe.unet, control, (width, height)):
+            images = pipe(
+                prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                num_images_per_prompt=num_images_per_prompt, generator=generator, callback_on_step_end=on_step_end,
+            ).images
     finally:
         pipe.scheduler = original_scheduler
     if stopped:
@@ -161,7 +171,7 @@ def generate(
         GenerationSettings(prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
                            sampler=scheduler, guidance_scale=float(guidance_scale), seed=s, width=width,
                            height=height, model_name=name, model_hash=model_hash, model_family=family,
-                           scheduler_config=dict(sampler.config))
+                           scheduler_config=dict(sampler.config), extra_params=control_params(control))
         for s in seeds
     ]
     return GenerationResult(images=images, settings=settings)
@@ -254,18 +264,21 @@ def _versions() -> dict[str, str]:
 
 
 def save_png(image: Image.Image, settings: GenerationSettings, path: str | os.PathLike) -> Path:
-    """Write `image` with an A1111 `parameters` chunk and a `studio` JSON chunk of the exact settings.
-
-    Written to a temporary file in the same folder and renamed, so a crash never leaves half a PNG."""
-    path = Path(path)
+    """Write `image` with an A1111 `parameters` chunk and a `studio` JSON chunk of the exact settings."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", settings.infotext())
     info.add_text("studio", json.dumps({**asdict(settings), "versions": _versions()}))
+    return write_png(image, path, info)
+
+
+def write_png(image: Image.Image, path: str | os.PathLike, pnginfo: PngImagePlugin.PngInfo | None = None) -> Path:
+    """Write a PNG to a temporary file in the same folder and rename it, so a crash never leaves half a PNG."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            image.save(f, format="PNG", pnginfo=pnginfo)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

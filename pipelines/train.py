@@ -8,7 +8,7 @@ Methods differ only in the adapter `adapters.REGISTRY` builds (which weights tra
 
   1. check the pipeline, the data and the resume point (before any work)
   2. prior preservation: class images from the base model, generated once and reused
-  3. freeze the pipeline; build the adapter and attach it
+  3. freeze the pipeline; build the adapter (with the checkpoint's weights) and attach it
   4. cache VAE posteriors and text embeddings once
   5. optimizer, LR schedule, accelerate; the checkpoint's state when resuming
   6. the loop: noise, timestep, prediction, MSE (+ prior) (+ regularization), step;
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
@@ -315,8 +315,8 @@ def train(
 
     The pipeline is moved to accelerate's device and its modules are frozen; the adapter is
     detached again at the end, so `pipe` generates as before. `progress` gets a TrainProgress
-    after each step; `should_stop()` is asked before each step and True ends the run with a
-    checkpoint. A NaN/inf loss raises TrainingDiverged before the weights change."""
+    after each step; `should_stop()` is asked before each step and True (in any process) ends the
+    run with a checkpoint. A NaN/inf loss raises TrainingDiverged before the weights change."""
     # 1. Check the pipeline, the data and the resume point before any work.
     _check_pipeline(pipe)
     mixed_precision = _mixed_precision(config, pipe.unet.dtype)
@@ -325,8 +325,11 @@ def train(
     pixels = load_images(examples, resolution)
     resume_from = _resume_point(config)
 
+    # find_unused_parameters: an adapter may leave some of its weights out of a step's graph (SaRA's emptied
+    # deltas after re-selection); DDP must not wait for gradients that never come.
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              mixed_precision=mixed_precision)
+                              mixed_precision=mixed_precision,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(config.seed)  # Python, NumPy, torch, CUDA: the adapter's initial weights depend on the seed alone
     # accelerate picks the device (cuda:N per process under `accelerate launch`); the frozen models work there.
     pipe.to(accelerator.device)
@@ -364,8 +367,9 @@ def train(
     try:
         # 4. Cache what the frozen encoders compute, once.
         instance = _encode(pipe, pixels, [e.caption for e in examples])
-        prior = _encode(pipe, load_images(class_examples, resolution), [e.caption for e in class_examples]) \
-            if class_examples else None
+        prior = None
+        if class_examples:
+            prior = _encode(pipe, load_images(class_examples, resolution), [e.caption for e in class_examples])
         del pixels
 
         # 5. Optimizer over the adapter's (loaded) weights, LR schedule and accelerate; the checkpoint's state.
@@ -396,9 +400,9 @@ def train(
                                     trigger_words, training_info)
 
         def samples(step: int) -> list[Path]:
-            wanted = config.sample_prompts and (step in (0, config.steps) or
-                                                (config.sample_every and step % config.sample_every == 0))
-            if not wanted or not accelerator.is_main_process:
+            """Previews at step 0, every sample_every steps and at the end (by the main process)."""
+            due = step in (0, config.steps) or (config.sample_every > 0 and step % config.sample_every == 0)
+            if not (config.sample_prompts and due and accelerator.is_main_process):
                 return []
             return _write_samples(pipe, adapter, config, step)
 
@@ -409,7 +413,7 @@ def train(
         last_checkpoint = resume_from
         cancelled = False
         for step in range(start, config.steps):
-            if should_stop is not None and should_stop():
+            if should_stop is not None and _in_any_process(accelerator, should_stop()):
                 cancelled = True
                 if last_checkpoint != _checkpoint_dir(config, step):  # not just written by the previous step
                     last_checkpoint = checkpoint(step)
@@ -442,7 +446,7 @@ def train(
                     # The mean over processes: NaN anywhere stops every process, before any weight changes.
                     loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
                     if not math.isfinite(loss_value):
-                        raise TrainingDiverged(step + 1, loss_value, lr_scheduler.get_last_lr()[0], last_checkpoint)
+                        raise TrainingDiverged(step + 1, loss_value, config.learning_rate, last_checkpoint)
                     accelerator.backward(loss)  # divides by gradient_accumulation_steps
                 step_loss += loss_value / config.gradient_accumulation_steps
             # The last micro-batch synchronised the gradients (accelerator.sync_gradients): one optimizer step.
@@ -481,6 +485,11 @@ def train(
         adapter.detach()
         if config.gradient_checkpointing and not checkpointing_was_on:
             pipe.unet.disable_gradient_checkpointing()
+
+
+def _in_any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True in every process when `flag` is True in one, so that all stop at the same step."""
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
 
 
 def _check_pipeline(pipe) -> None:

@@ -1,6 +1,7 @@
 """The `studio` command line: one subcommand per job, each a thin call into pipelines/.
 
     studio generate "a red circle" --seed 1 --out out/
+    studio edit photo.png --source "a red circle" --target "a blue circle" --out out/edit
     studio shapes train --out runs/shapes
 
 A refused input exits with status 2 and one line `error: ...` (no traceback), like argparse's own
@@ -10,8 +11,10 @@ errors. New jobs (train, edit, adapters...) add a `_add_<name>` function and one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 
 from pipelines import SCHEDULERS, StudioError
 
@@ -36,25 +39,81 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from pipelines import check_inputs, generate, load_model, save_images
 
     # Refuse bad settings before the (possibly slow) model load.
     check_inputs(args.prompt, args.negative, args.height, args.width, args.steps, args.guidance, args.n,
                  args.scheduler, args.seed)
     model = load_model(args.model, device=args.device)
-    # delay: the bar appears only once denoising runs, so a refused input prints just its error.
-    with tqdm(total=args.steps, desc="generating", unit="step", file=sys.stderr, delay=0.1) as bar:
-        def progress(step: int, total: int) -> None:
-            bar.total = total
-            bar.update(step - bar.n)
-
+    with _progress_bar("generating", args.steps) as progress:
         result = generate(model, args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                           guidance_scale=args.guidance, seed=args.seed, width=args.width, height=args.height,
                           num_images_per_prompt=args.n, scheduler=args.scheduler, callback=progress)
     for path in save_images(result, args.out):
         print(path)
+
+
+def _add_edit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("edit", help="edit a real image from a source to a target prompt (UAM)",
+                       description="Invert IMAGE and edit it from the source prompt to the target prompt with "
+                                   "uniform attention maps; writes edited.png (with its settings), "
+                                   "reconstruction.png and mask.png to --out.")
+    p.add_argument("image", metavar="IMAGE", help="the image to edit (PNG, JPEG, WebP...)")
+    p.add_argument("--source", required=True, help="a prompt describing IMAGE as it is")
+    p.add_argument("--target", required=True, help="the same prompt, changed where the image should change")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps, inversion and editing each (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale of the source and target (default 7.5)")
+    p.add_argument("--mask-start", type=int, default=200,
+                   help="T_mask: blend the kept regions only on timesteps below it (default 200; 0: never)")
+    p.add_argument("--quantile", type=float, default=0.5, help="the mask threshold's quantile level (default 0.5)")
+    p.add_argument("--dilation", type=int, default=1, help="radius of the mask's dilation (default 1)")
+    p.add_argument("--threshold-mode", default="reference", choices=["reference", "paper"],
+                   help="reference: the reference code's |Δ| > 2λ (default); paper: |Δ| > λ")
+    p.add_argument("--no-source-blend", dest="source_blend", action="store_false",
+                   help="blend only the target branch (default: also the source, as the reference code)")
+    p.add_argument("--mask", default=None,
+                   help="image whose white (or opaque) part limits the edit (default: no limit)")
+    p.add_argument("--model", default=None,
+                   help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--out", default="out", help="output folder (default out/)")
+    p.set_defaults(run=_edit)
+
+
+def _edit(args: argparse.Namespace) -> None:
+    from pipelines import check_edit_inputs, edit, load_model, save_edit
+    from pipelines.images import load_image, load_mask
+
+    # Refuse bad settings and unreadable files before the (possibly slow) model load.
+    check_edit_inputs(args.source, args.target, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      mask_start_t=args.mask_start, quantile=args.quantile, dilation=args.dilation,
+                      threshold_mode=args.threshold_mode)
+    image = load_image(args.image)
+    user_mask = None if args.mask is None else load_mask(args.mask, image.size)
+    if args.mask is not None and user_mask is None:
+        warnings.warn(f"--mask {args.mask} is empty (nothing white or opaque): editing without a limit", stacklevel=1)
+    model = load_model(args.model, device=args.device)
+    with _progress_bar("inverting and editing", 2 * args.steps) as progress:
+        result = edit(model, image, args.source, args.target, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, mask_start_t=args.mask_start, quantile=args.quantile,
+                      dilation=args.dilation, threshold_mode=args.threshold_mode, source_blend=args.source_blend,
+                      user_mask=user_mask, callback=progress)
+    for path in save_edit(result, args.out).values():
+        print(path)
+
+
+@contextlib.contextmanager
+def _progress_bar(desc: str, total: int) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar on stderr driven by the pipelines' callback(step, total)."""
+    from tqdm import tqdm
+
+    # delay: the bar appears only once the model runs, so a refused input prints just its error.
+    with tqdm(total=total, desc=desc, unit="step", file=sys.stderr, delay=0.1) as bar:
+        def progress(step: int, total: int) -> None:
+            bar.total = total  # an edit whose inversion is cached runs fewer steps than announced
+            bar.update(step - bar.n)
+
+        yield progress
 
 
 def _add_shapes(sub: argparse._SubParsersAction) -> None:
@@ -78,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Stable Diffusion customization studio.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
+    _add_edit(sub)
     _add_shapes(sub)
     return parser
 

@@ -54,8 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="learning rate (default: the method's own, else 1e-4)")
     method.add_argument("--lr-scheduler", default=_UNSET, help="constant (default), constant_with_warmup, cosine...")
     method.add_argument("--warmup-steps", type=int, default=_UNSET, help="default 0")
-    method.add_argument("--mixed-precision", default=_UNSET, choices=["no", "fp16", "bf16"],
-                        help="default: from the model's dtype and the hardware")
+    method.add_argument("--mixed-precision", default=_UNSET,
+                        help="no, fp16 or bf16 (default: from the model's dtype and the hardware)")
     method.add_argument("--gradient-checkpointing", action="store_const", const=True, default=_UNSET,
                         help="trade ~30%% more time for less activation memory")
     method.add_argument("--seed", type=int, default=_UNSET, help="default 0")

@@ -18,7 +18,17 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
-from adapters import REGISTRY, LoRA, LoRAConfig, SCTuner, SCTunerConfig, load_adapter, read_metadata, save_adapter
+from adapters import (
+    REGISTRY,
+    CSCTunerConfig,
+    LoRA,
+    LoRAConfig,
+    SCTuner,
+    SCTunerConfig,
+    load_adapter,
+    read_metadata,
+    save_adapter,
+)
 from adapters.base import FORMAT_VERSION
 from adapters.skips import long_skips
 from pipelines.architectures import build_unet, count_parameters, tiny_sd15_pipeline, unet_inputs
@@ -32,11 +42,13 @@ class Case:
     method: str
     config: Any
     mergeable: bool
+    hint: bool = False  # CSC-Tuners run only with a control image (set_condition)
 
 
 CASES = [
     Case("sc_tuner", SCTunerConfig(), mergeable=False),
     Case("lora", LoRAConfig(rank=4, alpha=8), mergeable=True),  # alpha != rank: a lost alpha shows
+    Case("csc_tuner", CSCTunerConfig(), mergeable=False, hint=True),
 ]
 
 
@@ -61,7 +73,16 @@ def inputs(unet) -> dict:
 
 
 def make(case: Case, unet):
-    return REGISTRY[case.method].from_unet(unet, case.config)
+    adapter = REGISTRY[case.method].from_unet(unet, case.config)
+    give_hint(case, adapter, unet)
+    return adapter
+
+
+def give_hint(case: Case, adapter, unet) -> None:
+    """A fixed random control image at the UNet's pixel size (latent size x 8), for the cases that need one."""
+    if case.hint:
+        size = unet.config.sample_size * 8
+        adapter.set_condition(torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(7)))
 
 
 def run(unet, inputs: dict) -> torch.Tensor:
@@ -167,6 +188,7 @@ def test_save_load_round_trip(case, layout, unet, inputs, tmp_path):
     fresh = build_unet(layout)
     loaded = load_adapter(path, fresh)
     assert type(loaded) is type(adapter) and loaded.unet is fresh
+    give_hint(case, loaded, fresh)
     assert torch.equal(run(fresh, inputs), tuned)
     loaded.detach()
     assert load_adapter(path).unet is None  # without a UNet: built from the file alone

@@ -1,12 +1,14 @@
-"""The `studio` command: generate saves PNGs, shapes train passes through, bad input exits 2 in one line."""
+"""The `studio` command: generate and edit save PNGs, shapes train passes through, bad input exits 2 in one line."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from pipelines import parse_infotext
 from studio.cli import main
+from studio.shapes.world import Scene, ShapeObject, render
 
 
 def test_help_lists_the_subcommands(capsys):
@@ -14,7 +16,7 @@ def test_help_lists_the_subcommands(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "generate" in out and "shapes" in out
+    assert "generate" in out and "edit" in out and "shapes" in out
 
 
 def test_generate_saves_pngs_and_prints_their_paths(tmp_path, capsys):
@@ -26,6 +28,26 @@ def test_generate_saves_pngs_and_prints_their_paths(tmp_path, capsys):
     params = parse_infotext(Image.open(printed[1]).text["parameters"])
     assert (params["Prompt"], params["Negative prompt"], params["Seed"]) == ("a red circle", "blurry", "2")
     assert (params["Steps"], params["Sampler"], params["CFG scale"]) == ("2", "Euler", "6.0")
+
+
+def test_edit_writes_the_edit_its_reconstruction_and_mask_and_prints_their_paths(tmp_path, capsys):
+    render(Scene((ShapeObject("red", "square"),))).save(tmp_path / "in.png")
+    left = np.zeros((128, 128), np.uint8)  # a mask at another size than the image is resized to it
+    left[:, :64] = 255
+    Image.fromarray(left).save(tmp_path / "left.png")
+    code = main(["edit", str(tmp_path / "in.png"), "--source", "a red square", "--target", "a blue square",
+                 "--steps", "2", "--mask-start", "600", "--quantile", "0.4", "--dilation", "0", "--threshold-mode",
+                 "paper", "--no-source-blend", "--mask", str(tmp_path / "left.png"), "--out", str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / "out" / name) for name in ("edited.png", "reconstruction.png", "mask.png")]
+    assert all(Image.open(path).size == (64, 64) for path in printed)
+    params = parse_infotext(Image.open(printed[0]).text["parameters"])
+    assert (params["Prompt"], params["Source prompt"], params["Steps"]) == ("a blue square", "a red square", "2")
+    assert (params["Mask start"], params["Mask quantile"], params["Mask dilation"]) == ("600", "0.4", "0")
+    assert (params["Threshold mode"], params["Source blend"], params["User mask"]) == ("paper", "False", "True")
+    assert np.asarray(Image.open(printed[2]))[:, 32:].max() == 0  # nothing edited outside the user's mask
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["edited.png", "mask.png", "reconstruction.png"]
 
 
 def test_shapes_train_passes_its_arguments_through(capsys):
@@ -42,6 +64,12 @@ def test_shapes_train_passes_its_arguments_through(capsys):
         (["generate", "x", "--steps", "0"], "error: num_inference_steps=0 must be a positive integer"),
         (["generate", "x", "--guidance", "-2"], "error: guidance_scale=-2.0 must be >= 0"),
         (["generate", "x", "--model", "/no/such/model"], "error: model '/no/such/model': no such file or folder"),
+        (["edit", "x.png", "--source", "a", "--target", "b", "--steps", "0"],
+         "error: num_inference_steps=0 must be a positive integer"),
+        (["edit", "x.png", "--source", "a", "--target", "b", "--quantile", "2"],
+         "error: quantile=2.0 must be in [0, 1]"),
+        (["edit", "/no/such.png", "--source", "a", "--target", "b"],
+         "error: /no/such.png cannot be opened as an image"),
     ],
 )
 def test_bad_input_exits_2_with_one_error_line(argv, message, capsys):

@@ -1,9 +1,12 @@
-"""The README's Python example runs as written, and CI runs exactly the README's test command."""
+"""The README's Python and editing examples run as written, and CI runs exactly the README's test command."""
 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
+
+from studio.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -15,6 +18,18 @@ def test_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
     exec(compile(example, "README.md", "exec"), {})
     assert (tmp_path / "out" / "00000-1.png").is_file()
     assert "Seed: 1" in capsys.readouterr().out
+
+
+def test_editing_examples_run_as_written(tmp_path, monkeypatch, capsys):
+    section = README.split("## Editing", 1)[1].split("\n## ", 1)[0]
+    example = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    command = re.search(r"```bash\n(.*?)\n```", section, re.DOTALL).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    assert "Source prompt: a red circle on the left" in capsys.readouterr().out
+    assert shlex.split(command)[0] == "studio" and main(shlex.split(command)[1:]) == 0
+    assert {p.name for p in (tmp_path / "out" / "edit").glob("*.png")} == {"edited.png", "reconstruction.png",
+                                                                          "mask.png"}
 
 
 def test_ci_runs_the_readme_test_command():

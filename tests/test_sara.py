@@ -161,14 +161,15 @@ def test_gradient_accumulation_checkpointing_and_repeated_backward_match_one_bat
     perturb(adapter)
     inputs = unet_inputs(unet, batch=2)
     loss_of(unet, inputs).backward()
-    full = [p.grad.clone() for p in adapter.trainable_parameters()]
+
+    full = torch.cat([p.grad for p in adapter.trainable_parameters()])
+    atol = 1e-4 * full.abs().max().item()  # fp32 sums in another order
 
     adapter.zero_grad(set_to_none=True)
     for row in range(2):  # two half-batches before one step
         half = {k: v[row:row + 1] if v.ndim else v for k, v in inputs.items()}
         (loss_of(unet, half) / 2).backward()
-    for p, g in zip(adapter.trainable_parameters(), full, strict=True):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(torch.cat([p.grad for p in adapter.trainable_parameters()]), full, rtol=1e-4, atol=atol)
 
     adapter.zero_grad(set_to_none=True)
     unet.enable_gradient_checkpointing()  # the blocks' forwards run again in backward: no second write of W
@@ -176,8 +177,8 @@ def test_gradient_accumulation_checkpointing_and_repeated_backward_match_one_bat
     loss = loss_of(unet, inputs)
     loss.backward(retain_graph=True)
     loss.backward()  # a second backward through the same graph doubles the gradient
-    for p, g in zip(adapter.trainable_parameters(), full, strict=True):
-        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(torch.cat([p.grad for p in adapter.trainable_parameters()]), 2 * full, rtol=1e-4,
+                               atol=2 * atol)
 
 
 def test_clip_grad_norm_acts_on_the_values():
@@ -340,7 +341,7 @@ def test_save_load_round_trip_and_refusal_of_another_base(tmp_path):
     target = next(iter(adapter.targets.values()))
     weight = dict(other.named_parameters())[target.name]
     with torch.no_grad():
-        weight.view(-1)[int(target.idx[0])] += 1e-6  # one base value at a stored index differs
+        weight.view(-1)[int(target.selection()[0][0])] += 1e-6  # one base value at a stored index differs
     untouched = {name: p.clone() for name, p in other.named_parameters()}
     with pytest.raises(ValueError, match="trained on other base weights.*checksum"):
         load_adapter(path, other)
@@ -355,13 +356,14 @@ def test_save_load_round_trip_and_refusal_of_another_base(tmp_path):
         SaRA(SaRAConfig()).load_tensors(broken)
 
 
-@pytest.mark.parametrize("resume_at, into", [(1, "fresh"), (4, "fresh"), (4, "attached")])
+@pytest.mark.parametrize("resume_at, into", [(1, "fresh"), (3, "attached")])
 def test_resume_reproduces_an_uninterrupted_run(resume_at, into):
-    """Adapter tensors + optimizer state saved after `resume_at` steps, rebuilt, continued to 6 steps (re-selection
-    after step 3, nuclear norm on random layers): bit-identical to 6 steps in one go. "attached": the training
-    loop's order (adapter from the UNet, attached, optimizer built, then the checkpoint loaded into both)."""
+    """Adapter tensors + optimizer state saved after `resume_at` steps, rebuilt, continued to 4 steps (re-selection
+    after step 2, nuclear norm on random layers): bit-identical to 4 steps in one go. "fresh": from the file alone
+    (from_shapes); "attached": the training loop's order (adapter from the UNet, attached, optimizer built, then the
+    checkpoint loaded into both, across the re-selection)."""
     config = dict(rank_weight=1e-2, rank_min_dim=16, reselect_at=0.5, seed=3)
-    steps = 6
+    steps = 4
 
     def start():
         unet = frozen_unet()

@@ -12,9 +12,9 @@ import gradio as gr
 
 from pipelines import LoadedModel
 
-from . import generate_tab
+from . import edit_tab, generate_tab
 
-TABS = [generate_tab]  # later: train_tab, edit_tab, adapters_tab
+TABS = [generate_tab, edit_tab]  # later: train_tab, adapters_tab
 
 
 def build_app(model: LoadedModel, out_dir: str | Path | None = None) -> gr.Blocks:
