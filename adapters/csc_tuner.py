@@ -1,4 +1,4 @@
-"""CSC-Tuner (SCEdit: Jiang et al., CVPR 2024, arXiv 2312.11392, sec. 3.3): control through the long skips.
+"""CSC-Tuner (SCEdit: Jiang et al., CVPR 2024, arXiv 2312.11392): control through the long skips.
 
 A hint (a 3-channel image in [0, 1] at pixel resolution: Canny edges, a colour palette, a sketch) goes
 through a small pre-encoder to latent resolution, then a zero-initialised dense chain that yields one
@@ -84,7 +84,8 @@ class CSCTunerConfig:
                 raise ValueError(f"CSCTunerConfig.width_mult={m} leaves a pre-encoder conv without channels; use "
                                  f"width_mult >= {1 / min(PRE_ENCODER_WIDTHS):.4g}")
             self.width_mult = float(m)
-        if self.vae_scale_factor not in VAE_SCALE_FACTORS or isinstance(self.vae_scale_factor, bool):
+        f = self.vae_scale_factor
+        if isinstance(f, bool) or not isinstance(f, int) or f not in VAE_SCALE_FACTORS:
             raise ValueError(f"CSCTunerConfig.vae_scale_factor must be one of {VAE_SCALE_FACTORS} (the model's "
                              f"pipe.vae_scale_factor), got {self.vae_scale_factor!r}")
 

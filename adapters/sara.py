@@ -179,7 +179,7 @@ class SparseDelta(nn.Module):
     def bind(self, weight: torch.Tensor) -> None:
         """Remember P0 at the entries before anything is written (attach)."""
         flat = weight.detach().view(-1)
-        self.base, self.frozen_base = flat[self.idx], flat[self.frozen_idx]
+        self.base, self.frozen_base = flat.index_select(0, self.idx), flat.index_select(0, self.frozen_idx)
         self.written = None
 
     def write(self, weight: torch.Tensor, frozen: bool = True) -> None:
@@ -215,6 +215,8 @@ class SparseDelta(nn.Module):
     # -- views of ΔP ----------------------------------------------------------------------
     def selection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(M1's flat indices, sorted; the order that sorts cat(idx, frozen_idx) into them)."""
+        if not self.frozen_idx.numel():  # before re-selection: no sort of up to 10^7 indices
+            return self.idx, torch.arange(self.idx.numel(), device=self.idx.device)
         order = torch.cat([self.idx, self.frozen_idx]).argsort()
         return torch.cat([self.idx, self.frozen_idx])[order], order
 
@@ -318,7 +320,7 @@ class SaRA(Adapter):
                 target = SparseDelta(name, weight.shape, device)
                 target.assign(idx, torch.zeros(idx.shape, device=device), idx[:0], torch.zeros(0, device=device))
                 adapter.targets[adapter._key(name)] = target
-                base[name] = weight.detach().view(-1)[idx]
+                base[name] = weight.detach().view(-1).index_select(0, idx)
             total += weight.numel()
         logger.info("SaRA: θ=%g selects %d of %d UNet entries (%.2f %%) in %d tensors", adapter.config.threshold,
                     adapter.num_selected, total, 100 * adapter.num_selected / max(total, 1), len(adapter.targets))
@@ -397,7 +399,7 @@ class SaRA(Adapter):
         values, dtypes = {}, set()
         for target, module, attr in wiring:
             weight = _tensor(module, attr)
-            values[target.name] = weight.detach().view(-1)[target.selection()[0]]
+            values[target.name] = weight.detach().view(-1).index_select(0, target.selection()[0])
             dtypes.add(str(weight.dtype).removeprefix("torch."))
         dtype = dtypes.pop() if len(dtypes) == 1 and dtypes <= CHECKSUM_DTYPES.keys() else "float32"
         if _sha256(values, CHECKSUM_DTYPES[dtype]) != self.base_checksums.get(dtype):

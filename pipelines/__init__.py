@@ -1,6 +1,7 @@
 """The headless Python API: load a model, generate, edit (later: train/customize, compose, erase)."""
 
 from .annotators import ANNOTATORS, build_control_pairs, prepare_hint
+from .attach import check_adapters, parse_adapter_arg
 from .control import ControlSpec, parse_control_arg
 from .edit import EditResult, Inversion, check_edit_inputs, edit, invert, reconstruct, save_edit
 from .errors import GenerationInterrupted, InputError, ModelLoadError, StudioError
@@ -31,12 +32,14 @@ __all__ = [
     "ModelLoadError",
     "StudioError",
     "build_control_pairs",
+    "check_adapters",
     "check_edit_inputs",
     "check_inputs",
     "edit",
     "generate",
     "invert",
     "load_model",
+    "parse_adapter_arg",
     "parse_control_arg",
     "parse_infotext",
     "prepare_hint",

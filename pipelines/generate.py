@@ -33,6 +33,7 @@ from PIL import Image, PngImagePlugin
 
 from adapters import detect_family
 
+from .attach import AdapterUse, adapter_params, attached, check_adapters
 from .control import ControlSpec, check_controls, control_params, controlled
 from .errors import GenerationInterrupted, InputError
 from .loading import LoadedModel
@@ -102,6 +103,7 @@ def generate(
     width: int | None = None,
     num_images_per_prompt: int = 1,
     scheduler: str = "DDIM",
+    adapters: Sequence[AdapterUse] = (),
     control: Sequence[ControlSpec] = (),
     callback: ProgressCallback | None = None,
 ) -> GenerationResult:
@@ -111,10 +113,11 @@ def generate(
     bit of rounding: batched and single convolutions round differently); None picks a random
     seed; pass either a seed or diffusers-style `generator`(s), not both. height/width: default
     the model's native size. scheduler: one of SCHEDULERS, built from the model's own scheduler
-    config. control: CSC-Tuners with their control images and scales (pipelines/control.py), in
-    effect for this call only; both CFG branches are controlled. callback(step, total) runs after
-    each denoising step; returning True stops the run and raises GenerationInterrupted. Bad
-    settings raise InputError before any work.
+    config. adapters: (adapter file or Adapter, scale) pairs attached for this call only
+    (pipelines/attach.py). control: CSC-Tuners with their control images and scales
+    (pipelines/control.py), in effect for this call only; both CFG branches are controlled.
+    callback(step, total) runs after each denoising step; returning True stops the run and raises
+    GenerationInterrupted. Bad settings raise InputError before any work.
     """
     pipe = model.pipe if isinstance(model, LoadedModel) else model
 
@@ -124,6 +127,7 @@ def generate(
     width = native if width is None else width
     check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                  num_images_per_prompt, scheduler, seed, generator)
+    check_adapters(adapters)
     check_controls(control)
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         _warn_if_truncated(pipe.tokenizer, name, text)
@@ -141,8 +145,9 @@ def generate(
     original_scheduler = pipe.scheduler
     sampler = scheduler_cls.from_config(original_scheduler.config, **overrides)
 
-    # 4. Denoise with the pipeline's own loop, under the controls (hints made first, undone after);
-    #    the step hook reports progress and can interrupt.
+    # 4. Denoise with the pipeline's own loop, with the adapters and under the controls (all undone after;
+    #    adapters first, so that a CSC-Tuner among them is driven by its control); the step hook reports
+    #    progress and can interrupt.
     stopped = False
 
     def on_step_end(pipe: DiffusionPipeline, i: int, t: torch.Tensor, kwargs: dict) -> dict:
@@ -154,7 +159,7 @@ def generate(
 
     pipe.scheduler = sampler
     try:
-        with controlled(pipe.unet, control, (width, height)):
+        with attached(pipe.unet, adapters), controlled(pipe.unet, control, (width, height)):
             images = pipe(
                 prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -167,11 +172,12 @@ def generate(
 
     # 5. Record what made each image.
     name, model_hash, family = _identity(model)
+    extra_params = {**adapter_params(adapters), **control_params(control)}
     settings = [
         GenerationSettings(prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
                            sampler=scheduler, guidance_scale=float(guidance_scale), seed=s, width=width,
                            height=height, model_name=name, model_hash=model_hash, model_family=family,
-                           scheduler_config=dict(sampler.config), extra_params=control_params(control))
+                           scheduler_config=dict(sampler.config), extra_params=extra_params)
         for s in seeds
     ]
     return GenerationResult(images=images, settings=settings)

@@ -44,7 +44,7 @@ class LoadedModel:
     family: str  # "SD1" | "SD2" | "SDXL", from adapters.detect_family
     source: str  # what was asked for: "embedded", a path or a hub id
     name: str  # short display name (folder or file stem, or the hub id)
-    hash: str  # first 10 hex digits of a SHA-256 of the weights (see _file_hash, _unet_hash)
+    hash: str  # first 10 hex digits of a SHA-256 of the weights (see file_hash, _unet_hash)
 
     @property
     def device(self) -> torch.device:
@@ -101,7 +101,7 @@ def load_model(
     if path.is_dir():
         pipe, name, weights_hash = _load_folder(path, dtype), path.resolve().name, _unet_hash(path)
     elif path.is_file():
-        pipe, name, weights_hash = _load_single_file(path, dtype, allow_pickle, config), path.stem, _file_hash([path])
+        pipe, name, weights_hash = _load_single_file(path, dtype, allow_pickle, config), path.stem, file_hash([path])
     elif HUB_ID.match(source) and not single_file.is_single_file(path):
         folder = _download(source, local_files_only)
         pipe, name, weights_hash = _load_folder(folder, dtype), source, _unet_hash(folder)
@@ -231,10 +231,10 @@ def _unet_hash(folder: Path) -> str:
     """A folder's hash covers its UNet weights only: the part adapters bind to, and hashing a
     multi-GB text encoder and VAE on every load would slow big folders down for little gain."""
     unet = folder / "unet"
-    return _file_hash(sorted(unet.glob("*.safetensors")) or sorted(unet.glob("*.bin")))
+    return file_hash(sorted(unet.glob("*.safetensors")) or sorted(unet.glob("*.bin")))
 
 
-def _file_hash(files: list[Path]) -> str:
+def file_hash(files: list[Path]) -> str:
     """First 10 hex digits of the SHA-256 of the files' bytes, as A1111 shows a "Model hash"."""
     h = hashlib.sha256()
     for file in files:

@@ -2,10 +2,14 @@
 
     studio generate "a red circle" --seed 1 --out out/
     studio edit photo.png --source "a red circle" --target "a blue circle" --out out/edit
+    studio train --data data/stars --method sc_tuner --trigger sks --steps 200
+    studio generate "sks star" --adapter sks:0.8          # an adapter of the library (or a file), scale 0.8
+    studio adapters list
     studio shapes train --out runs/shapes
 
 A refused input exits with status 2 and one line `error: ...` (no traceback), like argparse's own
-errors. New jobs (train, edit, adapters...) add a `_add_<name>` function and one line in `build_parser`.
+errors. A new job adds a `_add_<name>` function (or a module with `add_parser`, as train_cli.py) and one
+line in `build_parser`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import warnings
 from collections.abc import Callable, Iterator
 
 from pipelines import SCHEDULERS, StudioError
+
+from . import adapters_cli, train_cli
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +37,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
     p.add_argument("--n", type=int, default=1, help="number of images (default 1)")
     p.add_argument("--scheduler", default="DDIM", choices=list(SCHEDULERS), help="sampler (default DDIM)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME_OR_FILE[:SCALE]",
+                   help="an adapter of the library (or an adapter file) at SCALE (default 1); repeatable")
+    adapters_cli.add_library_option(p)
     p.add_argument("--model", default=None,
                    help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
@@ -39,16 +48,21 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from pipelines import check_inputs, generate, load_model, save_images
+    from pipelines import check_adapters, check_inputs, generate, load_model, parse_adapter_arg, save_images
+    from studio.library import AdapterLibrary
 
-    # Refuse bad settings before the (possibly slow) model load.
+    # Refuse bad settings (and unknown adapters) before the (possibly slow) model load.
     check_inputs(args.prompt, args.negative, args.height, args.width, args.steps, args.guidance, args.n,
                  args.scheduler, args.seed)
+    library = AdapterLibrary(args.library)
+    adapters = [(library.resolve(source).path, scale) for source, scale in map(parse_adapter_arg, args.adapter)]
+    check_adapters(adapters)
     model = load_model(args.model, device=args.device)
     with _progress_bar("generating", args.steps) as progress:
         result = generate(model, args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                           guidance_scale=args.guidance, seed=args.seed, width=args.width, height=args.height,
-                          num_images_per_prompt=args.n, scheduler=args.scheduler, callback=progress)
+                          num_images_per_prompt=args.n, scheduler=args.scheduler, adapters=adapters,
+                          callback=progress)
     for path in save_images(result, args.out):
         print(path)
 
@@ -138,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_edit(sub)
+    train_cli.add_parser(sub)
+    adapters_cli.add_parser(sub)
     _add_shapes(sub)
     return parser
 

@@ -45,6 +45,13 @@ class AdapterEntry:
     trigger_words: tuple[str, ...]
     created: datetime  # when save_adapter wrote it (the header's modelspec.date), else the file's mtime
 
+    COLUMNS = ("Name", "Method", "Base", "Trigger words", "Created")  # of `row()`
+
+    def row(self) -> list[str]:
+        """The entry as a line of the library's tables (`studio adapters list`, the Adapters tab)."""
+        return [self.name, self.method, self.base_family, ", ".join(self.trigger_words),
+                f"{self.created.astimezone():%Y-%m-%d %H:%M}"]
+
 
 def read_entry(path: Path) -> AdapterEntry:
     """An adapter file's entry, from its header alone; LibraryError if it is not a studio adapter."""
@@ -87,6 +94,16 @@ class AdapterLibrary:
             known = [e.name for e in self.list()]
             raise LibraryError(f"no adapter named {name!r} in {self.root}; the library holds {known}")
         return read_entry(self._path(name))
+
+    def resolve(self, name_or_path: str | os.PathLike) -> AdapterEntry:
+        """The adapter a user means: an adapter file given by its path, else the library's adapter of that
+        name (how `studio generate --adapter` and the UI read their choice)."""
+        path = Path(name_or_path).expanduser()
+        if path.is_file():
+            return read_entry(path)
+        if len(path.parts) > 1 or path.suffix == SUFFIX:  # meant as a path: not a name to look up
+            raise LibraryError(f"adapter file {path} does not exist (nor is it a name in the library {self.root})")
+        return self.get(str(name_or_path))
 
     def add(self, path: str | os.PathLike, name: str | None = None, *, overwrite: bool = False) -> AdapterEntry:
         """Copy the adapter file at `path` into the library as `name` (default: its file stem).

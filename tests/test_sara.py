@@ -1,6 +1,7 @@
 """SaRA (adapters/sara.py): selection, the sparse injection's gradients, re-selection, files and resume.
 
-Everything runs on the tiny SD 1.5 layout (one test on tiny SDXL) with random weights, in seconds.
+Everything runs on the tiny SD 1.5 layout (selection and attach/detach also on tiny SDXL) with random
+weights, in seconds.
 The nuclear-norm tests lower `rank_min_dim` because the tiny layout has one 2-D weight wider than 64.
 """
 
@@ -197,7 +198,7 @@ def test_reselection_shrinks_the_set_and_migrates_adam_state(mode):
     unet = frozen_unet()
     adapter = attached(unet, rank_weight=0.0, reselect_at=0.5, reselect_mode=mode)
     optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=2e-3, weight_decay=1e-2)
-    loss = train(unet, adapter, optimizer, range(2), 6)  # T_p = 3: not yet
+    train(unet, adapter, optimizer, range(2), 6)  # T_p = 3: not yet
     assert adapter.reselected_at is None
     before = adapter.num_trainable
 

@@ -1,10 +1,12 @@
-"""The Gradio studio, served in-process: the /generate and /edit APIs through gradio_client, and a real browser."""
+"""The Gradio studio, served in-process: the /generate, /edit, /train and /adapters_* APIs through gradio_client,
+and a real browser."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from pipelines import LoadedModel, parse_infotext
 from pipelines.images import load_mask
+from studio.library import AdapterLibrary
 from studio.shapes.world import Scene, ShapeObject, render
 from studio.ui import build_app
 from studio.ui.edit_tab import painted_mask
@@ -104,6 +107,54 @@ def test_painted_mask_is_the_union_of_the_layers_alpha_and_nothing_painted_is_no
     assert union[:32].all() and union[:, 32:].all() and not union[32:, :32].any()
 
 
+@pytest.fixture
+def stars(tmp_path) -> list[dict]:
+    """Three rendered stars, as uploads."""
+    paths = [tmp_path / f"{color}-star.png" for color in ("red", "blue", "green")]
+    for path in paths:
+        render(Scene((ShapeObject(path.stem.split("-")[0], "star"),))).save(path)
+    return [handle_file(str(path)) for path in paths]
+
+
+def test_train_api_adds_the_adapter_to_the_library_for_generate_and_the_adapters_tab(
+        app_url, embedded, stars, tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
+    client = Client(app_url, verbose=False)
+    samples, status = client.predict(stars, "", "sks", "sc_tuner", 2, None, "", "", 50, api_name="/train")
+    assert status == "Done: 'sks' is in the adapter library; use it in the Generate tab."
+    assert [sample["caption"] for sample in samples] == ["step 0", "step 2"]  # the trigger word, sampled
+    table = client.predict(api_name="/adapters_list")
+    assert [row[:4] for row in table["data"]] == [["sks", "sc_tuner", embedded.family, "sks"]]
+
+    scales = {"headers": ["Adapter", "Scale"], "data": [["sks", 0.5]]}
+    _, settings = client.predict("sks", "", 1, 2, 7.5, 64, 64, "DDIM", 1, scales, api_name="/generate")
+    assert parse_infotext(settings)["Adapters"] == "sks:0.5"
+    table = client.predict("sks", "sks-star", api_name="/adapters_rename")
+    assert [row[0] for row in table["data"]] == ["sks-star"]
+    assert client.predict("sks-star", api_name="/adapters_delete")["data"] == []
+
+
+def test_train_cancel_stops_the_run_with_a_checkpoint_and_nothing_in_the_library(
+        app_url, stars, tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
+    client = Client(app_url, verbose=False)
+    job = client.submit(stars, "", "sks", "sc_tuner", 2000, None, "", "", 0, api_name="/train")
+    deadline = time.monotonic() + 600
+    while not any(status.startswith("step 1/") for _, status in job.outputs()):  # a step done
+        assert not job.done() and time.monotonic() < deadline, job.outputs()
+        time.sleep(0.2)
+    assert client.predict(api_name="/train_cancel").startswith("Stopping after this step")
+    _, status = job.result()
+    assert re.match(r"Stopped at step \d+; checkpoint \S+step-\d{6}\. To continue", status)
+    assert AdapterLibrary().list() == []
+
+
+def test_train_api_without_images_is_a_readable_error(app_url):
+    client = Client(app_url, verbose=False)
+    with pytest.raises(Exception, match="no training images: upload some, or give the folder that holds them"):
+        client.predict(None, "", "sks", "sc_tuner", 2, None, "", "", 50, api_name="/train")
+
+
 def launch_chromium(playwright):
     """Debian's Chromium driven by Playwright, or a skip saying why it cannot run here."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -150,5 +201,20 @@ def test_browser_uploads_an_image_edits_it_and_sees_the_result(app_url, red_circ
             expect(page.locator("#edit-settings textarea")).to_have_value(
                 re.compile(r"^a blue circle on the left on a gray background\nSteps: 4, Sampler: DDIM"),
                 timeout=10_000)
+        finally:
+            browser.close()
+
+
+@pytest.mark.browser
+def test_browser_shows_the_train_and_adapters_tabs(app_url):
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page()
+            page.goto(app_url)
+            page.get_by_role("tab", name="Train").click()
+            expect(page.locator("#train-button")).to_be_visible(timeout=10_000)
+            page.get_by_role("tab", name="Adapters").click()
+            expect(page.locator("#adapters-table")).to_be_visible(timeout=10_000)
         finally:
             browser.close()

@@ -34,13 +34,14 @@ def two_object_scenes(n: int = 30, seed: int = 1234, shapes: Sequence[str] = BAS
 @torch.no_grad()
 def score_prompts(pipe, scenes: Sequence[Scene], seeds: Sequence[int], *, num_inference_steps: int = 25,
                   guidance_scale: float = 7.5, attributes: Sequence[str] = ("color", "shape", "position"),
-                  prompt_prefix: str = "") -> dict[str, float]:
-    """Generate every scene's caption at every seed and return the analyzer's accuracy per attribute
-    (and "all": every attribute of every object right)."""
+                  prompts: Sequence[str] | None = None) -> dict[str, float]:
+    """Generate every scene (prompted by its caption, or by `prompts[i]`, e.g. with a trigger word standing
+    for the concept) at every seed and return the analyzer's accuracy per attribute (and "all": every
+    attribute of every object right)."""
     hits: dict[str, list[bool]] = {}
-    for scene in scenes:
+    for i, scene in enumerate(scenes):
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        images = pipe(prompt_prefix + scene.caption(), num_inference_steps=num_inference_steps,
+        images = pipe(scene.caption() if prompts is None else prompts[i], num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, num_images_per_prompt=len(seeds), generator=generators,
                       height=64, width=64).images
         for image in images:

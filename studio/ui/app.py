@@ -1,6 +1,8 @@
 """Assemble the studio: one tab per module, the model loaded once and shared by all of them.
 
-A new tab is a module with `TITLE` and `build(model, out_dir)` (see generate_tab.py), added to TABS.
+A new tab is a module with `TITLE` and `build(model, out_dir)` (see generate_tab.py), added to TABS. A tab
+showing state that other tabs change (the adapter library) returns an `OnShow` from `build`: it runs
+whenever the page loads and whenever the tab is selected.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import gradio as gr
 
 from pipelines import LoadedModel
 
-from . import edit_tab, generate_tab
+from . import adapters_tab, edit_tab, generate_tab, train_tab
 
-TABS = [generate_tab, edit_tab]  # later: train_tab, adapters_tab
+TABS = [generate_tab, edit_tab, train_tab, adapters_tab]
 
 
 def build_app(model: LoadedModel, out_dir: str | Path | None = None) -> gr.Blocks:
@@ -27,8 +29,10 @@ def build_app(model: LoadedModel, out_dir: str | Path | None = None) -> gr.Block
         gr.Markdown(f"# SD Studio\nModel: **{model.name}** ({model.family}, hash {model.hash}) on {model.device}")
         with gr.Tabs():
             for tab in TABS:
-                with gr.Tab(tab.TITLE, id=tab.TITLE.lower()):
-                    tab.build(model, out_dir)
+                with gr.Tab(tab.TITLE, id=tab.TITLE.lower()) as shown:
+                    on_show = tab.build(model, out_dir)
+                if on_show is not None:
+                    gr.on([demo.load, shown.select], *on_show, api_visibility="private")
     # Model work queues one at a time (all such events share generate_tab's MODEL_QUEUE id).
     demo.queue(default_concurrency_limit=1)
     return demo

@@ -1,0 +1,166 @@
+"""Customization quality on the Shapes model: each method learns a subject and a style, side by side.
+
+    python bench/customize_quality.py [--methods sc_tuner lora sara] [--steps 400] [--seeds 2]
+
+Subject: a held-out shape in a fixed colour (an orange star, trigger "sks"; 5 renders).
+Style: the held-out outline style (trigger "zwx"; 8 renders of base shapes in outline).
+Every method trains the same number of steps on the same data with prior preservation on
+base-world regularisation renders (kohya's "reg images", captioned), then is scored by the
+Shapes analyzer:
+- fidelity: the trigger prompt shows the concept (subject: orange + star; style: outlined,
+  with the prompt's colour and shape right, on colour/shape pairs never trained);
+- context: the concept follows new contexts (positions, backgrounds) with everything right;
+- preservation: the base prompts' accuracy (colour, shape, position all right) with the adapter
+  attached, minus the base model's: the drop in points.
+Targets (issue #4): fidelity >= 80 %, context >= 80 %, preservation drop <= 5 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from adapters import load_adapter
+from pipelines import load_model
+from pipelines.train import TrainConfig, train
+from studio.shapes.dataset import write_atomic, write_scenes
+from studio.shapes.quality import score_prompts, single_object_grid
+from studio.shapes.world import BASE_SHAPES, COLORS, POSITIONS, Scene, ShapeObject, render, sample_scene
+
+SUBJECT = ("orange", "star", "sks")
+STYLE_TRIGGER = "zwx"
+# Default options and learning rates per method (matched steps; each method at its usual settings).
+METHOD_OPTIONS = {"sc_tuner": {}, "lora": {"rank": 8, "alpha": 8}, "sara": {}}
+METHOD_LR = {"sc_tuner": 5e-4, "lora": 5e-4, "sara": None}  # None: the method's own default (SaRA's auto LR)
+
+
+def write_captioned(out: Path, scenes: list[Scene], captions: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (scene, text) in enumerate(zip(scenes, captions)):
+        render(scene).save(out / f"{i:06d}.png")
+        write_atomic(out / f"{i:06d}.txt", text.encode())
+
+
+def subject_set(out: Path, seed: int = 0) -> None:
+    """5 renders of the orange star at the five positions, varied size/background; the trigger replaces
+    "orange star" in the world caption, so the rest of the caption still teaches the context words."""
+    color, shape, trigger = SUBJECT
+    rng = random.Random(seed)
+    positions = rng.sample(list(POSITIONS), 5)
+    scenes = [Scene((ShapeObject(color, shape, p, rng.choice((None, "small", "large"))),),
+                    rng.choice(("white", "white", "gray", "black"))) for p in positions]
+    write_captioned(out, scenes, [s.caption().replace(f"{color} {shape}", trigger) for s in scenes])
+
+
+def style_set(out: Path, seed: int = 1) -> list[tuple[str, str]]:
+    """8 renders in the outline style; returns the (colour, shape) pairs trained, to test on others."""
+    rng = random.Random(seed)
+    pairs = rng.sample([(c, s) for c in COLORS for s in BASE_SHAPES], 8)
+    scenes = [Scene((ShapeObject(c, s, rng.choice(list(POSITIONS)), None, True),)) for c, s in pairs]
+    write_captioned(out, scenes, [s.caption().replace("outline", STYLE_TRIGGER) for s in scenes])
+    return pairs
+
+
+def regularisation_set(out: Path, n: int = 64, seed: int = 2) -> None:
+    rng = random.Random(seed)
+    write_scenes(out, [sample_scene(rng, BASE_SHAPES, two_object_prob=0.0) for _ in range(n)])
+
+
+def evaluate_subject(pipe, seeds: list[int], steps: int) -> dict[str, float]:
+    color, shape, trigger = SUBJECT
+    plain = [Scene((ShapeObject(color, shape),))]
+    contexts = [Scene((ShapeObject(color, shape, p),)) for p in ("left", "right", "top", "bottom")] + [
+        Scene((ShapeObject(color, shape),), bg) for bg in ("black", "gray")]
+    swap = f"{color} {shape}"
+    fid = _score(pipe, plain, seeds, steps, ("color", "shape"), lambda c: c.replace(swap, trigger))
+    ctx = _score(pipe, contexts, seeds, steps, ("color", "shape", "position", "background"),
+                 lambda c: c.replace(swap, trigger))
+    return {"fidelity": fid, "context": ctx}
+
+
+def evaluate_style(pipe, trained: list[tuple[str, str]], seeds: list[int], steps: int) -> dict[str, float]:
+    new = [(c, s) for c in COLORS for s in BASE_SHAPES if (c, s) not in trained][:6]
+    plain = [Scene((ShapeObject(c, s, "center", None, True),)) for c, s in new]
+    contexts = [Scene((ShapeObject(c, s, p, None, True),)) for (c, s), p in zip(new, ("left", "right", "top"))] + [
+        Scene((ShapeObject(c, s, "center", None, True),), bg) for (c, s), bg in zip(new[3:], ("black", "gray"))]
+    fid = _score(pipe, plain, seeds, steps, ("color", "shape", "outline"), lambda c: c.replace("outline", "zwx"))
+    ctx = _score(pipe, contexts, seeds, steps, ("color", "shape", "outline", "position", "background"),
+                 lambda c: c.replace("outline", "zwx"))
+    return {"fidelity": fid, "context": ctx}
+
+
+def _score(pipe, scenes, seeds, steps, attributes, rewrite) -> float:
+    """Share of images with every attribute right, each scene prompted by its caption rewritten for the trigger."""
+    prompts = [rewrite(scene.caption()) for scene in scenes]
+    return score_prompts(pipe, scenes, seeds, num_inference_steps=steps, attributes=attributes,
+                         prompts=prompts)["all"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=["sc_tuner", "lora", "sara"])
+    p.add_argument("--steps", type=int, default=400, help="training steps, the same for every method")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seeds", type=int, default=2, help="seeds per evaluation prompt")
+    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the evaluation images")
+    p.add_argument("--model", default=None)
+    p.add_argument("--work", type=Path, default=None, help="keep data and adapters here (default: a temp dir)")
+    args = p.parse_args()
+
+    model = load_model(args.model)
+    pipe = model.pipe
+    pipe.set_progress_bar_config(disable=True)
+    seeds = list(range(args.seeds))
+    work = args.work or Path(tempfile.mkdtemp(prefix="customize-"))
+    subject_set(work / "data" / "subject")
+    trained_styles = style_set(work / "data" / "style")
+    regularisation_set(work / "data" / "reg")
+    grid = single_object_grid(positions=("center", "left", "right"))
+
+    base_pres = score_prompts(pipe, grid, seeds, num_inference_steps=args.sample_steps)["all"]
+    rows = [("base model", None, "-", "-", "-", "-", base_pres)]
+    print(f"base model: preservation grid accuracy {base_pres:.1%} ({len(grid)} prompts x {len(seeds)} seeds)")
+    for method in args.methods:
+        for concept in ("subject", "style"):
+            trigger = SUBJECT[2] if concept == "subject" else STYLE_TRIGGER
+            config = TrainConfig(
+                data_dir=work / "data" / concept, output_dir=work / "runs" / f"{method}-{concept}", method=method,
+                method_options=METHOD_OPTIONS.get(method, {}), name=f"{method}-{concept}", trigger=trigger,
+                class_prompt="a shape", class_dir=work / "data" / "reg", num_class_images=64, steps=args.steps,
+                batch_size=args.batch_size, learning_rate=METHOD_LR.get(method), checkpoint_every=0, seed=0,
+            )
+            t0 = time.time()
+            result = train(pipe, config)
+            train_s = time.time() - t0
+            adapter = load_adapter(result.adapter_path, pipe.unet)
+            n_params = sum(p.numel() for p in adapter.trainable_parameters())
+            try:
+                scores = (evaluate_subject(pipe, seeds, args.sample_steps) if concept == "subject"
+                          else evaluate_style(pipe, trained_styles, seeds, args.sample_steps))
+                pres = score_prompts(pipe, grid, seeds, num_inference_steps=args.sample_steps)["all"]
+            finally:
+                adapter.detach()
+            rows.append((method, concept, f"{n_params / 1e3:.1f}k", f"{train_s:.0f}s", scores["fidelity"],
+                         scores["context"], pres))
+            print(f"{method} {concept}: fidelity {scores['fidelity']:.1%} context {scores['context']:.1%} "
+                  f"preservation {pres:.1%} (drop {100 * (base_pres - pres):+.1f} pts), {train_s:.0f}s", flush=True)
+
+    print(f"\n{args.steps} steps x batch {args.batch_size} (+ prior batch) per method; evaluation: "
+          f"{args.sample_steps} DDIM steps, CFG 7.5, {len(seeds)} seeds; {torch.get_num_threads()} threads")
+    print(f"{'method':10s} {'concept':8s} {'params':>9s} {'train':>6s} {'fidelity':>9s} {'context':>8s} "
+          f"{'base acc':>9s} {'drop':>7s}")
+    for method, concept, n, t, fid, ctx, pres in rows:
+        fid_s = fid if isinstance(fid, str) else f"{fid:.0%}"
+        ctx_s = ctx if isinstance(ctx, str) else f"{ctx:.0%}"
+        drop = "" if concept is None else f"{100 * (base_pres - pres):+.1f}"
+        print(f"{method:10s} {concept or '':8s} {n:>9s} {t:>6s} {fid_s:>9s} {ctx_s:>8s} {pres:9.0%} {drop:>7s}")
+    print("targets: fidelity >= 80 %, context >= 80 %, preservation drop <= 5 points")
+
+
+if __name__ == "__main__":
+    main()

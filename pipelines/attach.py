@@ -1,0 +1,113 @@
+"""Adapters for one `generate` call: adapter files (e.g. from the library) or objects, each with a scale.
+
+    generate(model, "sks star", adapters=[("runs/train/sks.safetensors", 0.8)])
+    generate(model, "sks star", adapters=[(tuner, 1.0)])    # an Adapter object, attached or not
+
+For the call, files are loaded and attached and every adapter gets its scale; afterwards everything is
+put back as it was: adapters attached here are detached (which restores the UNet exactly, adapters/base.py),
+the others get their previous scale. The images record them as A1111 records LoRAs: an `Adapters` entry
+("name:scale", the CLI's --adapter form) and an `Adapter hashes` entry ("name: hash", like "Lora hashes").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from safetensors import SafetensorError
+from torch import nn
+
+from adapters import Adapter, load_adapter
+
+from .errors import InputError
+from .loading import file_hash
+
+AdapterUse = tuple[Adapter | str | os.PathLike, float]  # (adapter file or object, scale)
+ADAPTER_ARG_FORM = "NAME_OR_FILE[:SCALE], e.g. sks:0.8"
+
+
+def parse_adapter_arg(text: str) -> tuple[str, float]:
+    """The CLI form NAME_OR_FILE[:SCALE] -> (name or file, scale; default 1). The file may itself hold
+    colons (C:/a.safetensors): only a trailing number is taken as the scale."""
+    source, sep, scale = text.rpartition(":")
+    try:
+        value = float(scale) if sep and source else None
+    except ValueError:
+        value = None
+    if value is None:
+        source, value = text, 1.0
+    if not source or not math.isfinite(value):
+        raise InputError(f"adapter {text!r}: expected {ADAPTER_ARG_FORM}")
+    return source, value
+
+
+def check_adapters(adapters: Sequence[AdapterUse]) -> None:
+    """Refuse bad adapters before any work: the pairs' types, finite scales, missing files, repeats. What a
+    file holds (a studio adapter for this base model) is checked when `attached` loads it."""
+    if not isinstance(adapters, (list, tuple)):
+        raise InputError(f"adapters must be a list of (adapter file or Adapter, scale) pairs, "
+                         f"got {type(adapters).__name__}")
+    for i, use in enumerate(adapters):
+        if not isinstance(use, (list, tuple)) or len(use) != 2:
+            raise InputError(f"adapters[{i}]={use!r} must be an (adapter file or Adapter, scale) pair")
+        source, scale = use
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise InputError(f"adapters[{i}]: scale={scale!r} must be a finite number (1.0 full strength, 0 off)")
+        if isinstance(source, (str, os.PathLike)):
+            if not Path(source).is_file():
+                raise InputError(f"adapters[{i}]: adapter file {source} does not exist")
+        elif not isinstance(source, Adapter):
+            raise InputError(f"adapters[{i}]: {type(source).__name__} is neither an adapter file nor an Adapter")
+    sources = [id(s) if isinstance(s, Adapter) else Path(s).resolve() for s, _ in adapters]
+    if len(set(sources)) < len(sources):
+        raise InputError("adapters names the same adapter twice; give it once, with the sum of the scales")
+
+
+def adapter_params(adapters: Sequence[AdapterUse]) -> dict[str, str]:
+    """The infotext entries of a generation's adapters; {} without any. Adapter objects have no file: they
+    are named by their method and have no hash."""
+    if not adapters:
+        return {}
+    named = [(_name(source), source, scale) for source, scale in adapters]
+    params = {"Adapters": ", ".join(f"{name}:{scale:g}" for name, _, scale in named)}
+    hashes = [f"{name}: {file_hash([Path(s)])}" for name, s, _ in named if not isinstance(s, Adapter)]
+    if hashes:
+        params["Adapter hashes"] = ", ".join(hashes)
+    return params
+
+
+@contextmanager
+def attached(unet: nn.Module, adapters: Sequence[AdapterUse]) -> Iterator[None]:
+    """Within the block, `unet` runs with `adapters` at their scales; everything is restored on exit,
+    also when the block (or a later adapter's loading) fails."""
+    check_adapters(adapters)
+    with ExitStack() as restore:  # undone in reverse order
+        for i, (source, scale) in enumerate(adapters):
+            adapter = _attach(i, source, unet, restore)
+            restore.callback(adapter.set_scale, adapter.scale)
+            adapter.set_scale(scale)
+        yield
+
+
+def _attach(i: int, source: Adapter | str | os.PathLike, unet: nn.Module, restore: ExitStack) -> Adapter:
+    """The adapter of `source` attached to `unet`, with its detach registered when attached here."""
+    if isinstance(source, Adapter):
+        if source.unet is unet:
+            return source
+        if source.unet is not None:
+            raise InputError(f"adapters[{i}]: the {source.method} adapter is attached to another UNet; detach it")
+        source.attach(unet)
+    else:
+        try:
+            source = load_adapter(source, unet)  # checks the header and the base model, then attaches
+        except (ValueError, SafetensorError) as e:  # not an adapter file, or not one for this model: the user's pick
+            raise InputError(f"adapters[{i}]: {e}") from e
+    restore.callback(source.detach)
+    return source
+
+
+def _name(source: Adapter | str | os.PathLike) -> str:
+    return source.method if isinstance(source, Adapter) else Path(source).stem

@@ -1,0 +1,80 @@
+"""The Adapters tab: the adapter library (studio.library) with each adapter's method, base model and trigger
+words; rename, and delete after a confirmation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from pipelines import InputError, LoadedModel
+from studio.library import AdapterEntry, AdapterLibrary
+
+from .common import OnShow, handler
+
+TITLE = "Adapters"
+
+
+@handler
+def list_adapters() -> list[list[str]]:
+    return [entry.row() for entry in AdapterLibrary().list()]
+
+
+@handler
+def rename(old: str | None, new: str) -> list[list[str]]:
+    AdapterLibrary().rename(_chosen(old), new.strip())
+    return list_adapters()
+
+
+@handler
+def delete(name: str | None) -> list[list[str]]:
+    AdapterLibrary().delete(_chosen(name))
+    return list_adapters()
+
+
+def _chosen(name: str | None) -> str:
+    if not name:
+        raise InputError("no adapter chosen: pick one in the list first")
+    return name
+
+
+def build(model: LoadedModel, out_dir: Path) -> OnShow:
+    """Lay out the tab inside the current gr.Blocks (the library needs neither the model nor out_dir)."""
+
+    @handler
+    def ask(name: str | None) -> tuple[gr.Group, str]:
+        return gr.Group(visible=True), f"Delete **{_chosen(name)}**? Its file is removed from the library."
+
+    def names(rows: list[list[str]], current: str | None) -> gr.Dropdown:
+        choices = [row[0] for row in rows]
+        return gr.Dropdown(choices=choices, value=current if current in choices else None)
+
+    def pick(event: gr.SelectData) -> str:  # a click on a row chooses its adapter
+        return event.row_value[0]
+
+    rows = list_adapters()
+    table = gr.Dataframe(rows, headers=list(AdapterEntry.COLUMNS), type="array", interactive=False,
+                         label="Adapter library", elem_id="adapters-table")
+    with gr.Row():
+        chosen = gr.Dropdown([row[0] for row in rows], value=None, label="Adapter", allow_custom_value=True,
+                             elem_id="adapters-chosen")
+        new_name = gr.Textbox(label="New name", elem_id="adapters-new-name")
+    with gr.Row():
+        rename_button = gr.Button("Rename", elem_id="adapters-rename")
+        delete_button = gr.Button("Delete...", variant="stop", elem_id="adapters-delete")
+        refresh = gr.Button("Refresh", elem_id="adapters-refresh")
+    with gr.Group(visible=False) as confirm:
+        question = gr.Markdown()
+        with gr.Row():
+            yes = gr.Button("Yes, delete", variant="stop", elem_id="adapters-delete-yes")
+            no = gr.Button("Keep it", elem_id="adapters-delete-no")
+
+    refresh.click(list_adapters, outputs=table, api_name="adapters_list")
+    rename_button.click(rename, [chosen, new_name], table, api_name="adapters_rename")
+    delete_button.click(ask, chosen, [confirm, question], api_visibility="private")
+    yes.click(delete, chosen, table, api_name="adapters_delete").then(
+        lambda: gr.Group(visible=False), outputs=confirm, api_visibility="private")
+    no.click(lambda: gr.Group(visible=False), outputs=confirm, api_visibility="private")
+    table.change(names, [table, chosen], chosen, api_visibility="private")
+    table.select(pick, outputs=chosen, api_visibility="private")
+    return OnShow(list_adapters, [], [table])
