@@ -86,25 +86,26 @@ def attached(unet: nn.Module, adapters: Sequence[AdapterUse]) -> Iterator[None]:
     check_adapters(adapters)
     with ExitStack() as restore:  # undone in reverse order
         for i, (source, scale) in enumerate(adapters):
-            adapter = _attach(i, source, unet, restore)
+            adapter = attach_for_call(f"adapters[{i}]", source, unet, restore)
             restore.callback(adapter.set_scale, adapter.scale)
             adapter.set_scale(scale)
         yield
 
 
-def _attach(i: int, source: Adapter | str | os.PathLike, unet: nn.Module, restore: ExitStack) -> Adapter:
-    """The adapter of `source` attached to `unet`, with its detach registered when attached here."""
+def attach_for_call(what: str, source: Adapter | str | os.PathLike, unet: nn.Module, restore: ExitStack) -> Adapter:
+    """The adapter of `source` attached to `unet`, with its detach registered on `restore` when attached here
+    (also used by pipelines/control.py); errors start with `what`, e.g. "adapters[0]"."""
     if isinstance(source, Adapter):
         if source.unet is unet:
             return source
         if source.unet is not None:
-            raise InputError(f"adapters[{i}]: the {source.method} adapter is attached to another UNet; detach it")
+            raise InputError(f"{what}: the {source.method} adapter is attached to another UNet; detach it")
         source.attach(unet)
     else:
         try:
             source = load_adapter(source, unet)  # checks the header and the base model, then attaches
         except (ValueError, SafetensorError) as e:  # not an adapter file, or not one for this model: the user's pick
-            raise InputError(f"adapters[{i}]: {e}") from e
+            raise InputError(f"{what}: {e}") from e
     restore.callback(source.detach)
     return source
 

@@ -1,12 +1,13 @@
 """Controlled generation: CSC-Tuners with their control images, for one `generate` call.
 
     generate(model, "a cat", control=[ControlSpec("canny", "photo.png", scale=0.8, adapter="cat-canny.safetensors")])
-    generate(model, "a cat", control=[parse_control_arg("canny:photo.png:0.8")])   # a canny tuner already attached
+    generate(model, "a cat", adapters=[("cat-canny.safetensors", 0.8)], control=[parse_control_arg("canny:photo.png")])
 
-A ControlSpec names a condition, an image and a scale, and optionally the CSC-Tuner (an adapter file or
-object); without one, the CSC-Tuner of that condition already attached to the UNet is used. For the call,
-files are loaded and attached, every tuner gets its hint and scale, and afterwards everything is put
-back as it was: tuners attached here are detached, the others get their previous hint and scale.
+A ControlSpec names a condition, an image, optionally a scale and the CSC-Tuner (an adapter file or
+object); without one, the CSC-Tuner of that condition already attached to the UNet is used (e.g. one
+given in generate's `adapters`, which are attached first). For the call, files are loaded and attached,
+every tuner gets its hint (and scale), and afterwards everything is put back as it was: tuners attached
+here are detached, the others get their previous hint and scale.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from adapters import CSCTuner, CSCTunerConfig, attached_csc_tuners, load_adapter, read_metadata
+from adapters import CSCTuner, CSCTunerConfig, attached_csc_tuners, read_metadata
 from adapters.csc_tuner import CONDITION_NAME
 
 from .annotators import prepare_hint
+from .attach import attach_for_call
 from .errors import InputError
 from .images import ImageInput
 
@@ -38,14 +41,15 @@ class ControlSpec:
 
     condition: str  # what the control shows: "canny", "color", "sketch"... (the tuner's CSCTunerConfig.condition)
     image: ImageInput  # a source image, drawn by ANNOTATORS[condition]; with annotate=False, a ready-made hint
-    scale: float = 1.0  # the tuner's scale for this call: 0 turns it off; not clamped at 1
+    scale: float | None = None  # the tuner's scale for this call (0: off; not clamped at 1); None: its own
     adapter: CSCTuner | str | os.PathLike | None = None  # None: the tuner of `condition` attached to the UNet
     annotate: bool = True  # False: `image` already is the hint (light lines on black for canny/sketch)
 
 
 def parse_control_arg(text: str) -> ControlSpec:
-    """The CLI form CONDITION:IMAGE[:SCALE] -> ControlSpec (the tuner: the attached one of that condition).
-    The image path may itself hold colons (C:/x.png): only a trailing number is taken as the scale."""
+    """The CLI form CONDITION:IMAGE[:SCALE] -> ControlSpec (the tuner: the attached one of that condition;
+    no SCALE: the tuner's own). The image path may itself hold colons (C:/x.png): only a trailing number is
+    taken as the scale."""
     condition, sep, rest = text.partition(":")
     if not sep or not condition or not rest:
         raise InputError(f"control {text!r}: expected {CONTROL_ARG_FORM}")
@@ -55,7 +59,7 @@ def parse_control_arg(text: str) -> ControlSpec:
     except ValueError:
         value = None
     if value is None:
-        image, value = rest, 1.0
+        image = rest
     spec = ControlSpec(condition, Path(image), value)
     check_controls([spec])
     return spec
@@ -72,8 +76,11 @@ def check_controls(control: Sequence[ControlSpec]) -> None:
         what = f"control[{i}] ({spec.condition!r})"
         if not isinstance(spec.condition, str) or not CONDITION_NAME.fullmatch(spec.condition):
             raise InputError(f"control[{i}].condition={spec.condition!r} must be a lowercase name such as 'canny'")
-        if isinstance(spec.scale, bool) or not isinstance(spec.scale, (int, float)) or not math.isfinite(spec.scale):
-            raise InputError(f"{what}: scale={spec.scale!r} must be a finite number (1.0 full control, 0 off)")
+        scale = spec.scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale)):
+            raise InputError(f"{what}: scale={scale!r} must be a finite number (1.0 full control, 0 off), or None "
+                             "for the tuner's own")
         adapter = spec.adapter
         if isinstance(adapter, CSCTuner):
             _check_condition(what, spec.condition, adapter.config.condition, "this tuner")
@@ -88,14 +95,21 @@ def check_controls(control: Sequence[ControlSpec]) -> None:
 
 
 def control_params(control: Sequence[ControlSpec]) -> dict[str, str]:
-    """The infotext entry of a generation's controls, e.g. {"Control": "canny 0.8, color 1"}; {} without any."""
-    return {"Control": ", ".join(f"{spec.condition} {spec.scale:g}" for spec in control)} if control else {}
+    """The infotext entry of a generation's controls, e.g. {"Control": "canny 0.8, color"} (no scale: the
+    tuner's own, recorded with the adapters); {} without any."""
+    if not control:
+        return {}
+    return {"Control": ", ".join(spec.condition + ("" if spec.scale is None else f" {spec.scale:g}")
+                                 for spec in control)}
 
 
 def _file_condition(what: str, path: Path) -> str:
     if not path.is_file():
         raise InputError(f"{what}: adapter file {path} does not exist")
-    meta = read_metadata(path)
+    try:
+        meta = read_metadata(path)
+    except SafetensorError as e:
+        raise InputError(f"{what}: {path.name} is not a .safetensors adapter file ({e})") from e
     if meta.get("studio.method") != CSCTuner.method:
         raise InputError(f"{what}: {path.name} is a {meta.get('studio.method')!r} adapter, not a CSC-Tuner; "
                          "load it as an adapter, and pass a CSC-Tuner file here")
@@ -116,7 +130,7 @@ def controlled(unet: nn.Module, control: Sequence[ControlSpec], size: tuple[int,
     the UNet mid-run); hints are made before anything is loaded or changed."""
     check_controls(control)
     attached = attached_csc_tuners(unet)
-    tuners: list[CSCTuner | Path] = [_tuner_of(i, spec, unet, attached) for i, spec in enumerate(control)]
+    tuners: list[CSCTuner | Path] = [_tuner_of(i, spec, attached) for i, spec in enumerate(control)]
     idle = [t.config.condition for t in attached if t.scale != 0 and not any(t is u for u in tuners)]
     if idle:
         raise InputError(f"CSC-Tuner(s) {idle} are attached but control has no image for them; add a ControlSpec "
@@ -125,21 +139,17 @@ def controlled(unet: nn.Module, control: Sequence[ControlSpec], size: tuple[int,
              for spec in control]
 
     with ExitStack() as restore:  # undone in reverse order, also when the run fails
-        for spec, tuner, hint in zip(control, tuners, hints):
-            if isinstance(tuner, Path):
-                tuner = load_adapter(tuner, unet)  # checks the base model, then attaches
-                restore.callback(tuner.detach)
-            elif tuner.unet is None:
-                tuner.attach(unet)
-                restore.callback(tuner.detach)
+        for i, (spec, source, hint) in enumerate(zip(control, tuners, hints)):
+            tuner = attach_for_call(f"control[{i}] ({spec.condition!r})", source, unet, restore)
             restore.callback(_restore_condition, tuner, tuner.hint, tuner.scale)
             tuner.set_condition(hint, spec.condition)
-            tuner.set_scale(spec.scale)
+            if spec.scale is not None:
+                tuner.set_scale(spec.scale)
         yield
 
 
-def _tuner_of(i: int, spec: ControlSpec, unet: nn.Module, attached: list[CSCTuner]) -> CSCTuner | Path:
-    """The tuner (or the file to load it from) that `spec` drives on `unet`."""
+def _tuner_of(i: int, spec: ControlSpec, attached: list[CSCTuner]) -> CSCTuner | Path:
+    """The tuner (or the file to load it from) that `spec` drives: its own, else the attached one of its condition."""
     if spec.adapter is None:
         found = [t for t in attached if t.config.condition == spec.condition]
         if len(found) != 1:
@@ -147,11 +157,7 @@ def _tuner_of(i: int, spec: ControlSpec, unet: nn.Module, attached: list[CSCTune
             raise InputError(f"control[{i}] ({spec.condition!r}): {problem} {spec.condition!r} CSC-Tuner(s) attached "
                              "to the model; name the one to use with ControlSpec(adapter=<file or tuner>)")
         return found[0]
-    if isinstance(spec.adapter, CSCTuner):
-        if spec.adapter.unet is not None and spec.adapter.unet is not unet:
-            raise InputError(f"control[{i}] ({spec.condition!r}): the tuner is attached to another UNet; detach it")
-        return spec.adapter
-    return Path(spec.adapter)
+    return spec.adapter if isinstance(spec.adapter, CSCTuner) else Path(spec.adapter)
 
 
 def _restore_condition(tuner: CSCTuner, hint: torch.Tensor | None, scale: float) -> None:

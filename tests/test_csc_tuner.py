@@ -304,7 +304,7 @@ def test_build_control_pairs_mirrors_the_folder(tmp_path):
 
 
 def test_parse_control_arg():
-    assert parse_control_arg("canny:edges.png") == ControlSpec("canny", Path("edges.png"), 1.0)
+    assert parse_control_arg("canny:edges.png") == ControlSpec("canny", Path("edges.png"), None)
     spec = parse_control_arg("color:C:/in/a.png:0.5")
     assert (spec.condition, str(spec.image), spec.scale) == ("color", "C:/in/a.png", 0.5)
     assert str(parse_control_arg("canny:C:/in/a.png").image) == "C:/in/a.png"
@@ -343,4 +343,12 @@ def test_generate_with_control(tiny_sd15, tmp_path):
     result = generate(pipe, "a red circle", seed=0, num_inference_steps=2,
                       control=[parse_control_arg(f"canny:{photo}")])
     assert np.array_equal(np.asarray(result.images[0]), by_object) and csc.unet is pipe.unet
-    assert result.settings[0].infotext().endswith("Control: canny 1")
+    assert result.settings[0].infotext().endswith("Control: canny")
+    csc.detach()
+
+    # A CSC-Tuner among generate's adapters is driven by the control of its condition, at the adapter's scale.
+    assert np.array_equal(make(adapters=[(path, 1.0)], control=[ControlSpec("canny", photo)]), by_object)
+    assert np.array_equal(make(adapters=[(path, 0.0)], control=[ControlSpec("canny", photo)]), base)
+    with pytest.raises(InputError, match=r"control\[0\] \('canny'\): .*another UNet"):
+        csc.attach(build_unet("tiny-sd15"))
+        make(control=[ControlSpec("canny", photo, adapter=csc)])

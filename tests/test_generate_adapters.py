@@ -18,7 +18,7 @@ from adapters import SCTuner, load_adapter, save_adapter
 from pipelines import InputError, LoadedModel, generate, parse_adapter_arg, parse_infotext
 from pipelines.architectures import build_unet
 from studio.cli import main
-from studio.library import AdapterLibrary
+from studio.library import AdapterLibrary, LibraryError
 
 FAST = dict(seed=3, num_inference_steps=2)
 
@@ -101,6 +101,15 @@ def test_adapter_argument_form(text, expected):
 
 
 # -- the command line ----------------------------------------------------------------------------
+
+
+def test_the_library_resolves_a_name_or_an_adapter_file(sks_file, tmp_path):
+    library = AdapterLibrary(tmp_path / "lib")
+    library.add(sks_file, "star")
+    assert library.resolve("star").path == tmp_path / "lib" / "star.safetensors"
+    assert library.resolve(sks_file).path == sks_file
+    with pytest.raises(LibraryError, match="adapter file missing.safetensors does not exist"):
+        library.resolve("missing.safetensors")
 
 
 def test_cli_generates_with_a_library_adapter(sks_file, tmp_path, monkeypatch, capsys):

@@ -212,6 +212,8 @@ def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenize
         step = state["step"]
         set_rng_state(state["rng"])
         log(f"unet: resumed at step {step}")
+    if step >= args.unet_steps:  # finished earlier: nothing to cache or train
+        return ema["unet"], ema["text_encoder"]
 
     # Cache the VAE posterior of every pooled render once (mean and std), sample per step.
     pool, captions = render_pool(args.unet_pool, args.seed + 200, BASE_SHAPES, outline_prob=0.0)

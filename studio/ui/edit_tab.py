@@ -47,7 +47,8 @@ def build(model: LoadedModel, out_dir: Path) -> None:
             source_blend=source_blend, user_mask=painted_mask(painted),
             callback=lambda step, total: progress((step, total), desc="inverting and editing", unit="steps"),
         )
-        # One folder per edit: save_edit writes fixed names (edited.png, reconstruction.png, mask.png).
+        # One new folder per edit, as save_edit writes fixed names (edited.png, reconstruction.png, mask.png).
+        out_dir.mkdir(parents=True, exist_ok=True)
         paths = save_edit(result, tempfile.mkdtemp(prefix="edit-", dir=out_dir))
         before_after = (result.inversion.image, str(paths["edited"]))
         return before_after, str(paths["reconstruction"]), str(paths["mask"]), result.settings.infotext()
