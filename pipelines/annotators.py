@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
 from .errors import InputError
-from .images import ImageInput, load_image
+from .images import ImageInput, load_image, write_png
 
 
 def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
@@ -120,18 +119,5 @@ def build_control_pairs(image_dir: str | os.PathLike, condition: str, out_dir: s
         drawn = ANNOTATORS[condition](load_image(image, size))
         info = PngImagePlugin.PngInfo()
         info.add_text("studio", json.dumps({"condition": condition, "source": image.name, "resolution": resolution}))
-        _save_png_atomic(drawn, hint, info)
+        write_png(drawn, hint, info)
     return pairs
-
-
-def _save_png_atomic(image: Image.Image, path: Path, info: PngImagePlugin.PngInfo) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -38,8 +38,8 @@ from adapters.base import detect_family, unet_fingerprint
 from adapters.uniform_attention import UniformAttentionHandle, attach_uniform_attention
 
 from .errors import GenerationInterrupted, InputError
-from .generate import GenerationSettings, ProgressCallback, _identity, save_png, write_png
-from .images import ImageInput, load_image, load_mask
+from .generate import GenerationSettings, ProgressCallback, _identity, save_png
+from .images import ImageInput, load_image, load_mask, write_png
 from .loading import LoadedModel
 
 ThresholdMode = Literal["paper", "reference"]

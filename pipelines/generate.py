@@ -14,7 +14,6 @@ import json
 import os
 import re
 import secrets
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from adapters import detect_family
 from .attach import AdapterUse, adapter_params, attached, check_adapters
 from .control import ControlSpec, check_controls, control_params, controlled
 from .errors import GenerationInterrupted, InputError
+from .images import write_png
 from .loading import LoadedModel
 
 # A1111's sampler names -> (scheduler class, overrides on top of the model's scheduler config).
@@ -276,20 +276,6 @@ def save_png(image: Image.Image, settings: GenerationSettings, path: str | os.Pa
     info.add_text("studio", json.dumps({**asdict(settings), "versions": _versions()}))
     return write_png(image, path, info)
 
-
-def write_png(image: Image.Image, path: str | os.PathLike, pnginfo: PngImagePlugin.PngInfo | None = None) -> Path:
-    """Write a PNG to a temporary file in the same folder and rename it, so a crash never leaves half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=pnginfo)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
 
 
 def save_images(result: GenerationResult, out_dir: str | os.PathLike) -> list[Path]:

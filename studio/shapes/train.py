@@ -79,6 +79,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def resume_vae(state_path: Path, vae: AutoencoderKL, opt: torch.optim.Optimizer, log: Log, stage: str,
+               fresh_seed: int) -> int:
+    """Restore a VAE stage's full state (weights, optimizer, RNG) and return its step; seed a fresh start."""
+    if not state_path.exists():
+        torch.manual_seed(fresh_seed)
+        return 0
+    state = torch.load(state_path, weights_only=False)
+    vae.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    log(f"{stage}: resumed at step {state['step']}")
+    return state["step"]
+
+
 def train_vae(out: Path, args: argparse.Namespace, device: torch.device, log: Log) -> AutoencoderKL:
     """The VAE sees every shape and the outline style (held-out concepts included, as SD's VAE
     saw everything): a VAE that never saw a star decodes it as a blob."""
@@ -87,17 +101,8 @@ def train_vae(out: Path, args: argparse.Namespace, device: torch.device, log: Lo
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(**VAE_CONFIG).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    step = 0
     state_path = out / "vae_state.pt"
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        set_rng_state(state["rng"])
-        log(f"vae: resumed at step {step}")
-    else:
-        torch.manual_seed(args.seed + 1)
+    step = resume_vae(state_path, vae, opt, log, "vae", fresh_seed=args.seed + 1)
     pool, _ = render_pool(args.vae_pool, args.seed + 100, SHAPES, outline_prob=0.2)
     t0 = time.time()
     while step < args.vae_steps:
@@ -146,17 +151,8 @@ def finetune_decoder(out: Path, args: argparse.Namespace, vae: AutoencoderKL, de
     vae.post_quant_conv.requires_grad_(True)
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
-    step = 0
     state_path = out / "vae_ft_state.pt"
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        set_rng_state(state["rng"])
-        log(f"decoder: resumed at step {step}")
-    else:
-        torch.manual_seed(args.seed + 3)
+    step = resume_vae(state_path, vae, opt, log, "decoder", fresh_seed=args.seed + 3)
     pool, _ = render_pool(args.vae_pool, args.seed + 300, SHAPES, outline_prob=0.2)
     t0 = time.time()
     while step < args.decoder_steps:
@@ -271,12 +267,12 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="run folder (re-run to resume)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6)
     p.add_argument("--vae-pool", type=int, default=12000)
-    p.add_argument("--decoder-steps", type=int, default=0, help="decoder-only VAE fine-tune after the UNet")
+    p.add_argument("--decoder-steps", type=int, default=600, help="decoder-only VAE fine-tune after the UNet")
     p.add_argument("--decoder-lr", type=float, default=3e-4)
     p.add_argument("--unet-steps", type=int, default=5000)
     p.add_argument("--unet-batch", type=int, default=64)
