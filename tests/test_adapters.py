@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from adapter_helpers import perturb, run
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
@@ -83,19 +84,6 @@ def give_hint(case: Case, adapter, unet) -> None:
     if case.hint:
         size = unet.config.sample_size * 8
         adapter.set_condition(torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(7)))
-
-
-def run(unet, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return unet(**inputs).sample
-
-
-def perturb(adapter, seed: int = 0) -> None:
-    """Move every adapter weight off its (identity) init, deterministically."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
 # -- the contract matrix ------------------------------------------------------------------------

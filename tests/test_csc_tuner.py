@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from adapter_helpers import perturb, run
 from PIL import Image, ImageDraw
 
 from adapters import CSCTuner, CSCTunerConfig, SCTuner, attached_csc_tuners, read_metadata, save_adapter
@@ -19,18 +20,6 @@ from adapters.skips import hook_skips, long_skips
 from pipelines import ControlSpec, InputError, build_control_pairs, generate, parse_control_arg, prepare_hint
 from pipelines.annotators import canny, color_map, hint_path_for, sketch
 from pipelines.architectures import build_unet, unet_inputs
-
-
-def run(unet, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return unet(**inputs).sample
-
-
-def perturb(adapter, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
 def hint(unet, batch: int = 1, seed: int = 7) -> torch.Tensor:
