@@ -29,16 +29,21 @@ AdapterUse = tuple[Adapter | str | os.PathLike, float]  # (adapter file or objec
 ADAPTER_ARG_FORM = "NAME_OR_FILE[:SCALE], e.g. sks:0.8"
 
 
-def parse_adapter_arg(text: str) -> tuple[str, float]:
-    """The CLI form NAME_OR_FILE[:SCALE] -> (name or file, scale; default 1). The file may itself hold
-    colons (C:/a.safetensors): only a trailing number is taken as the scale."""
+def split_scale(text: str) -> tuple[str, float | None]:
+    """"SOURCE[:SCALE]" -> (source, scale or None). The source may itself hold colons (C:/a.png): only a
+    trailing number is taken as the scale."""
     source, sep, scale = text.rpartition(":")
     try:
         value = float(scale) if sep and source else None
     except ValueError:
         value = None
-    if value is None:
-        source, value = text, 1.0
+    return (text, None) if value is None else (source, value)
+
+
+def parse_adapter_arg(text: str) -> tuple[str, float]:
+    """The CLI form NAME_OR_FILE[:SCALE] -> (name or file, scale; default 1)."""
+    source, value = split_scale(text)
+    value = 1.0 if value is None else value
     if not source or not math.isfinite(value):
         raise InputError(f"adapter {text!r}: expected {ADAPTER_ARG_FORM}")
     return source, value

@@ -28,7 +28,7 @@ from adapters import CSCTuner, CSCTunerConfig, attached_csc_tuners, read_metadat
 from adapters.csc_tuner import CONDITION_NAME
 
 from .annotators import prepare_hint
-from .attach import attach_for_call
+from .attach import attach_for_call, split_scale
 from .errors import InputError
 from .images import ImageInput
 
@@ -53,13 +53,7 @@ def parse_control_arg(text: str) -> ControlSpec:
     condition, sep, rest = text.partition(":")
     if not sep or not condition or not rest:
         raise InputError(f"control {text!r}: expected {CONTROL_ARG_FORM}")
-    image, sep, scale = rest.rpartition(":")
-    try:
-        value = float(scale) if sep and image else None
-    except ValueError:
-        value = None
-    if value is None:
-        image = rest
+    image, value = split_scale(rest)
     spec = ControlSpec(condition, Path(image), value)
     check_controls([spec])
     return spec

@@ -155,66 +155,53 @@ def test_train_api_without_images_is_a_readable_error(app_url):
         client.predict(None, "", "sks", "sc_tuner", 2, None, "", "", 50, api_name="/train")
 
 
-def launch_chromium(playwright):
-    """Debian's Chromium driven by Playwright, or a skip saying why it cannot run here."""
+@pytest.fixture
+def page(app_url):
+    """A page of the app in Debian's Chromium driven by Playwright, or a skip saying why it cannot run here."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no chromium executable on PATH (Debian: apt-get install chromium)")
-    try:
-        return playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-    except PlaywrightError as e:
-        pytest.skip(f"chromium at {chromium} cannot be launched: {e.message.splitlines()[0]}")
-
-
-@pytest.mark.browser
-def test_browser_types_a_prompt_and_sees_an_image(app_url):
     with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
+        try:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        except PlaywrightError as e:
+            pytest.skip(f"chromium at {chromium} cannot be launched: {e.message.splitlines()[0]}")
         try:
             page = browser.new_page()
             page.goto(app_url)
-            page.locator("#gen-prompt textarea").fill("a blue square on the left")
-            page.locator("#gen-button").click()
-            expect(page.locator("#gen-gallery img").first).to_be_visible(timeout=30_000)
-            expect(page.locator("#gen-settings textarea")).to_have_value(
-                re.compile(r"^a blue square on the left\nSteps: 25, Sampler: DDIM"), timeout=10_000)
+            yield page
         finally:
             browser.close()
 
 
 @pytest.mark.browser
-def test_browser_uploads_an_image_edits_it_and_sees_the_result(app_url, red_circle):
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page()
-            page.goto(app_url)
-            page.get_by_role("tab", name="Edit").click()
-            page.locator("#edit-image input[type=file]").set_input_files(red_circle)
-            page.locator("#edit-source textarea").fill("a red circle on the left on a gray background")
-            page.locator("#edit-target textarea").fill("a blue circle on the left on a gray background")
-            steps = page.locator("#edit-steps input[type=number]")
-            steps.fill("4")  # few steps: the test is about the wiring, not the edit
-            steps.blur()
-            page.locator("#edit-button").click()
-            expect(page.locator("#edit-result img").first).to_be_visible(timeout=60_000)
-            expect(page.locator("#edit-settings textarea")).to_have_value(
-                re.compile(r"^a blue circle on the left on a gray background\nSteps: 4, Sampler: DDIM"),
-                timeout=10_000)
-        finally:
-            browser.close()
+def test_browser_types_a_prompt_and_sees_an_image(page):
+    page.locator("#gen-prompt textarea").fill("a blue square on the left")
+    page.locator("#gen-button").click()
+    expect(page.locator("#gen-gallery img").first).to_be_visible(timeout=30_000)
+    expect(page.locator("#gen-settings textarea")).to_have_value(
+        re.compile(r"^a blue square on the left\nSteps: 25, Sampler: DDIM"), timeout=10_000)
 
 
 @pytest.mark.browser
-def test_browser_shows_the_train_and_adapters_tabs(app_url):
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page()
-            page.goto(app_url)
-            page.get_by_role("tab", name="Train").click()
-            expect(page.locator("#train-button")).to_be_visible(timeout=10_000)
-            page.get_by_role("tab", name="Adapters").click()
-            expect(page.locator("#adapters-table")).to_be_visible(timeout=10_000)
-        finally:
-            browser.close()
+def test_browser_uploads_an_image_edits_it_and_sees_the_result(page, red_circle):
+    page.get_by_role("tab", name="Edit").click()
+    page.locator("#edit-image input[type=file]").set_input_files(red_circle)
+    page.locator("#edit-source textarea").fill("a red circle on the left on a gray background")
+    page.locator("#edit-target textarea").fill("a blue circle on the left on a gray background")
+    steps = page.locator("#edit-steps input[type=number]")
+    steps.fill("4")  # few steps: the test is about the wiring, not the edit
+    steps.blur()
+    page.locator("#edit-button").click()
+    expect(page.locator("#edit-result img").first).to_be_visible(timeout=60_000)
+    expect(page.locator("#edit-settings textarea")).to_have_value(
+        re.compile(r"^a blue circle on the left on a gray background\nSteps: 4, Sampler: DDIM"),
+        timeout=10_000)
+
+
+@pytest.mark.browser
+def test_browser_shows_the_train_and_adapters_tabs(page):
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#train-button")).to_be_visible(timeout=10_000)
+    page.get_by_role("tab", name="Adapters").click()
+    expect(page.locator("#adapters-table")).to_be_visible(timeout=10_000)
