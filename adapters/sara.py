@@ -30,7 +30,7 @@ import hashlib
 import logging
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -106,6 +106,17 @@ class SaRAConfig:
 def small_entries(weight: torch.Tensor, threshold: float) -> torch.Tensor:
     """M1 of one tensor: |P0| < θ, compared in fp32 so that the rule does not depend on W's dtype."""
     return weight.detach().float().abs() < threshold
+
+
+def count_selected(unet: nn.Module, thresholds: Sequence[float]) -> dict[float, int]:
+    """How many UNet entries each θ selects: M1's size, the trainable-parameter count of a SaRA built
+    with that θ (before re-selection), without building one."""
+    counts = dict.fromkeys(thresholds, 0)
+    for name, _ in _base_parameter_shapes(unet):
+        weight = _tensor(*_owner(unet, name))
+        for threshold in counts:
+            counts[threshold] += int(small_entries(weight, threshold).sum())
+    return counts
 
 
 def _index_dtype(numel: int) -> torch.dtype:

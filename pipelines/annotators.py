@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -73,6 +73,29 @@ def prepare_hint(image: ImageInput, condition: str, size: tuple[int, int], *, an
     rgb = load_image(image, size)
     hint = ANNOTATORS[condition](rgb) if annotate else rgb
     return torch.from_numpy(np.array(hint)).permute(2, 0, 1)[None].float() / 255.0  # (H, W, 3) -> (1, 3, H, W)
+
+
+def training_hints(pixels: torch.Tensor, images: Sequence[Path], condition: str, *, image_dir: str | os.PathLike,
+                   hint_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """The hints of a training set, uint8 (N, 3, H, W), lined up with `pixels` (the training crops of
+    `images`, uint8 (N, 3, H, W)). Without `hint_dir`, the condition's annotator draws each hint on its
+    training crop (so lines are one pixel wide at the training resolution, as at inference); with it,
+    each image's ready hint (`hint_path_for`, as `build_control_pairs` writes them) is cropped as the image was."""
+    size = (pixels.shape[-1], pixels.shape[-2])
+    if hint_dir is None:
+        if condition not in ANNOTATORS:
+            raise InputError(f"condition {condition!r} has no annotator (known: {', '.join(ANNOTATORS)}); give "
+                             "hint_dir, a folder of ready-made hints mirroring the training images")
+        drawn = [ANNOTATORS[condition](Image.fromarray(p.permute(1, 2, 0).numpy())) for p in pixels]
+    else:
+        paths = [hint_path_for(image, image_dir, hint_dir) for image in images]
+        missing = [path for path in paths if not path.is_file()]
+        if missing:
+            raise InputError(f"{len(missing)} of {len(paths)} training images have no hint in {hint_dir} (first "
+                             f"missing: {missing[0]}); write them with `studio annotate`, or leave hint_dir unset "
+                             "to annotate the images while training")
+        drawn = [load_image(path, size) for path in paths]
+    return torch.stack([torch.from_numpy(np.array(hint)).permute(2, 0, 1) for hint in drawn])
 
 
 def hint_path_for(image: str | os.PathLike, image_dir: str | os.PathLike, hint_dir: str | os.PathLike) -> Path:

@@ -97,6 +97,11 @@ def control_params(control: Sequence[ControlSpec]) -> dict[str, str]:
                                  for spec in control)}
 
 
+def controller_condition(path: str | os.PathLike) -> str:
+    """The condition a CSC-Tuner file was trained on, read from its header; a file of another method is refused."""
+    return _file_condition(Path(path).name, Path(path))
+
+
 def _file_condition(what: str, path: Path) -> str:
     if not path.is_file():
         raise InputError(f"{what}: adapter file {path} does not exist")

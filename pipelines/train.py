@@ -9,9 +9,9 @@ Methods differ only in the adapter `adapters.REGISTRY` builds (which weights tra
   1. check the pipeline, the data and the resume point (before any work)
   2. prior preservation: class images from the base model, generated once and reused
   3. freeze the pipeline; build the adapter (with the checkpoint's weights) and attach it
-  4. cache VAE posteriors and text embeddings once
+  4. cache VAE posteriors and text embeddings once (and a controller's hints)
   5. optimizer, LR schedule, accelerate; the checkpoint's state when resuming
-  6. the loop: noise, timestep, prediction, MSE (+ prior) (+ regularization), step;
+  6. the loop: noise, timestep, (hint,) prediction, MSE (+ prior) (+ regularization), step;
      samples, checkpoints and progress along the way
   7. the adapter file, with its trigger words and training settings
 
@@ -45,11 +45,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from adapters import REGISTRY, Adapter, detect_family, save_adapter
+from adapters import REGISTRY, Adapter, CSCTuner, detect_family, save_adapter
 
+from .annotators import training_hints
+from .control import ControlSpec
 from .datasets import EpochSampler, Example, generate_class_images, load_images, scan_folder
 from .errors import StudioError
 from .generate import generate, save_png
@@ -59,7 +62,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")  # diff
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # Settings that fix the data order, the noise or the adapter's shape: a resume must keep them.
-RESUME_KEYS = ("method", "method_options", "batch_size", "gradient_accumulation_steps", "seed")
+RESUME_KEYS = ("method", "method_options", "hint_dir", "batch_size", "gradient_accumulation_steps", "seed")
 
 
 class TrainConfigError(StudioError):
@@ -128,6 +131,9 @@ class TrainConfig:
     output_dir: Path = Path("runs/train")  # checkpoints/, samples/, class_images/ and <name>.safetensors
     method: str = "sc_tuner"  # a key of adapters.REGISTRY
     method_options: dict[str, Any] = field(default_factory=dict)  # the method's config fields, e.g. {"rank": 8}
+    # csc_tuner: ready hints mirroring data_dir (`studio annotate` writes them); None: the condition's
+    # annotator draws them from the training images
+    hint_dir: Path | None = None
     name: str | None = None  # adapter file stem; default: the trigger word, else the method
     trigger: str | None = None  # caption of images without one ("<trigger> <class_prompt>" with a class prompt)
     class_prompt: str | None = None  # the class the subject belongs to ("star"): prompts the class images
@@ -158,6 +164,7 @@ class TrainConfig:
         self.data_dir = Path(self.data_dir).expanduser()
         self.output_dir = Path(self.output_dir).expanduser()
         self.class_dir = Path(self.class_dir).expanduser() if self.class_dir is not None else None
+        self.hint_dir = Path(self.hint_dir).expanduser() if self.hint_dir is not None else None
         self.method_options = dict(self.method_options or {})
         self.sample_prompts, self.sample_seeds = list(self.sample_prompts), list(self.sample_seeds)
 
@@ -168,6 +175,14 @@ class TrainConfig:
         check(self.data_dir.is_dir(), "data_dir", "is not a folder; pass the folder that holds the training images")
         check(self.method in REGISTRY, "method", f"is unknown; use one of {sorted(REGISTRY)}")
         self.adapter_config()  # the method's own dataclass validates its options
+        controller = REGISTRY[self.method] is CSCTuner
+        check(self.hint_dir is None or controller, "hint_dir", f"is for csc_tuner (a controller), not {self.method}; "
+              "unset it")
+        check(self.hint_dir is None or self.hint_dir.is_dir(), "hint_dir",
+              "is not a folder; write the hints with `studio annotate`, or unset it to annotate while training")
+        check(not (controller and self.num_class_images), "num_class_images",
+              "must be 0 for csc_tuner: a controller learns from (image, hint) pairs, and class images have no "
+              "hints; set num_class_images=0")
         check(self.trigger is None or (isinstance(self.trigger, str) and bool(self.trigger.strip())), "trigger",
               "must be a non-empty word, or unset")
         problem = adapter_name_problem(self.adapter_name)
@@ -256,7 +271,7 @@ class TrainConfig:
 
     def training_metadata(self) -> dict[str, Any]:
         """The settings recorded in the adapter file (local paths and run control left out)."""
-        skip = {"data_dir", "output_dir", "class_dir", "resume", "checkpoint_every", "keep_last"}
+        skip = {"data_dir", "output_dir", "class_dir", "hint_dir", "resume", "checkpoint_every", "keep_last"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -292,6 +307,7 @@ class _Encoded:
     latent_std: torch.Tensor  # (N, C, h, w) posterior std, scaled: a fresh latent is drawn each step
     text: torch.Tensor  # (U, L, D) embeddings of the U distinct captions
     caption_index: torch.Tensor  # (N,) row of `text` for each image
+    hints: torch.Tensor | None = None  # (N, 3, H, W) uint8: a controller's hint for each image
 
 
 class _Denoiser(nn.Module):
@@ -323,6 +339,11 @@ def train(
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     examples = scan_folder(config.data_dir, fallback_caption=config.fallback_caption)
     pixels = load_images(examples, resolution)
+    adapter_config = _adapter_config_for(pipe, config)
+    hints = None
+    if isinstance(adapter_config, CSCTuner.config_class):
+        hints = training_hints(pixels, [e.image for e in examples], adapter_config.condition,
+                               image_dir=config.data_dir, hint_dir=config.hint_dir)
     resume_from = _resume_point(config)
 
     # find_unused_parameters: an adapter may leave some of its weights out of a step's graph (SaRA's emptied
@@ -353,7 +374,7 @@ def train(
     for component in pipe.components.values():
         if isinstance(component, nn.Module):
             component.requires_grad_(False)
-    adapter = REGISTRY[config.method].from_unet(pipe.unet, config.adapter_config())  # fp32 master weights
+    adapter = REGISTRY[config.method].from_unet(pipe.unet, adapter_config)  # fp32 master weights
     if state is not None:
         adapter.load_tensors(load_file(resume_from / "adapter.safetensors"))
     adapter.attach(pipe.unet)
@@ -367,6 +388,8 @@ def train(
     try:
         # 4. Cache what the frozen encoders compute, once.
         instance = _encode(pipe, pixels, [e.caption for e in examples])
+        if hints is not None:
+            instance.hints = hints.to(accelerator.device)
         prior = None
         if class_examples:
             prior = _encode(pipe, load_images(class_examples, resolution), [e.caption for e in class_examples])
@@ -404,7 +427,7 @@ def train(
             due = step in (0, config.steps) or (config.sample_every > 0 and step % config.sample_every == 0)
             if not (config.sample_prompts and due and accelerator.is_main_process):
                 return []
-            return _write_samples(pipe, adapter, config, step)
+            return _write_samples(pipe, adapter, config, step, hints)
 
         # 6. The loop.
         if start == 0 and (first := samples(0)) and progress is not None:
@@ -432,6 +455,8 @@ def train(
                     torch.cat([d[k][rows] for d in draws]).to(accelerator.device)
                     for k in ("latents", "text", "noise", "timesteps")
                 )
+                if instance.hints is not None:  # a controller: no prior batch, one hint per image
+                    adapter.set_condition(draws[0]["hints"][rows].float() / 255)
                 with accelerator.accumulate(denoiser):
                     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                     pred = denoiser(noisy_latents, timesteps, text)
@@ -551,12 +576,28 @@ def _draw(data: _Encoded, sampler: EpochSampler, step: int, count: int, generato
     index = sampler.take(step * count, count).to(data.latent_mean.device)
     shape = (count, *data.latent_mean.shape[1:])
     eps = torch.randn(shape, generator=generator).to(data.latent_mean.device)
-    return {
+    draw = {
         "latents": data.latent_mean[index] + data.latent_std[index] * eps,
         "text": data.text[data.caption_index[index]],
         "noise": torch.randn(shape, generator=generator),
         "timesteps": torch.randint(0, noise_scheduler.config.num_train_timesteps, (count,), generator=generator),
     }
+    if data.hints is not None:
+        draw["hints"] = data.hints[index]
+    return draw
+
+
+def _adapter_config_for(pipe, config: TrainConfig) -> Any:
+    """The method's config, with what only the pipeline knows filled in: a controller's vae_scale_factor
+    (8 on SD, 4 on the embedded Shapes model), which a given value must match."""
+    adapter_config = config.adapter_config()
+    if not isinstance(adapter_config, CSCTuner.config_class):
+        return adapter_config
+    given = config.method_options.get("vae_scale_factor")
+    if given is not None and given != pipe.vae_scale_factor:
+        raise TrainConfigError(f"method_options vae_scale_factor={given!r}, but this model's VAE downsamples by "
+                               f"{pipe.vae_scale_factor}; leave it unset (it is read from the model)")
+    return dataclasses.replace(adapter_config, vae_scale_factor=pipe.vae_scale_factor)
 
 
 def _target(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -570,17 +611,22 @@ def _target(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.
     return latents  # "sample"
 
 
-def _write_samples(pipe, adapter: Adapter, config: TrainConfig, step: int) -> list[Path]:
+def _write_samples(pipe, adapter: Adapter, config: TrainConfig, step: int, hints: torch.Tensor | None) -> list[Path]:
     """One image per (prompt, seed) with the adapter attached, through the studio's `generate`
-    (DDIM, fixed seeds), into output_dir/samples/step-XXXXXX/<prompt index>-seed<seed>.png."""
+    (DDIM, fixed seeds), into output_dir/samples/step-XXXXXX/<prompt index>-seed<seed>.png.
+    A controller's prompt i is controlled by the hint of training image i (cycling)."""
     folder = config.output_dir / "samples" / f"step-{step:06d}"
     paths = []
     adapter.eval()  # no dropout in previews
     try:
         for i, prompt in enumerate(config.sample_prompts):
+            control = []
+            if hints is not None:
+                hint = Image.fromarray(hints[i % len(hints)].permute(1, 2, 0).cpu().numpy())
+                control = [ControlSpec(adapter.config.condition, hint, annotate=False)]
             for seed in config.sample_seeds:
                 result = generate(pipe, prompt, seed=seed, num_inference_steps=config.sample_steps,
-                                  guidance_scale=config.guidance_scale)
+                                  guidance_scale=config.guidance_scale, control=control)
                 paths.append(save_png(result.images[0], result.settings[0], folder / f"{i:02d}-seed{seed}.png"))
     finally:
         adapter.train()

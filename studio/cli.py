@@ -4,6 +4,8 @@
     studio edit photo.png --source "a red circle" --target "a blue circle" --out out/edit
     studio train --data data/stars --method sc_tuner --trigger sks --steps 200
     studio generate "sks star" --adapter sks:0.8          # an adapter of the library (or a file), scale 0.8
+    studio generate "a red star" --adapter star-canny --control canny:photo.png:0.8   # a CSC-Tuner's control
+    studio annotate data/stars --condition canny --out data/stars-canny              # hints for training
     studio adapters list
     studio shapes train --out runs/shapes
 
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 
-from pipelines import SCHEDULERS, StudioError
+from pipelines import ANNOTATORS, SCHEDULERS, StudioError
 
 from . import adapters_cli, train_cli
 
@@ -39,6 +43,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default="DDIM", choices=list(SCHEDULERS), help="sampler (default DDIM)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME_OR_FILE[:SCALE]",
                    help="an adapter of the library (or an adapter file) at SCALE (default 1); repeatable")
+    p.add_argument("--control", action="append", default=[], metavar="CONDITION:IMAGE[:SCALE]",
+                   help="control the image with IMAGE through the CSC-Tuner of CONDITION given by --adapter "
+                        "(canny, color, sketch...), at SCALE (default: the tuner's); repeatable")
+    p.add_argument("--no-annotate", dest="annotate", action="store_false",
+                   help="the control images already are hints (e.g. an edge map): do not run the annotator")
     adapters_cli.add_library_option(p)
     p.add_argument("--model", default=None,
                    help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
@@ -49,6 +58,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from pipelines import check_adapters, check_inputs, generate, load_model, parse_adapter_arg, save_images
+    from pipelines.control import parse_control_arg
     from studio.library import AdapterLibrary
 
     # Refuse bad settings (and unknown adapters) before the (possibly slow) model load.
@@ -57,14 +67,58 @@ def _generate(args: argparse.Namespace) -> None:
     library = AdapterLibrary(args.library)
     adapters = [(library.resolve(source).path, scale) for source, scale in map(parse_adapter_arg, args.adapter)]
     check_adapters(adapters)
+    control = [dataclasses.replace(parse_control_arg(text), annotate=args.annotate) for text in args.control]
+    _check_controllers(control, [path for path, _ in adapters])
     model = load_model(args.model, device=args.device)
     with _progress_bar("generating", args.steps) as progress:
         result = generate(model, args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                           guidance_scale=args.guidance, seed=args.seed, width=args.width, height=args.height,
                           num_images_per_prompt=args.n, scheduler=args.scheduler, adapters=adapters,
-                          callback=progress)
+                          control=control, callback=progress)
     for path in save_images(result, args.out):
         print(path)
+
+
+def _check_controllers(control: list, adapter_files: list) -> None:
+    """Every --control has a readable image and a CSC-Tuner of its condition among the --adapter files."""
+    from adapters import read_metadata
+    from pipelines import InputError
+    from pipelines.images import load_image
+
+    conditions = []
+    for path in adapter_files:
+        meta = read_metadata(path)
+        if meta.get("studio.method") == "csc_tuner":
+            conditions.append(json.loads(meta["studio.config"])["condition"])
+    for spec in control:
+        load_image(spec.image)  # a missing or unreadable file is refused now, not after the model load
+        if spec.condition not in conditions:
+            raise InputError(f"--control {spec.condition}:{spec.image}: no {spec.condition!r} CSC-Tuner among the "
+                             f"--adapter files ({', '.join(conditions) or 'none'} given); add --adapter with a "
+                             f"controller trained on {spec.condition!r} hints")
+    unused = sorted(set(conditions) - {spec.condition for spec in control})
+    if unused:
+        raise InputError(f"--adapter gives CSC-Tuner(s) for {unused} but no --control image for them; add "
+                         f"--control {unused[0]}:IMAGE, or leave the controller out")
+
+
+def _add_annotate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("annotate", help="draw control hints (canny, color, sketch) for a folder of images",
+                       description="Write the hint of every image of FOLDER (subfolders mirrored) into --out, "
+                                   "for training a CSC-Tuner with --hint-dir or for inspecting what it will see.")
+    p.add_argument("folder", metavar="FOLDER", help="the training images")
+    p.add_argument("--condition", required=True, choices=list(ANNOTATORS), help="which annotator")
+    p.add_argument("--out", required=True, help="folder for the hints (outside FOLDER)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="crop and resize as training at this resolution first (default: each image's size)")
+    p.set_defaults(run=_annotate)
+
+
+def _annotate(args: argparse.Namespace) -> None:
+    from pipelines import build_control_pairs
+
+    for _, hint in build_control_pairs(args.folder, args.condition, args.out, resolution=args.resolution):
+        print(hint)
 
 
 def _add_edit(sub: argparse._SubParsersAction) -> None:
@@ -152,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_edit(sub)
+    _add_annotate(sub)
     train_cli.add_parser(sub)
     adapters_cli.add_parser(sub)
     _add_shapes(sub)

@@ -3,6 +3,7 @@
     studio train --data data/stars --method sc_tuner --trigger sks --steps 200 --out runs/stars
     studio train --config stars.yaml --steps 400 --resume latest      # the file's settings, flags win
     studio train --data data/stars --method lora --option rank=8 --option target=attn_ff
+    studio train --data data/stars --method csc_tuner --option condition=canny --steps 1000   # a controller
     accelerate launch --multi_gpu -m studio.cli train --config stars.yaml
 
 The config file's keys are TrainConfig's fields. The finished adapter is added to the adapter
@@ -39,6 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     data.add_argument("--trigger", default=_UNSET, help="trigger word; the caption of images without one")
     data.add_argument("--class-prompt", default=_UNSET, help="the subject's class ('star'), for prior preservation")
     data.add_argument("--class-dir", default=_UNSET, help="class images (default OUT/class_images)")
+    data.add_argument("--hint-dir", default=_UNSET,
+                      help="csc_tuner: ready hints mirroring --data (`studio annotate` writes them); default: "
+                           "drawn by the condition's annotator while training")
     data.add_argument("--num-class-images", type=int, default=_UNSET, help="> 0: prior preservation (default 0)")
     data.add_argument("--prior-loss-weight", type=float, default=_UNSET, help="default 1.0")
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from adapter_helpers import perturb
 from PIL import Image
 
+from adapters import CSCTuner, CSCTunerConfig, save_adapter
 from pipelines import parse_infotext
 from studio.cli import main
 from studio.shapes.world import Scene, ShapeObject, render
@@ -50,6 +54,32 @@ def test_edit_writes_the_edit_its_reconstruction_and_mask_and_prints_their_paths
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["edited.png", "mask.png", "reconstruction.png"]
 
 
+def test_generate_with_a_controller_and_annotate(embedded, tmp_path, capsys):
+    """--control drives the CSC-Tuner given by --adapter; `annotate` writes a folder's hints."""
+    render(Scene((ShapeObject("red", "star", "left", "large"),))).save(tmp_path / "photo.png")
+    controller = CSCTuner.from_unet(embedded.pipe.unet, CSCTunerConfig("canny", dense_kernel=1, vae_scale_factor=4))
+    perturb(controller)
+    path = save_adapter(controller, tmp_path / "star-canny.safetensors")
+    common = ["generate", "a blue circle", "--seed", "0", "--steps", "2", "--adapter", str(path)]
+
+    assert main([*common, "--control", f"canny:{tmp_path / 'photo.png'}:0.5", "--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert parse_infotext(Image.open(printed[0]).text["parameters"])["Control"] == "canny 0.5"
+    assert main([*common, "--control", f"canny:{tmp_path / 'photo.png'}:0", "--out", str(tmp_path / "b")]) == 0
+    off = capsys.readouterr().out.split()
+    assert not np.array_equal(np.asarray(Image.open(printed[0])), np.asarray(Image.open(off[0])))
+
+    assert main(common + ["--out", str(tmp_path / "c")]) == 2  # a controller without its control image
+    assert "no --control image for them; add --control canny:IMAGE" in capsys.readouterr().err
+    assert main(["generate", "x", "--control", f"color:{tmp_path / 'photo.png'}"]) == 2
+    assert "no 'color' CSC-Tuner among the --adapter files" in capsys.readouterr().err
+
+    assert main(["annotate", str(tmp_path / "a"), "--condition", "canny", "--out", str(tmp_path / "hints")]) == 0
+    hint = capsys.readouterr().out.split()
+    assert hint == [str(tmp_path / "hints" / Path(printed[0]).name)]
+    assert set(np.unique(np.asarray(Image.open(hint[0])))) <= {0, 255}  # Canny: white edges on black
+
+
 def test_shapes_train_passes_its_arguments_through(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["shapes", "train", "--help"])
@@ -70,6 +100,10 @@ def test_shapes_train_passes_its_arguments_through(capsys):
          "error: quantile=2.0 must be in [0, 1]"),
         (["edit", "/no/such.png", "--source", "a", "--target", "b"],
          "error: /no/such.png cannot be opened as an image"),
+        (["generate", "x", "--control", "canny"], "error: control 'canny': expected CONDITION:IMAGE[:SCALE]"),
+        (["generate", "x", "--control", "canny:/no/such.png"], "error: /no/such.png cannot be opened as an image"),
+        (["annotate", "/no/such/folder", "--condition", "canny", "--out", "hints"],
+         "error: image_dir='/no/such/folder' is not a folder"),
     ],
 )
 def test_bad_input_exits_2_with_one_error_line(argv, message, capsys):

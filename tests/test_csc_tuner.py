@@ -13,13 +13,24 @@ import torch
 from adapter_helpers import perturb, run
 from PIL import Image, ImageDraw
 
-from adapters import CSCTuner, CSCTunerConfig, SCTuner, attached_csc_tuners, read_metadata, save_adapter
+from adapters import (
+    CSCTuner,
+    CSCTunerConfig,
+    SCTuner,
+    attached_csc_tuners,
+    load_adapter,
+    read_metadata,
+    save_adapter,
+)
 from adapters.csc_tuner import skips_from_widths
 from adapters.sc_tuner import module_name
 from adapters.skips import hook_skips, long_skips
 from pipelines import ControlSpec, InputError, build_control_pairs, generate, parse_control_arg, prepare_hint
 from pipelines.annotators import canny, color_map, hint_path_for, sketch
-from pipelines.architectures import build_unet, unet_inputs
+from pipelines.architectures import build_unet, tiny_sd15_pipeline, unet_inputs
+from pipelines.loading import EMBEDDED_MODEL
+from pipelines.train import TrainConfig, TrainConfigError, train
+from studio.shapes.world import Scene, ShapeObject, render
 
 
 def hint(unet, batch: int = 1, seed: int = 7) -> torch.Tensor:
@@ -341,3 +352,71 @@ def test_generate_with_control(tiny_sd15, tmp_path):
     with pytest.raises(InputError, match=r"control\[0\] \('canny'\): .*another UNet"):
         csc.attach(build_unet("tiny-sd15"))
         make(control=[ControlSpec("canny", photo, adapter=csc)])
+
+
+# -- training a controller -----------------------------------------------------------------------
+
+
+def stars(folder: Path) -> Path:
+    """Three 64x64 stars at different places, uncaptioned (the trigger word captions them)."""
+    folder.mkdir(parents=True)
+    for i, position in enumerate(("left", "center", "right")):
+        render(Scene((ShapeObject("red", "star", position, "large"),))).save(folder / f"{i}.png")
+    return folder
+
+
+def controller_config(data: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(data_dir=data, output_dir=out, method="csc_tuner", method_options={"dense_kernel": 1},
+                    trigger="sks", steps=4, batch_size=2, learning_rate=1e-2, checkpoint_every=0, sample_steps=2)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_training_a_controller_feeds_every_image_its_own_hint(tmp_path):
+    """Hints drawn while training == the same hints written by build_control_pairs; other hints change
+    the run; the trained tuner answers its hint; samples are controlled."""
+    data = stars(tmp_path / "data")
+    pipe = tiny_sd15_pipeline(str(EMBEDDED_MODEL / "tokenizer"))
+    drawn = train(pipe, controller_config(data, tmp_path / "a", sample_prompts=["sks"]))
+
+    build_control_pairs(data, "canny", tmp_path / "hints", resolution=64)
+    from_folder = train(pipe, controller_config(data, tmp_path / "b", hint_dir=tmp_path / "hints"))
+    assert from_folder.losses == pytest.approx(drawn.losses, abs=1e-6)
+
+    for hint_file in (tmp_path / "hints").glob("*.png"):  # the same stars, all with one (wrong) hint
+        square().save(hint_file)
+    other = train(pipe, controller_config(data, tmp_path / "c", hint_dir=tmp_path / "hints"))
+    assert other.losses[1:] != pytest.approx(drawn.losses[1:], abs=1e-4)  # step 1's loss: the zero-init chain
+
+    meta = read_metadata(drawn.adapter_path)
+    assert meta["studio.method"] == "csc_tuner"
+    assert json.loads(meta["studio.config"])["condition"] == "canny"
+    assert json.loads(meta["studio.config"])["vae_scale_factor"] == pipe.vae_scale_factor
+    samples = sorted((tmp_path / "a" / "samples").rglob("*.png"))
+    assert [p.parent.name for p in samples] == ["step-000000", "step-000004"]
+    assert "Control: canny" in Image.open(samples[-1]).text["parameters"]
+
+    trained = load_adapter(drawn.adapter_path, pipe.unet)
+    outputs = []
+    for image in (data / "0.png", data / "2.png"):
+        trained.set_condition(prepare_hint(image, "canny", (64, 64)))
+        outputs.append(pipe.unet(torch.zeros(1, 4, 8, 8), 500, torch.zeros(1, 77, 32)).sample)
+    trained.detach()
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-4  # the hint now steers the UNet
+
+
+def test_controller_training_refuses_what_cannot_work(tmp_path):
+    data = stars(tmp_path / "data")
+    with pytest.raises(TrainConfigError, match="num_class_images.*class images have no hints"):
+        controller_config(data, tmp_path / "o", class_prompt="star", num_class_images=2)
+    with pytest.raises(TrainConfigError, match="hint_dir.*is for csc_tuner"):
+        controller_config(data, tmp_path / "o", method="sc_tuner", method_options={}, hint_dir=data)
+    pipe = tiny_sd15_pipeline(str(EMBEDDED_MODEL / "tokenizer"))
+    with pytest.raises(TrainConfigError, match="vae_scale_factor=4, but this model's VAE downsamples by 8"):
+        train(pipe, controller_config(data, tmp_path / "o", method_options={"vae_scale_factor": 4}))
+    (tmp_path / "hints").mkdir()
+    square().save(tmp_path / "hints" / "0.png")
+    with pytest.raises(InputError, match="2 of 3 training images have no hint"):
+        train(pipe, controller_config(data, tmp_path / "o", hint_dir=tmp_path / "hints"))
+    with pytest.raises(InputError, match="'depth' has no annotator .*give hint_dir"):
+        train(pipe, controller_config(data, tmp_path / "o", method_options={"condition": "depth"}))
+    assert not (tmp_path / "o").exists()  # refused before any work

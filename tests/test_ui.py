@@ -134,6 +134,38 @@ def test_train_api_adds_the_adapter_to_the_library_for_generate_and_the_adapters
     assert client.predict("sks-star", api_name="/adapters_delete")["data"] == []
 
 
+def test_a_controller_trained_in_the_train_tab_steers_generate_and_previews_its_condition_map(
+        app_url, stars, tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
+    client = Client(app_url, verbose=False)
+    _, status = client.predict(stars, "", "sks", "csc_tuner", 2, 1e-2, "canny-stars", "", 0, "canny", 2e-3,
+                               api_name="/train")
+    assert "'canny-stars' is in the adapter library" in status
+    assert [e.method for e in AdapterLibrary().list()] == ["csc_tuner"]
+
+    photo = tmp_path / "photo.png"
+    render(Scene((ShapeObject("red", "square", "left", "large"),))).save(photo)
+    editor = {"background": handle_file(str(photo)), "layers": [], "composite": None}
+    condition_map = np.asarray(Image.open(client.predict("canny-stars", editor, False, 64, 64,
+                                                         api_name="/control_preview")))
+    assert set(np.unique(condition_map)) == {0, 255}  # Canny's white edges on black
+    assert condition_map[:, 40:].max() == 0  # the square is on the left: no edge on the right
+
+    no_adapters = {"headers": ["Adapter", "Scale"], "data": []}
+
+    def image(scale: float) -> tuple[np.ndarray, str]:
+        gallery, settings = client.predict("a blue circle", "", 0, 2, 7.5, 64, 64, "DDIM", 1, no_adapters,
+                                           "canny-stars", editor, False, scale, api_name="/generate")
+        return np.asarray(Image.open(gallery[0]["image"])), settings
+
+    controlled, settings = image(1.0)
+    assert "Control: canny 1" in settings
+    assert not np.array_equal(controlled, image(0.0)[0])
+    with pytest.raises(Exception, match="no control image; upload or draw one"):
+        client.predict("x", "", 0, 2, 7.5, 64, 64, "DDIM", 1, no_adapters, "canny-stars", None, False, 1.0,
+                       api_name="/generate")
+
+
 def test_train_cancel_stops_the_run_with_a_checkpoint_and_nothing_in_the_library(
         app_url, stars, tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
@@ -205,3 +237,22 @@ def test_browser_shows_the_train_and_adapters_tabs(page):
     expect(page.locator("#train-button")).to_be_visible(timeout=10_000)
     page.get_by_role("tab", name="Adapters").click()
     expect(page.locator("#adapters-table")).to_be_visible(timeout=10_000)
+
+
+@pytest.mark.browser
+def test_browser_shows_method_options_for_the_chosen_method_and_the_control_panel(page):
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#train-condition")).to_be_hidden()
+    page.locator("#train-method input").fill("csc_tuner")
+    page.locator("#train-method input").press("Enter")
+    expect(page.locator("#train-condition")).to_be_visible(timeout=10_000)
+    page.locator("#train-method input").fill("sara")
+    page.locator("#train-method input").press("Enter")
+    expect(page.locator("#train-condition")).to_be_hidden(timeout=10_000)
+    expect(page.locator("#train-threshold input")).to_have_value(re.compile(r"M trainable.*\(default\)"),
+                                                                 timeout=10_000)
+    page.get_by_role("tab", name="Generate").click()
+    page.get_by_text("Control (a CSC-Tuner").click()
+    expect(page.locator("#gen-controller")).to_be_visible(timeout=10_000)
+    expect(page.locator("#gen-control-image")).to_be_visible(timeout=10_000)
+    expect(page.locator("#gen-condition-map")).to_be_visible(timeout=10_000)

@@ -1,4 +1,4 @@
-"""Train the embedded Shapes model: the VAE first, then the UNet with the text encoder.
+"""Train the embedded Shapes model: the VAE first, then the UNet (text encoder frozen by default).
 
     studio shapes train --out runs/shapes        # seeded; re-run the same command to resume
 
@@ -183,17 +183,21 @@ def finetune_decoder(out: Path, args: argparse.Namespace, vae: AutoencoderKL, de
 
 def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
                device: torch.device, log: Log) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """The UNet and the text encoder train jointly on base shapes and filled style only:
-    held-out shapes and the outline style are left for customization."""
+    """The UNet trains on base shapes and filled style only: held-out shapes and the outline style
+    are left for customization. The text encoder stays frozen at its seeded random initialisation
+    unless --text-encoder trained: trained jointly, it collapsed the position words onto each other
+    (position accuracy 39.7 % against 100 % colour and shape; see the model card)."""
     torch.manual_seed(args.seed + 2)
     text_config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                  **TEXT_ENCODER_CONFIG)
     text_encoder = CLIPTextModel(text_config).to(device)
     unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
+    train_text_encoder = args.text_encoder == "trained"
+    text_encoder.requires_grad_(train_text_encoder)
     ema = {"unet": copy.deepcopy(unet).requires_grad_(False),
            "text_encoder": copy.deepcopy(text_encoder).requires_grad_(False)}
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
     noise_scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     step = 0
@@ -236,7 +240,9 @@ def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenize
         noise = torch.randn_like(latents)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), device=device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        pred = unet(noisy, t, text_encoder(batch_ids).last_hidden_state).sample
+        with torch.set_grad_enabled(train_text_encoder):
+            hidden = text_encoder(batch_ids).last_hidden_state
+        pred = unet(noisy, t, hidden).sample
         # Min-SNR-5 weighting (Hang et al. 2023): faster convergence at equal steps.
         weight = torch.clamp(snr[t], max=5.0) / snr[t]
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
@@ -272,12 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6)
     p.add_argument("--vae-pool", type=int, default=12000)
-    p.add_argument("--decoder-steps", type=int, default=600, help="decoder-only VAE fine-tune after the UNet")
+    p.add_argument("--decoder-steps", type=int, default=1200, help="decoder-only VAE fine-tune after the UNet")
     p.add_argument("--decoder-lr", type=float, default=3e-4)
     p.add_argument("--unet-steps", type=int, default=5000)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--unet-pool", type=int, default=30000)
+    p.add_argument("--text-encoder", choices=("frozen", "trained"), default="frozen",
+                   help="keep the text encoder at its seeded random init, or train it with the UNet")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--ckpt-every", type=int, default=250)

@@ -13,13 +13,32 @@ from pathlib import Path
 import gradio as gr
 
 from adapters import REGISTRY
-from pipelines import InputError, LoadedModel
+from adapters.sara import SaRAConfig, auto_learning_rate, count_selected
+from pipelines import ANNOTATORS, InputError, LoadedModel
 from pipelines.train import TrainConfig, TrainProgress, TrainResult, train
 from studio.library import AdapterLibrary, LibraryError
 
 from .common import MODEL_QUEUE, handler
 
 TITLE = "Train"
+# SaRA's thresholds in the paper (sara.md): about 5 M / 20 M / 50 M trainable entries on SD 1.5.
+SARA_THRESHOLDS = (2e-4, 8e-4, 2e-3)
+
+
+def sara_presets(unet) -> list[tuple[str, float]]:
+    """(label, θ) per preset, labelled by the trainable-parameter count it gives on this model."""
+    default = SaRAConfig().threshold
+    return [(f"θ = {t:g}: {count / 1e6:.2f} M trainable, lr {auto_learning_rate(t):.2g}"
+             + (" (default)" if t == default else ""), t) for t, count in count_selected(unet, SARA_THRESHOLDS).items()]
+
+
+def method_options(method: str, condition: str, threshold: float) -> dict:
+    """The options the tab sets for `method`: a controller's condition, SaRA's threshold."""
+    if method == "csc_tuner":
+        return {"condition": condition}
+    if method == "sara":
+        return {"threshold": float(threshold)}
+    return {}
 
 
 def build(model: LoadedModel, out_dir: Path) -> None:
@@ -30,11 +49,13 @@ def build(model: LoadedModel, out_dir: Path) -> None:
     @handler
     def run(files: list[str] | None, folder: str, trigger: str, method: str, steps: float,
             learning_rate: float | None, name: str, sample_prompt: str, sample_every: float,
+            condition: str = "canny", threshold: float = SaRAConfig().threshold,
             progress: gr.Progress = gr.Progress()) -> Iterator[tuple[list, str]]:
         run_dir = Path(tempfile.mkdtemp(prefix="train-", dir=out_dir))
         prompts = [p for p in [sample_prompt.strip() or trigger.strip()] if p]  # blank: the trigger word alone
         config = TrainConfig(
             data_dir=_data_dir(files, folder, run_dir), output_dir=run_dir, method=method,
+            method_options=method_options(method, condition, threshold),
             trigger=trigger.strip() or None, name=name.strip() or None, steps=int(steps),
             learning_rate=learning_rate or None,  # blank (or 0): the method's default
             sample_prompts=prompts, sample_every=int(sample_every) if prompts else 0,
@@ -89,6 +110,10 @@ def build(model: LoadedModel, out_dir: Path) -> None:
             trigger = gr.Textbox(label="Trigger word (the caption of images without one)", placeholder="sks",
                                  elem_id="train-trigger")
             method = gr.Dropdown(sorted(REGISTRY), value="sc_tuner", label="Method", elem_id="train-method")
+            condition = gr.Dropdown(list(ANNOTATORS), value="canny", visible=False, elem_id="train-condition",
+                                    label="Controller: the condition drawn from each image (csc_tuner)")
+            threshold = gr.Dropdown(sara_presets(model.pipe.unet), value=SaRAConfig().threshold, visible=False,
+                                    label="SaRA threshold: weights below it train", elem_id="train-threshold")
             steps = gr.Slider(1, 2000, value=200, step=1, label="Steps", elem_id="train-steps")
             learning_rate = gr.Number(None, label="Learning rate (blank: the method's default)", minimum=0,
                                       elem_id="train-lr")
@@ -104,7 +129,10 @@ def build(model: LoadedModel, out_dir: Path) -> None:
         with gr.Column(scale=1):
             status = gr.Textbox(label="Status", interactive=False, elem_id="train-status")
             gallery = gr.Gallery(label="Samples", columns=4, format="png", elem_id="train-samples")
-    button.click(run, inputs=[files, folder, trigger, method, steps, learning_rate, name, sample_prompt, sample_every],
+    method.change(lambda m: (gr.Dropdown(visible=m == "csc_tuner"), gr.Dropdown(visible=m == "sara")), method,
+                  [condition, threshold], api_visibility="private")
+    button.click(run, inputs=[files, folder, trigger, method, steps, learning_rate, name, sample_prompt, sample_every,
+                              condition, threshold],
                  outputs=[gallery, status], api_name="train", concurrency_id=MODEL_QUEUE)
     # Not through the model queue (the run holds it), and not `cancels=[train event]`: cancelling the event
     # would free the queue while the training thread still holds the pipeline for its last step. The run
