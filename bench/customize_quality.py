@@ -1,6 +1,7 @@
 """Customization quality on the Shapes model: each method learns a subject and a style, side by side.
 
     python bench/customize_quality.py [--methods sc_tuner lora sara] [--steps 400] [--seeds 2]
+                                      [--concepts subject style] [--lr sc_tuner=2e-3 ...]
 
 Subject: a held-out shape in a fixed colour (an orange star, trigger "sks"; 5 renders).
 Style: the held-out outline style (trigger "zwx"; 8 renders of base shapes in outline).
@@ -104,6 +105,9 @@ def _score(pipe, scenes, seeds, steps, attributes, rewrite) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["sc_tuner", "lora", "sara"])
+    p.add_argument("--concepts", nargs="+", default=["subject", "style"], choices=["subject", "style"])
+    p.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
+                   help="learning rate of a method (default: METHOD_LR; 'auto' for the method's own)")
     p.add_argument("--steps", type=int, default=400, help="training steps, the same for every method")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seeds", type=int, default=2, help="seeds per evaluation prompt")
@@ -111,6 +115,10 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--work", type=Path, default=None, help="keep data and adapters here (default: a temp dir)")
     args = p.parse_args()
+    learning_rates = dict(METHOD_LR)
+    for item in args.lr:
+        method, _, value = item.partition("=")
+        learning_rates[method] = None if value == "auto" else float(value)
 
     model = load_model(args.model)
     pipe = model.pipe
@@ -126,13 +134,13 @@ def main() -> None:
     rows = [("base model", None, "-", "-", "-", "-", base_pres)]
     print(f"base model: preservation grid accuracy {base_pres:.1%} ({len(grid)} prompts x {len(seeds)} seeds)")
     for method in args.methods:
-        for concept in ("subject", "style"):
+        for concept in args.concepts:
             trigger = SUBJECT[2] if concept == "subject" else STYLE_TRIGGER
             config = TrainConfig(
                 data_dir=work / "data" / concept, output_dir=work / "runs" / f"{method}-{concept}", method=method,
                 method_options=METHOD_OPTIONS.get(method, {}), name=f"{method}-{concept}", trigger=trigger,
                 class_prompt="a shape", class_dir=work / "data" / "reg", num_class_images=64, steps=args.steps,
-                batch_size=args.batch_size, learning_rate=METHOD_LR.get(method), checkpoint_every=0, seed=0,
+                batch_size=args.batch_size, learning_rate=learning_rates.get(method), checkpoint_every=0, seed=0,
             )
             t0 = time.time()
             result = train(pipe, config)
@@ -150,7 +158,8 @@ def main() -> None:
             print(f"{method} {concept}: fidelity {scores['fidelity']:.1%} context {scores['context']:.1%} "
                   f"preservation {pres:.1%} (drop {100 * (base_pres - pres):+.1f} pts), {train_s:.0f}s", flush=True)
 
-    print(f"\n{args.steps} steps x batch {args.batch_size} (+ prior batch) per method; evaluation: "
+    print(f"\n{args.steps} steps x batch {args.batch_size} (+ prior batch) per method, learning rates "
+          f"{ {m: learning_rates.get(m) or 'auto' for m in args.methods} }; evaluation: "
           f"{args.sample_steps} DDIM steps, CFG 7.5, {len(seeds)} seeds; {torch.get_num_threads()} threads")
     print(f"{'method':10s} {'concept':8s} {'params':>9s} {'train':>6s} {'fidelity':>9s} {'context':>8s} "
           f"{'base acc':>9s} {'drop':>7s}")

@@ -1,11 +1,13 @@
 """Training cost of the tuners on the full-size SD 1.5 UNet layout (random weights), side by side.
 
     python bench/tuner_cost.py [--latent 32] [--batches 1 4] [--steps 3] [--methods sc_tuner lora full]
+    python bench/tuner_cost.py --methods csc_tuner controlnet lora --batches 4   # controllers (issue #5)
 
 Each (method, batch) runs in a fresh subprocess so its peak memory is its own: the peak RSS
 (CPU) or peak allocated CUDA memory during training, minus what the frozen model alone holds
 ("training overhead"), the median step time, and the trainable parameter count. Ratios are
-printed against LoRA r=64 on q/k/v/out + feed-forward, SCEdit's baseline.
+printed against LoRA r=64 on q/k/v/out + feed-forward, SCEdit's baseline. The controllers (csc_tuner,
+and controlnet: diffusers' ControlNetModel, a trainable copy of the encoder) also take a hint image.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ METHODS = {
     "sara": ("sara", {"threshold": 2e-3}),
     "naive_masked": (None, {"threshold": 2e-3}),
     "full": (None, {}),
+    "csc_tuner": ("csc_tuner", {"condition": "canny", "dense_kernel": 3}),
+    "controlnet": (None, {}),
 }
 
 
@@ -52,7 +56,9 @@ def _status_kib(field: str) -> int:
 
 
 def trainable_setup(method: str, unet: torch.nn.Module) -> tuple[list[torch.nn.Parameter], object]:
-    """Freeze the UNet and return (parameters to optimise, the attached adapter or None)."""
+    """Freeze the UNet and return (parameters to optimise, the attached adapter, ControlNet or None)."""
+    from diffusers import ControlNetModel
+
     from adapters import REGISTRY
 
     registry_name, options = METHODS[method]
@@ -60,6 +66,9 @@ def trainable_setup(method: str, unet: torch.nn.Module) -> tuple[list[torch.nn.P
     if method == "full":
         unet.requires_grad_(True)
         return list(unet.parameters()), None
+    if method == "controlnet":
+        controlnet = ControlNetModel.from_unet(unet).to(next(unet.parameters()).device)
+        return list(controlnet.parameters()), controlnet
     if method == "naive_masked":
         from adapters.sara import naive_masked_parameters
 
@@ -84,13 +93,21 @@ def worker(method: str, batch: int, latent: int, steps: int) -> dict:
     sample = torch.randn(batch, 4, latent, latent, generator=g).to(device)
     context = torch.randn(batch, 77, 768, generator=g).to(device)
     timestep = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    hint = torch.rand(batch, 3, 8 * latent, 8 * latent, generator=g).to(device)
     base_memory = reset_peak_memory(device)
     times = []
     for i in range(steps + 1):  # the first step warms up (allocator, optimizer state)
         t0 = time.perf_counter()
-        pred = unet(sample, timestep, context).sample
+        if method == "controlnet":
+            down, mid = adapter(sample, timestep, context, controlnet_cond=hint, return_dict=False)
+            pred = unet(sample, timestep, context, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).sample
+        else:
+            if method == "csc_tuner":
+                adapter.set_condition(hint)
+            pred = unet(sample, timestep, context).sample
         loss = torch.nn.functional.mse_loss(pred, sample)
-        if adapter is not None and (reg := adapter.regularization_loss()) is not None:
+        if method != "controlnet" and adapter is not None and (reg := adapter.regularization_loss()) is not None:
             loss = loss + reg
         loss.backward()
         optimizer.step()

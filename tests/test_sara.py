@@ -15,7 +15,13 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from torch.nn.utils import parametrize
 
 from adapters import SaRA, SaRAConfig, load_adapter, read_metadata, save_adapter
-from adapters.sara import SELECTION_RULE, auto_learning_rate, naive_masked_parameters, small_entries
+from adapters.sara import (
+    SELECTION_RULE,
+    auto_learning_rate,
+    count_selected,
+    naive_masked_parameters,
+    small_entries,
+)
 from pipelines.architectures import build_unet, unet_inputs
 
 THETA = 2e-3
@@ -88,6 +94,9 @@ def test_selection_is_the_global_threshold_over_every_tensor(layout):
     assert any(".norm" in n for n in names), "norm affines are included (random init: zero biases)"
     assert all(t.idx.dtype == torch.int32 for t in adapter.targets.values())
     assert all(bool((t.idx[1:] > t.idx[:-1]).all()) for t in adapter.targets.values()), "sorted flat indices"
+    # The Train tab's presets count without building an adapter, and agree with one.
+    counts = count_selected(unet, [THETA / 10, THETA])
+    assert counts[THETA] == adapter.num_selected and counts[THETA / 10] < counts[THETA]
 
 
 # -- training: the sparse injection -----------------------------------------------------------------
