@@ -4,7 +4,7 @@ A broken or untrained model (or a broken loader, scheduler or VAE) fails here. T
 the issue's targets are in bench/base_quality.py; these floors sit well below what it measures.
 """
 
-from studio.shapes.quality import score_prompts, single_object_grid, vae_reconstruction
+from studio.shapes.quality import score_prompts, single_object_grid, two_object_scenes, vae_reconstruction
 
 
 def test_generations_score_above_floors(embedded):
@@ -14,7 +14,14 @@ def test_generations_score_above_floors(embedded):
     scores = score_prompts(pipe, grid[::2], seeds=[0], num_inference_steps=20)
     assert scores["color"] >= 0.80, scores
     assert scores["shape"] >= 0.75, scores
-    # No position floor yet: the current model ignores single-object position words (see its model card).
+    assert scores["position"] >= 0.75, scores  # the words left/bottom must move the object
+
+
+def test_two_object_scenes_score_above_a_floor(embedded):
+    pipe = embedded.pipe
+    pipe.set_progress_bar_config(disable=True)
+    scores = score_prompts(pipe, two_object_scenes(n=8), seeds=[0], num_inference_steps=20)
+    assert scores["all"] >= 0.4, scores  # both objects' colour, shape and position
 
 
 def test_vae_reconstructs_renders(embedded):

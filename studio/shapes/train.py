@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     vae = train_vae(args.out, args, device, log).requires_grad_(False)
     unet, text_encoder = train_unet(args.out, args, vae, tokenizer, device, log)
     vae = finetune_decoder(args.out, args, vae, device, log)
+    # A fresh copy: batch tokenization with padding leaves the fast tokenizer padding by default, which
+    # would be saved into tokenizer.json.
+    tokenizer = CLIPTokenizer.from_pretrained(args.out / "tokenizer")
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
