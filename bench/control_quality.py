@@ -1,10 +1,11 @@
 """Controllable generation on the Shapes model: a CSC-Tuner trained on Canny edges, scored by the analyzer.
 
-    python bench/control_quality.py [--steps 1500] [--images 400] [--seeds 2] [--work runs/control]
+    python bench/control_quality.py [--steps 3000] [--images 400] [--seeds 2] [--work runs/control]
 
 Training: `--images` random single-object renders (base shapes, filled, every colour, position, size and
 background), each with its world caption minus the position phrase (where the object is comes from the
-hint alone), and its Canny edges drawn by the training loop; `studio train --method csc_tuner` does the same.
+hint alone), and its Canny edges drawn by the training loop; half the captions dropped (ControlNet's
+recipe: the controller must read the hint); `studio train --method csc_tuner` does the same.
 Evaluation: a control image of each base shape at each position (default and large size, one colour)
 and a prompt naming *another* colour and no position ("a large blue triangle"); per image
 - IoU between the generated object (the analyzer's mask of the largest object) and the control's shape;
@@ -98,9 +99,10 @@ def size_against_controlnet() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1500, help="training steps")
+    p.add_argument("--steps", type=int, default=3000, help="training steps")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--caption-dropout", type=float, default=0.5)
     p.add_argument("--images", type=int, default=400, help="training renders")
     p.add_argument("--seeds", type=int, default=2, help="seeds per evaluation prompt")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the evaluation images")
@@ -118,7 +120,7 @@ def main() -> None:
           f"torch {torch.__version__}; model {model.name}")
     config = TrainConfig(data_dir=work / "data", output_dir=work / "run", method="csc_tuner", method_options=OPTIONS,
                          name="shapes-canny", steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-                         checkpoint_every=250, resume="latest")
+                         caption_dropout=args.caption_dropout, checkpoint_every=250, resume="latest")
     t0 = time.time()
     result = train(model.pipe, config)
     print(f"trained {args.steps} steps x batch {args.batch_size} on {args.images} renders in {time.time() - t0:.0f}s "

@@ -62,7 +62,8 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")  # diff
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # Settings that fix the data order, the noise or the adapter's shape: a resume must keep them.
-RESUME_KEYS = ("method", "method_options", "hint_dir", "batch_size", "gradient_accumulation_steps", "seed")
+RESUME_KEYS = ("method", "method_options", "hint_dir", "caption_dropout", "batch_size", "gradient_accumulation_steps",
+               "seed")
 
 
 class TrainConfigError(StudioError):
@@ -140,6 +141,9 @@ class TrainConfig:
     class_dir: Path | None = None  # class images for prior preservation; default output_dir/class_images
     num_class_images: int = 0  # > 0 turns prior preservation on; missing class images are generated
     prior_loss_weight: float = 1.0  # weight of the class half's loss (DreamBooth's lambda)
+    # Share of instance images trained with the empty caption (kohya's caption_dropout_rate). ControlNet
+    # drops 50 %: the controller then has to read the hint, not the text.
+    caption_dropout: float = 0.0
     steps: int = 200  # optimizer steps
     batch_size: int = 1  # images per process per micro-batch (a prior batch doubles the UNet batch)
     gradient_accumulation_steps: int = 1
@@ -195,6 +199,8 @@ class TrainConfig:
         check(self.class_dir is None or self.num_class_images > 0, "class_dir",
               "is set but num_class_images=0; set num_class_images to turn prior preservation on")
         check(_is_number(self.prior_loss_weight, 0, inclusive=False), "prior_loss_weight", "must be a number > 0")
+        check(_is_number(self.caption_dropout, 0) and self.caption_dropout <= 1, "caption_dropout",
+              "must be a number in [0, 1] (0: always the caption; 0.5 as ControlNet trains)")
         check(_is_int(self.steps, 1), "steps", "must be an integer >= 1")
         check(_is_int(self.batch_size, 1), "batch_size", "must be an integer >= 1")
         check(_is_int(self.gradient_accumulation_steps, 1), "gradient_accumulation_steps", "must be an integer >= 1")
@@ -305,7 +311,7 @@ class _Encoded:
 
     latent_mean: torch.Tensor  # (N, C, h, w) VAE posterior mean, already shifted and scaled
     latent_std: torch.Tensor  # (N, C, h, w) posterior std, scaled: a fresh latent is drawn each step
-    text: torch.Tensor  # (U, L, D) embeddings of the U distinct captions
+    text: torch.Tensor  # (U, L, D) embeddings of the U distinct captions, the empty one last
     caption_index: torch.Tensor  # (N,) row of `text` for each image
     hints: torch.Tensor | None = None  # (N, 3, H, W) uint8: a controller's hint for each image
 
@@ -443,7 +449,8 @@ def train(
                 break
             # All randomness of this step, drawn for the global batch at once (every micro-batch of every
             # process): accumulation and multi-GPU then train on exactly what one big batch would.
-            draws = [_draw(instance, instance_sampler, step, per_step, generator, noise_scheduler)]
+            draws = [_draw(instance, instance_sampler, step, per_step, generator, noise_scheduler,
+                           config.caption_dropout)]
             if prior is not None:
                 draws.append(_draw(prior, prior_sampler, step, per_step, generator, noise_scheduler))
             step_loss = 0.0
@@ -562,7 +569,7 @@ def _encode(pipe, pixels: torch.Tensor, captions: list[str], chunk: int = 16) ->
         posterior = vae.encode(batch.to(device, vae.dtype) / 127.5 - 1.0).latent_dist
         means.append((posterior.mean.float() - shift) * scale)
         stds.append(posterior.std.float() * scale)
-    distinct = list(dict.fromkeys(captions))
+    distinct = list(dict.fromkeys([*captions, ""]))  # "" for caption dropout
     text = torch.cat([
         pipe.encode_prompt(distinct[i:i + chunk], device, 1, False)[0].float() for i in range(0, len(distinct), chunk)
     ])
@@ -571,8 +578,9 @@ def _encode(pipe, pixels: torch.Tensor, captions: list[str], chunk: int = 16) ->
 
 
 def _draw(data: _Encoded, sampler: EpochSampler, step: int, count: int, generator: torch.Generator,
-          noise_scheduler: DDPMScheduler) -> dict[str, torch.Tensor]:
-    """Step `step`'s `count` examples: a latent sampled from each posterior, its text, noise and timestep."""
+          noise_scheduler: DDPMScheduler, caption_dropout: float = 0.0) -> dict[str, torch.Tensor]:
+    """Step `step`'s `count` examples: a latent sampled from each posterior, its text (the empty caption's
+    with probability `caption_dropout`), noise and timestep."""
     index = sampler.take(step * count, count).to(data.latent_mean.device)
     shape = (count, *data.latent_mean.shape[1:])
     eps = torch.randn(shape, generator=generator).to(data.latent_mean.device)
@@ -582,6 +590,9 @@ def _draw(data: _Encoded, sampler: EpochSampler, step: int, count: int, generato
         "noise": torch.randn(shape, generator=generator),
         "timesteps": torch.randint(0, noise_scheduler.config.num_train_timesteps, (count,), generator=generator),
     }
+    if caption_dropout > 0:  # drawn only then, so that runs without dropout keep their random stream
+        dropped = (torch.rand(count, generator=generator) < caption_dropout).to(index.device)
+        draw["text"] = data.text[torch.where(dropped, len(data.text) - 1, data.caption_index[index])]
     if data.hints is not None:
         draw["hints"] = data.hints[index]
     return draw

@@ -45,6 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                            "drawn by the condition's annotator while training")
     data.add_argument("--num-class-images", type=int, default=_UNSET, help="> 0: prior preservation (default 0)")
     data.add_argument("--prior-loss-weight", type=float, default=_UNSET, help="default 1.0")
+    data.add_argument("--caption-dropout", type=float, default=_UNSET,
+                      help="share of images trained with the empty caption (default 0; 0.5 for a controller)")
 
     method = p.add_argument_group("method and optimisation")
     method.add_argument("--method", default=_UNSET, help="adapter method: sc_tuner (default), lora, ...")

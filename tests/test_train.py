@@ -367,3 +367,16 @@ def test_cli_trains_the_embedded_model_and_adds_the_adapter_to_the_library(data,
     with pytest.raises(LibraryError, match="already holds 'sks'; pass --name .* --overwrite .* --no-library"):
         args = parse(*argv, "--resume", "latest")
         args.run(args)
+
+
+def test_caption_dropout_trains_on_the_empty_caption(data, tmp_path):
+    """At dropout 1 the caption never reaches the UNet (another trigger word: the same run); at 0 it does."""
+    def losses(trigger: str, dropout: float) -> list[float]:
+        pipe = tiny_sd15_pipeline(str(EMBEDDED_MODEL / "tokenizer"))
+        out = tmp_path / f"{trigger}-{dropout}"
+        return train(pipe, config(data, out, trigger=trigger, caption_dropout=dropout)).losses
+
+    assert losses("sks", 1.0) == losses("zwx", 1.0)
+    assert losses("sks", 0.0) != losses("zwx", 0.0)
+    with pytest.raises(TrainConfigError, match="caption_dropout=1.5: must be a number in"):
+        config(data, tmp_path / "bad", caption_dropout=1.5)

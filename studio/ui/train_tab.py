@@ -56,6 +56,7 @@ def build(model: LoadedModel, out_dir: Path) -> None:
         config = TrainConfig(
             data_dir=_data_dir(files, folder, run_dir), output_dir=run_dir, method=method,
             method_options=method_options(method, condition, threshold),
+            caption_dropout=0.5 if method == "csc_tuner" else 0.0,  # a controller must learn to read the hint
             trigger=trigger.strip() or None, name=name.strip() or None, steps=int(steps),
             learning_rate=learning_rate or None,  # blank (or 0): the method's default
             sample_prompts=prompts, sample_every=int(sample_every) if prompts else 0,
