@@ -72,7 +72,8 @@ def trainable_setup(method: str, unet: torch.nn.Module) -> tuple[list[torch.nn.P
     if method == "naive_masked":
         from adapters.sara import naive_masked_parameters
 
-        return naive_masked_parameters(unet, options["threshold"]), None
+        params, _ = naive_masked_parameters(unet, options["threshold"])  # the masking hooks stay on
+        return params, None
     cls = REGISTRY[registry_name]
     adapter = cls.from_unet(unet, cls.config_class(**options))
     adapter.to(next(unet.parameters()).device)
@@ -88,7 +89,8 @@ def worker(method: str, batch: int, latent: int, steps: int) -> dict:
     unet = build_unet("sd15", seed=0).to(device)
     params, adapter = trainable_setup(method, unet)
     n_trainable = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    # No weight decay for the masked fine-tune: decay would move its unselected entries too.
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0 if method == "naive_masked" else 1e-2)
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(batch, 4, latent, latent, generator=g).to(device)
     context = torch.randn(batch, 77, 768, generator=g).to(device)
