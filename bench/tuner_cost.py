@@ -147,7 +147,10 @@ def main() -> None:
             if out.returncode != 0:
                 print(f"{method} batch {batch}: failed\n{out.stderr[-2000:]}")
                 continue
-            results[method, batch] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = results[method, batch] = json.loads(out.stdout.strip().splitlines()[-1])
+            # Each row as soon as it is measured: a long run cut short keeps what it measured.
+            print(f"measured {method} batch {batch}: {r['trainable'] / 1e6:.2f} M trainable, "
+                  f"{r['overhead_bytes'] / 2**30:.2f} GB, {r['step_s']:.2f} s/step", flush=True)
     print(f"\n{'method':14s} {'batch':>5s} {'trainable':>12s} {'train mem':>10s} {'step':>8s} "
           f"{'mem/LoRA':>9s} {'time/LoRA':>10s}")
     for (method, batch), r in results.items():
