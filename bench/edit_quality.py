@@ -143,6 +143,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=60, help="rendered images, kinds alternating (default 60: 20 each)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of every inversion, edit and generation")
+    p.add_argument("--quantile", type=float, default=0.5, help="UAM's mask quantile (default 0.5, the paper's)")
     p.add_argument("--model", default=None, help="model source (default: the embedded Shapes model)")
     p.add_argument("--save", type=Path, default=None,
                    help="also write one strip per case: source | UAM edit | no-uniform edit | UAM reconstruction")
@@ -159,7 +160,7 @@ def main() -> None:
     print(f"machine: {machine(pipe.device)}")
     print(f"model {model.name} (hash {model.hash}); {len(todo)} rendered images "
           f"({', '.join(f'{sum(c.kind == k for c in todo)} {k}' for k in KINDS)} edits), {steps} DDIM steps, "
-          f"CFG {GUIDANCE}")
+          f"CFG {GUIDANCE}, UAM mask quantile {args.quantile}")
     # Warm-up: the first calls pay one-off allocation and kernel selection, which no edit should be charged.
     generate(model, "a red circle", num_inference_steps=2, seed=0)
     edit(model, render(todo[0].source), "", "", num_inference_steps=2, use_cache=False)
@@ -175,11 +176,12 @@ def main() -> None:
         source_analysis = analyze(image)
         INVERSION_CACHE.clear()  # the first edit of each image pays for its inversion
 
-        uam, seconds = timed(edit, model, image, source, target, num_inference_steps=steps, guidance_scale=GUIDANCE)
+        uam, seconds = timed(edit, model, image, source, target, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                             quantile=args.quantile)
         add("uam time", seconds)
         add("uam rows", uam.unet_rows)
         again, seconds = timed(edit, model, image, source, case.second.caption(), num_inference_steps=steps,
-                               guidance_scale=GUIDANCE)
+                               guidance_scale=GUIDANCE, quantile=args.quantile)
         add("cached time", seconds)
         add("cached rows", again.unet_rows)
         plain, seconds = timed(edit_without_uniform, model, image, source, target, num_inference_steps=steps,
