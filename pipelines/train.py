@@ -584,15 +584,16 @@ def _draw(data: _Encoded, sampler: EpochSampler, step: int, count: int, generato
     index = sampler.take(step * count, count).to(data.latent_mean.device)
     shape = (count, *data.latent_mean.shape[1:])
     eps = torch.randn(shape, generator=generator).to(data.latent_mean.device)
+    rows = data.caption_index[index]
     draw = {
         "latents": data.latent_mean[index] + data.latent_std[index] * eps,
-        "text": data.text[data.caption_index[index]],
         "noise": torch.randn(shape, generator=generator),
         "timesteps": torch.randint(0, noise_scheduler.config.num_train_timesteps, (count,), generator=generator),
     }
     if caption_dropout > 0:  # drawn only then, so that runs without dropout keep their random stream
         dropped = (torch.rand(count, generator=generator) < caption_dropout).to(index.device)
-        draw["text"] = data.text[torch.where(dropped, len(data.text) - 1, data.caption_index[index])]
+        rows = torch.where(dropped, len(data.text) - 1, rows)  # the empty caption is the last row
+    draw["text"] = data.text[rows]
     if data.hints is not None:
         draw["hints"] = data.hints[index]
     return draw

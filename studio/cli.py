@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -83,13 +82,11 @@ def _check_controllers(control: list, adapter_files: list) -> None:
     """Every --control has a readable image and a CSC-Tuner of its condition among the --adapter files."""
     from adapters import read_metadata
     from pipelines import InputError
+    from pipelines.control import controller_condition
     from pipelines.images import load_image
 
-    conditions = []
-    for path in adapter_files:
-        meta = read_metadata(path)
-        if meta.get("studio.method") == "csc_tuner":
-            conditions.append(json.loads(meta["studio.config"])["condition"])
+    conditions = [controller_condition(path) for path in adapter_files
+                  if read_metadata(path).get("studio.method") == "csc_tuner"]
     for spec in control:
         load_image(spec.image)  # a missing or unreadable file is refused now, not after the model load
         if spec.condition not in conditions:
