@@ -1,4 +1,5 @@
-"""LoRA (Hu et al., 2021) through peft: W x + s (alpha / r) B A x on the UNet's attention (and feed-forward) Linears.
+"""LoRA (Hu et al., 2021) through peft: W x + s (alpha / r) B A x on the UNet's attention Linears, optionally
+its feed-forward Linears or its resnets' 3x3 convolutions (kohya's LoCon: A is a kxk conv to r channels, B a 1x1).
 
 The adapter owns its `lora_A`/`lora_B` Linears; `attach` lets peft wrap the targets
 (`inject_adapter_in_model`, the diffusers way) and then puts our modules into peft's layers, so the
@@ -26,7 +27,11 @@ from torch import nn
 from .base import Adapter, device_of, register
 
 ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TARGETS = {"attn": ATTN_TARGETS, "attn_ff": (*ATTN_TARGETS, "ff.net.0.proj", "ff.net.2")}
+TARGETS = {
+    "attn": ATTN_TARGETS,
+    "attn_ff": (*ATTN_TARGETS, "ff.net.0.proj", "ff.net.2"),
+    "attn_conv": (*ATTN_TARGETS, "conv1", "conv2"),  # conv1/conv2: the two 3x3 convolutions of each resnet
+}
 
 
 @dataclass
@@ -35,7 +40,9 @@ class LoRAConfig:
     # None -> rank, i.e. the LoRA branch scaled by alpha / rank = 1 (kohya and peft read a missing alpha so too).
     alpha: float | None = None
     # "attn": to_q/to_k/to_v/to_out.0 of every attention; "attn_ff" adds the feed-forward's two Linears
-    # (the SCEdit paper's LoRA baseline, 23.94 M parameters on SD 1.5 at rank 64).
+    # (the SCEdit paper's LoRA baseline, 23.94 M parameters on SD 1.5 at rank 64); "attn_conv" adds the
+    # resnets' 3x3 convolutions (kohya's LoCon), which shape what attention cannot reach: a UNet level
+    # without attention (the Shapes model's full-resolution level) or a shape the base never drew.
     target: str = "attn"
     dropout: float = 0.0  # on the LoRA branch's input, training only
 
@@ -52,17 +59,40 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
 
-def target_linears(unet: nn.Module, target: str) -> dict[str, nn.Linear]:
-    """Module path -> the nn.Linear to adapt (seen through a peft wrapper another adapter left there)."""
+def layer_shape(layer: nn.Module) -> tuple[int, ...] | str:
+    """(in, out) of a Linear, (in, out, kh, kw) of a "same" Conv2d (stride 1, padding k // 2, no groups or
+    dilation, as a resnet's), else a description of what it is."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, nn.Conv2d):
+        kh, kw = layer.kernel_size
+        if (layer.stride, layer.padding, layer.dilation, layer.groups) == ((1, 1), (kh // 2, kw // 2), (1, 1), 1):
+            return layer.in_channels, layer.out_channels, kh, kw
+        return f"Conv2d with stride {layer.stride}, padding {layer.padding}, groups {layer.groups}"
+    return type(layer).__name__
+
+
+def target_layers(unet: nn.Module, target: str) -> dict[str, nn.Module]:
+    """Module path -> the Linear or Conv2d to adapt (seen through a peft wrapper another adapter left there)."""
     suffixes = tuple(f".{name}" for name in TARGETS[target])
     found = {}
     for path, module in unet.named_modules():
         if path.endswith(suffixes):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if not isinstance(base, nn.Linear):
-                raise ValueError(f"{path} is a {type(base).__name__}; LoRA here adapts nn.Linear layers only")
+            if isinstance(layer_shape(base), str):
+                raise ValueError(f"{path} is a {layer_shape(base)}; LoRA here adapts Linear and 'same' Conv2d "
+                                 "layers only")
             found[path] = base
     return found
+
+
+def _low_rank_pair(shape: tuple[int, ...], rank: int) -> tuple[nn.Module, nn.Module]:
+    """peft's A and B for a layer of this shape: Linears, or a kxk conv to `rank` channels and a 1x1 conv."""
+    if len(shape) == 2:
+        return nn.Linear(shape[0], rank, bias=False), nn.Linear(rank, shape[1], bias=False)
+    kh, kw = shape[2:]
+    return (nn.Conv2d(shape[0], rank, (kh, kw), padding=(kh // 2, kw // 2), bias=False),
+            nn.Conv2d(rank, shape[1], 1, bias=False))
 
 
 @contextmanager
@@ -88,8 +118,8 @@ _A_KEY = re.compile(r"unet\.(.+)\.lora_A\.weight")
 
 @register
 class LoRA(Adapter):
-    """`shapes` maps each target module path to (in_features, out_features); build with
-    `from_unet(unet)` or `from_shapes` (a saved file's tensor shapes)."""
+    """`shapes` maps each target module path to its `layer_shape`; build with `from_unet(unet)` or
+    `from_shapes` (a saved file's tensor shapes)."""
 
     method = "lora"
     config_class = LoRAConfig
@@ -102,12 +132,11 @@ class LoRA(Adapter):
             raise ValueError("two target paths collapse to the same module name once dots become underscores")
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.shapes = dict(shapes)
         for key, path in self.paths.items():
-            in_features, out_features = shapes[path]
-            # A keeps nn.Linear's default init, kaiming-uniform(a=sqrt(5)), as peft does; B = 0, so the
-            # adapted UNet starts equal to the base.
-            self.lora_A[key] = nn.Linear(in_features, config.rank, bias=False)
-            self.lora_B[key] = nn.Linear(config.rank, out_features, bias=False)
+            # A keeps torch's default init, kaiming-uniform(a=sqrt(5)), as peft does; B = 0, so the adapted
+            # UNet starts equal to the base.
+            self.lora_A[key], self.lora_B[key] = _low_rank_pair(tuple(shapes[path]), config.rank)
             nn.init.zeros_(self.lora_B[key].weight)
         # One dropout module (no weights) shared by every peft layer, owned here so that adapter.train() /
         # adapter.eval() switch it, as they would if the LoRA branches were our own modules.
@@ -117,24 +146,25 @@ class LoRA(Adapter):
     @classmethod
     def from_unet(cls, unet: nn.Module, config: LoRAConfig | None = None) -> LoRA:
         config = config or LoRAConfig()
-        linears = target_linears(unet, config.target)
-        if not linears:
-            raise ValueError(f"no {TARGETS[config.target]} Linear layers found in this UNet")
+        layers = target_layers(unet, config.target)
+        if not layers:
+            raise ValueError(f"no {TARGETS[config.target]} layers found in this UNet")
         with torch.device(device_of(unet)):
-            adapter = cls(config, {path: (m.in_features, m.out_features) for path, m in linears.items()})
+            adapter = cls(config, {path: layer_shape(m) for path, m in layers.items()})
         adapter._record_base(unet)
         return adapter
 
     @classmethod
     def from_shapes(cls, config: LoRAConfig, shapes: dict[str, tuple[int, ...]]) -> LoRA:
-        # lora_A is (r, in), lora_B (out, r); a rank other than config.rank fails in load_tensors' strict load.
+        # lora_A is (r, in) or (r, in, kh, kw), lora_B (out, r) or (out, r, 1, 1); a rank other than
+        # config.rank fails in load_tensors' strict load.
         targets = {}
         for name, shape in shapes.items():
             if m := _A_KEY.fullmatch(name):
                 b_shape = shapes.get(f"unet.{m[1]}.lora_B.weight")
                 if b_shape is None:
                     raise ValueError(f"{name} has no matching lora_B tensor")
-                targets[m[1]] = (shape[1], b_shape[0])
+                targets[m[1]] = (shape[1], b_shape[0], *shape[2:])
         return cls(config, targets)
 
     # -- serialisation: diffusers/peft keys and header ------------------------------------
@@ -179,17 +209,16 @@ class LoRA(Adapter):
     def _check_fits(self, unet: nn.Module) -> None:
         """Every target exists and has our widths; checked before anything is touched."""
         problems = []
-        for key, path in self.paths.items():
-            want = (self.lora_A[key].in_features, self.lora_B[key].out_features)
+        for path, want in self.shapes.items():
             try:
                 module = unet.get_submodule(path)
             except AttributeError:
                 problems.append(f"{path} is missing")
                 continue
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            found = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else type(base).__name__
-            if found != want:
-                problems.append(f"{path} is {found}, expected Linear{want}")
+            found = layer_shape(base)
+            if found != tuple(want):
+                problems.append(f"{path} is {found}, expected {'Linear' if len(want) == 2 else 'Conv2d'}{tuple(want)}")
         if problems:
             raise ValueError(
                 f"this LoRA does not fit the UNet ({len(problems)} of {len(self.paths)} targets differ: "

@@ -1,7 +1,7 @@
 """Customization quality on the Shapes model: each method learns a subject and a style, side by side.
 
-    python bench/customize_quality.py [--methods sc_tuner lora sara] [--steps 400] [--seeds 2]
-                                      [--concepts subject style] [--lr sc_tuner=2e-3 ...]
+    python bench/customize_quality.py [--methods sc_tuner lora lora_conv sara] [--steps 400] [--seeds 2]
+                                      [--concepts subject style] [--lr sc_tuner=2e-3 ...] [--guidance 7.5 1.5]
 
 Subject: a held-out shape in a fixed colour (an orange star, trigger "sks"; 5 renders).
 Style: the held-out outline style (trigger "zwx"; 8 renders of base shapes in outline).
@@ -13,6 +13,10 @@ Shapes analyzer:
 - context: the concept follows new contexts (positions, backgrounds) with everything right;
 - preservation: the base prompts' accuracy (colour, shape, position all right) with the adapter
   attached, minus the base model's: the drop in points.
+Every score is taken at each --guidance (CFG) scale: 7.5, diffusers' default, and 1.5, where the base model
+is already 100 % right. A concept the base never saw (a star, outlines) is fragile under strong guidance on
+this small model: the unconditional branch has never denoised one, and the growing conditional minus
+unconditional difference at low noise, scaled 7.5x, turns its colour (docs/benchmarks.md).
 Targets (issue #4): fidelity >= 80 %, context >= 80 %, preservation drop <= 5 points.
 """
 
@@ -36,8 +40,12 @@ from studio.shapes.world import BASE_SHAPES, COLORS, POSITIONS, Scene, ShapeObje
 SUBJECT = ("orange", "star", "sks")
 STYLE_TRIGGER = "zwx"
 # Default options and learning rates per method (matched steps; each method at its usual settings).
-METHOD_OPTIONS = {"sc_tuner": {}, "lora": {"rank": 8, "alpha": 8}, "sara": {}}
-METHOD_LR = {"sc_tuner": 5e-4, "lora": 5e-4, "sara": None}  # None: the method's own default (SaRA's auto LR)
+# Bench entry -> (adapter method, its options): each method at its usual settings. "lora" is the attention LoRA
+# baseline of issue #4; "lora_conv" adds the resnets' convolutions (kohya's LoCon).
+METHODS = {"sc_tuner": ("sc_tuner", {}), "lora": ("lora", {"rank": 8, "alpha": 8}),
+           "lora_conv": ("lora", {"rank": 8, "alpha": 8, "target": "attn_conv"}), "sara": ("sara", {})}
+# Matched steps; None: the method's own default (SaRA's auto LR).
+METHOD_LR = {"sc_tuner": 5e-4, "lora": 5e-4, "lora_conv": 5e-4, "sara": None}
 
 
 def write_captioned(out: Path, scenes: list[Scene], captions: list[str]) -> None:
@@ -72,39 +80,41 @@ def regularisation_set(out: Path, n: int = 64, seed: int = 2) -> None:
     write_scenes(out, [sample_scene(rng, BASE_SHAPES, two_object_prob=0.0) for _ in range(n)])
 
 
-def evaluate_subject(pipe, seeds: list[int], steps: int) -> dict[str, float]:
+def evaluate_subject(pipe, seeds: list[int], steps: int, guidance: float) -> dict[str, float]:
     color, shape, trigger = SUBJECT
     plain = [Scene((ShapeObject(color, shape),))]
     contexts = [Scene((ShapeObject(color, shape, p),)) for p in ("left", "right", "top", "bottom")] + [
         Scene((ShapeObject(color, shape),), bg) for bg in ("black", "gray")]
     swap = f"{color} {shape}"
-    fid = _score(pipe, plain, seeds, steps, ("color", "shape"), lambda c: c.replace(swap, trigger))
-    ctx = _score(pipe, contexts, seeds, steps, ("color", "shape", "position", "background"),
+    fid = _score(pipe, plain, seeds, steps, guidance, ("color", "shape"), lambda c: c.replace(swap, trigger))
+    ctx = _score(pipe, contexts, seeds, steps, guidance, ("color", "shape", "position", "background"),
                  lambda c: c.replace(swap, trigger))
     return {"fidelity": fid, "context": ctx}
 
 
-def evaluate_style(pipe, trained: list[tuple[str, str]], seeds: list[int], steps: int) -> dict[str, float]:
+def evaluate_style(pipe, trained: list[tuple[str, str]], seeds: list[int], steps: int,
+                   guidance: float) -> dict[str, float]:
     new = [(c, s) for c in COLORS for s in BASE_SHAPES if (c, s) not in trained][:6]
     plain = [Scene((ShapeObject(c, s, "center", None, True),)) for c, s in new]
     contexts = [Scene((ShapeObject(c, s, p, None, True),)) for (c, s), p in zip(new, ("left", "right", "top"))] + [
         Scene((ShapeObject(c, s, "center", None, True),), bg) for (c, s), bg in zip(new[3:], ("black", "gray"))]
-    fid = _score(pipe, plain, seeds, steps, ("color", "shape", "outline"), lambda c: c.replace("outline", "zwx"))
-    ctx = _score(pipe, contexts, seeds, steps, ("color", "shape", "outline", "position", "background"),
+    fid = _score(pipe, plain, seeds, steps, guidance, ("color", "shape", "outline"),
+                 lambda c: c.replace("outline", "zwx"))
+    ctx = _score(pipe, contexts, seeds, steps, guidance, ("color", "shape", "outline", "position", "background"),
                  lambda c: c.replace("outline", "zwx"))
     return {"fidelity": fid, "context": ctx}
 
 
-def _score(pipe, scenes, seeds, steps, attributes, rewrite) -> float:
+def _score(pipe, scenes, seeds, steps, guidance, attributes, rewrite) -> float:
     """Share of images with every attribute right, each scene prompted by its caption rewritten for the trigger."""
     prompts = [rewrite(scene.caption()) for scene in scenes]
-    return score_prompts(pipe, scenes, seeds, num_inference_steps=steps, attributes=attributes,
-                         prompts=prompts)["all"]
+    return score_prompts(pipe, scenes, seeds, num_inference_steps=steps, guidance_scale=guidance,
+                         attributes=attributes, prompts=prompts)["all"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["sc_tuner", "lora", "sara"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--concepts", nargs="+", default=["subject", "style"], choices=["subject", "style"])
     p.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                    help="learning rate of a method (default: METHOD_LR; 'auto' for the method's own)")
@@ -112,6 +122,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seeds", type=int, default=2, help="seeds per evaluation prompt")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the evaluation images")
+    p.add_argument("--guidance", type=float, nargs="+", default=[7.5, 1.5],
+                   help="CFG scales to evaluate at (the Shapes base model is 100 %% right from 1.5 up)")
     p.add_argument("--model", default=None)
     p.add_argument("--work", type=Path, default=None, help="keep data and adapters here (default: a temp dir)")
     args = p.parse_args()
@@ -130,15 +142,17 @@ def main() -> None:
     regularisation_set(work / "data" / "reg")
     grid = single_object_grid(positions=("center", "left", "right"))
 
-    base_pres = score_prompts(pipe, grid, seeds, num_inference_steps=args.sample_steps)["all"]
-    rows = [("base model", None, "-", "-", "-", "-", base_pres)]
-    print(f"base model: preservation grid accuracy {base_pres:.1%} ({len(grid)} prompts x {len(seeds)} seeds)")
+    base_pres = {g: score_prompts(pipe, grid, seeds, num_inference_steps=args.sample_steps, guidance_scale=g)["all"]
+                 for g in args.guidance}
+    rows = []  # (method, concept, params, train time, {guidance: (fidelity, context, preservation)})
+    print(f"base model: preservation grid accuracy {base_pres} by CFG ({len(grid)} prompts x {len(seeds)} seeds)")
     for method in args.methods:
+        adapter_method, options = METHODS[method]
         for concept in args.concepts:
             trigger = SUBJECT[2] if concept == "subject" else STYLE_TRIGGER
             config = TrainConfig(
-                data_dir=work / "data" / concept, output_dir=work / "runs" / f"{method}-{concept}", method=method,
-                method_options=METHOD_OPTIONS.get(method, {}), name=f"{method}-{concept}", trigger=trigger,
+                data_dir=work / "data" / concept, output_dir=work / "runs" / f"{method}-{concept}",
+                method=adapter_method, method_options=options, name=f"{method}-{concept}", trigger=trigger,
                 class_prompt="a shape", class_dir=work / "data" / "reg", num_class_images=64, steps=args.steps,
                 batch_size=args.batch_size, learning_rate=learning_rates.get(method), checkpoint_every=0, seed=0,
             )
@@ -147,29 +161,32 @@ def main() -> None:
             train_s = time.time() - t0
             adapter = load_adapter(result.adapter_path, pipe.unet)
             n_params = sum(p.numel() for p in adapter.trainable_parameters())
+            scores = {}
             try:
-                scores = (evaluate_subject(pipe, seeds, args.sample_steps) if concept == "subject"
-                          else evaluate_style(pipe, trained_styles, seeds, args.sample_steps))
-                pres = score_prompts(pipe, grid, seeds, num_inference_steps=args.sample_steps)["all"]
+                for g in args.guidance:
+                    s = (evaluate_subject(pipe, seeds, args.sample_steps, g) if concept == "subject"
+                         else evaluate_style(pipe, trained_styles, seeds, args.sample_steps, g))
+                    pres = score_prompts(pipe, grid, seeds, num_inference_steps=args.sample_steps, guidance_scale=g)
+                    scores[g] = (s["fidelity"], s["context"], pres["all"])
+                    print(f"{method} {concept} CFG {g:g}: fidelity {s['fidelity']:.1%} context {s['context']:.1%} "
+                          f"preservation {pres['all']:.1%} (drop {100 * (base_pres[g] - pres['all']):+.1f} pts), "
+                          f"{train_s:.0f}s", flush=True)
             finally:
                 adapter.detach()
-            rows.append((method, concept, f"{n_params / 1e3:.1f}k", f"{train_s:.0f}s", scores["fidelity"],
-                         scores["context"], pres))
-            print(f"{method} {concept}: fidelity {scores['fidelity']:.1%} context {scores['context']:.1%} "
-                  f"preservation {pres:.1%} (drop {100 * (base_pres - pres):+.1f} pts), {train_s:.0f}s", flush=True)
+            rows.append((method, concept, f"{n_params / 1e3:.1f}k", f"{train_s:.0f}s", scores))
 
     print(f"\n{args.steps} steps x batch {args.batch_size} (+ prior batch) per method, learning rates "
           f"{ {m: learning_rates.get(m) or 'auto' for m in args.methods} }; evaluation: "
-          f"{args.sample_steps} DDIM steps, CFG 7.5, {len(seeds)} seeds; {torch.get_num_threads()} threads")
-    print(f"{'method':10s} {'concept':8s} {'params':>9s} {'train':>6s} {'fidelity':>9s} {'context':>8s} "
+          f"{args.sample_steps} DDIM steps, {len(seeds)} seeds; {torch.get_num_threads()} threads")
+    print(f"{'CFG':>4s} {'method':10s} {'concept':8s} {'params':>9s} {'train':>6s} {'fidelity':>9s} {'context':>8s} "
           f"{'base acc':>9s} {'drop':>7s}")
-    for method, concept, n, t, fid, ctx, pres in rows:
-        fid_s = fid if isinstance(fid, str) else f"{fid:.0%}"
-        ctx_s = ctx if isinstance(ctx, str) else f"{ctx:.0%}"
-        drop = "" if concept is None else f"{100 * (base_pres - pres):+.1f}"
-        print(f"{method:10s} {concept or '':8s} {n:>9s} {t:>6s} {fid_s:>9s} {ctx_s:>8s} {pres:9.0%} {drop:>7s}")
+    for g in args.guidance:
+        print(f"{g:4g} {'base model':10s} {'':8s} {'-':>9s} {'-':>6s} {'-':>9s} {'-':>8s} {base_pres[g]:9.0%}")
+        for method, concept, n, t, scores in rows:
+            fid, ctx, pres = scores[g]
+            print(f"{g:4g} {method:10s} {concept:8s} {n:>9s} {t:>6s} {fid:9.0%} {ctx:8.0%} {pres:9.0%} "
+                  f"{100 * (base_pres[g] - pres):+7.1f}")
     print("targets: fidelity >= 80 %, context >= 80 %, preservation drop <= 5 points")
-
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 
     studio train --data data/stars --method sc_tuner --trigger sks --steps 200 --out runs/stars
     studio train --config stars.yaml --steps 400 --resume latest      # the file's settings, flags win
-    studio train --data data/stars --method lora --option rank=8 --option target=attn_ff
+    studio train --data data/stars --method lora --option rank=8 --option target=attn_conv
     studio train --data data/stars --method csc_tuner --option condition=canny --steps 1000   # a controller
     accelerate launch --multi_gpu -m studio.cli train --config stars.yaml
 

@@ -45,15 +45,21 @@ class Case:
     mergeable: bool
     hint: bool = False  # CSC-Tuners run only with a control image (set_condition)
 
+    @property
+    def id(self) -> str:
+        target = getattr(self.config, "target", "attn")
+        return self.method if target == "attn" else f"{self.method}-{target}"
+
 
 CASES = [
     Case("sc_tuner", SCTunerConfig(), mergeable=False),
     Case("lora", LoRAConfig(rank=4, alpha=8), mergeable=True),  # alpha != rank: a lost alpha shows
+    Case("lora", LoRAConfig(rank=4, alpha=8, target="attn_conv"), mergeable=True),  # LoCon: conv A/B too
     Case("csc_tuner", CSCTunerConfig(), mergeable=False, hint=True),
 ]
 
 
-@pytest.fixture(params=CASES, ids=lambda case: case.method)
+@pytest.fixture(params=CASES, ids=lambda case: case.id)
 def case(request) -> Case:
     return request.param
 
@@ -195,7 +201,7 @@ def test_loading_onto_another_family_fails(case, layout, unet, tmp_path):
     assert not any(isinstance(m, BaseTunerLayer) or m._forward_pre_hooks for m in other.modules())
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.method)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_loading_onto_another_architecture_of_the_family_fails(case, tmp_path):
     path = save_adapter(make(case, build_unet("tiny-sd15")), tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="fingerprint .* pass strict=False"):
@@ -344,15 +350,16 @@ def test_save_refuses_bad_header_input(tmp_path):
 # -- diffusers interop --------------------------------------------------------------------------
 
 
-def test_lora_file_loads_in_diffusers_and_back(tmp_path):
+@pytest.mark.parametrize("target", ["attn_ff", "attn_conv"])
+def test_lora_file_loads_in_diffusers_and_back(target, tmp_path):
     def generate(pipe) -> np.ndarray:
         return pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                     output_type="np").images
 
     pipe = tiny_sd15_pipeline(str(TOKENIZER))
     base = generate(pipe)
-    # alpha != rank: diffusers must read our header; attn_ff: the feed-forward paths must map too.
-    lora = LoRA.from_unet(pipe.unet, LoRAConfig(rank=4, alpha=2, target="attn_ff"))
+    # alpha != rank: diffusers must read our header; the feed-forward paths and the convs must map too.
+    lora = LoRA.from_unet(pipe.unet, LoRAConfig(rank=4, alpha=2, target=target))
     lora.attach(pipe.unet)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -15,6 +15,7 @@ from PIL import Image
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
 
+from adapters import load_adapter
 from pipelines import LoadedModel, parse_infotext
 from pipelines.images import load_mask
 from studio.library import AdapterLibrary
@@ -132,6 +133,18 @@ def test_train_api_adds_the_adapter_to_the_library_for_generate_and_the_adapters
     table = client.predict("sks", "sks-star", api_name="/adapters_rename")
     assert [row[0] for row in table["data"]] == ["sks-star"]
     assert client.predict("sks-star", api_name="/adapters_delete")["data"] == []
+
+
+def test_train_tab_trains_a_lora_on_the_chosen_layers(app_url, stars, tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
+    client = Client(app_url, verbose=False)
+    _, status = client.predict(stars, "", "sks", "lora", 1, None, "locon", "", 0, "canny", 2e-3, "attn_conv",
+                               api_name="/train")
+    assert "'locon' is in the adapter library" in status
+    [entry] = AdapterLibrary().list()
+    lora = load_adapter(entry.path)
+    assert lora.config.target == "attn_conv"
+    assert any(path.endswith("resnets.0.conv1") for path in lora.paths.values())
 
 
 def test_a_controller_trained_in_the_train_tab_steers_generate_and_previews_its_condition_map(

@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from adapters import REGISTRY
+from adapters.lora import LoRAConfig
 from adapters.sara import SaRAConfig, auto_learning_rate, count_selected
 from pipelines import ANNOTATORS, InputError, LoadedModel
 from pipelines.train import TrainConfig, TrainProgress, TrainResult, train
@@ -23,6 +24,8 @@ from .common import MODEL_QUEUE, handler
 TITLE = "Train"
 # SaRA's thresholds in the paper (sara.md): about 5 M / 20 M / 50 M trainable entries on SD 1.5.
 SARA_THRESHOLDS = (2e-4, 8e-4, 2e-3)
+LORA_TARGETS = [("attention (q, k, v, out)", "attn"), ("attention + feed-forward", "attn_ff"),
+                ("attention + resnet convolutions (LoCon)", "attn_conv")]
 
 
 def sara_presets(unet) -> list[tuple[str, float]]:
@@ -32,12 +35,14 @@ def sara_presets(unet) -> list[tuple[str, float]]:
              + (" (default)" if t == default else ""), t) for t, count in count_selected(unet, SARA_THRESHOLDS).items()]
 
 
-def method_options(method: str, condition: str, threshold: float) -> dict:
-    """The options the tab sets for `method`: a controller's condition, SaRA's threshold."""
+def method_options(method: str, condition: str, threshold: float, lora_target: str = LoRAConfig.target) -> dict:
+    """The options the tab sets for `method`: a controller's condition, SaRA's threshold, LoRA's layers."""
     if method == "csc_tuner":
         return {"condition": condition}
     if method == "sara":
         return {"threshold": float(threshold)}
+    if method == "lora":
+        return {"target": lora_target}
     return {}
 
 
@@ -50,12 +55,12 @@ def build(model: LoadedModel, out_dir: Path) -> None:
     def run(files: list[str] | None, folder: str, trigger: str, method: str, steps: float,
             learning_rate: float | None, name: str, sample_prompt: str, sample_every: float,
             condition: str = "canny", threshold: float = SaRAConfig().threshold,
-            progress: gr.Progress = gr.Progress()) -> Iterator[tuple[list, str]]:
+            lora_target: str = LoRAConfig.target, progress: gr.Progress = gr.Progress()) -> Iterator[tuple[list, str]]:
         run_dir = Path(tempfile.mkdtemp(prefix="train-", dir=out_dir))
         prompts = [p for p in [sample_prompt.strip() or trigger.strip()] if p]  # blank: the trigger word alone
         config = TrainConfig(
             data_dir=_data_dir(files, folder, run_dir), output_dir=run_dir, method=method,
-            method_options=method_options(method, condition, threshold),
+            method_options=method_options(method, condition, threshold, lora_target),
             caption_dropout=0.5 if method == "csc_tuner" else 0.0,  # a controller must learn to read the hint
             trigger=trigger.strip() or None, name=name.strip() or None, steps=int(steps),
             learning_rate=learning_rate or None,  # blank (or 0): the method's default
@@ -115,6 +120,8 @@ def build(model: LoadedModel, out_dir: Path) -> None:
                                     label="Controller: the condition drawn from each image (csc_tuner)")
             threshold = gr.Dropdown(sara_presets(model.pipe.unet), value=SaRAConfig().threshold, visible=False,
                                     label="SaRA threshold: weights below it train", elem_id="train-threshold")
+            lora_target = gr.Dropdown(LORA_TARGETS, value=LoRAConfig.target, visible=False, elem_id="train-lora-target",
+                                      label="LoRA layers (convolutions: for shapes the base model never drew)")
             steps = gr.Slider(1, 2000, value=200, step=1, label="Steps", elem_id="train-steps")
             learning_rate = gr.Number(None, label="Learning rate (blank: the method's default)", minimum=0,
                                       elem_id="train-lr")
@@ -130,10 +137,10 @@ def build(model: LoadedModel, out_dir: Path) -> None:
         with gr.Column(scale=1):
             status = gr.Textbox(label="Status", interactive=False, elem_id="train-status")
             gallery = gr.Gallery(label="Samples", columns=4, format="png", elem_id="train-samples")
-    method.change(lambda m: (gr.Dropdown(visible=m == "csc_tuner"), gr.Dropdown(visible=m == "sara")), method,
-                  [condition, threshold], api_visibility="private")
+    method.change(lambda m: tuple(gr.Dropdown(visible=m == shown) for shown in ("csc_tuner", "sara", "lora")), method,
+                  [condition, threshold, lora_target], api_visibility="private")
     button.click(run, inputs=[files, folder, trigger, method, steps, learning_rate, name, sample_prompt, sample_every,
-                              condition, threshold],
+                              condition, threshold, lora_target],
                  outputs=[gallery, status], api_name="train", concurrency_id=MODEL_QUEUE)
     # Not through the model queue (the run holds it), and not `cancels=[train event]`: cancelling the event
     # would free the queue while the training thread still holds the pipeline for its last step. The run
