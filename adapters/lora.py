@@ -79,9 +79,8 @@ def target_layers(unet: nn.Module, target: str) -> dict[str, nn.Module]:
     for path, module in unet.named_modules():
         if path.endswith(suffixes):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if isinstance(layer_shape(base), str):
-                raise ValueError(f"{path} is a {layer_shape(base)}; LoRA here adapts Linear and 'same' Conv2d "
-                                 "layers only")
+            if isinstance(shape := layer_shape(base), str):
+                raise ValueError(f"{path} is a {shape}; LoRA here adapts Linear and 'same' Conv2d layers only")
             found[path] = base
     return found
 

@@ -39,7 +39,6 @@ from studio.shapes.world import BASE_SHAPES, COLORS, POSITIONS, Scene, ShapeObje
 
 SUBJECT = ("orange", "star", "sks")
 STYLE_TRIGGER = "zwx"
-# Default options and learning rates per method (matched steps; each method at its usual settings).
 # Bench entry -> (adapter method, its options): each method at its usual settings. "lora" is the attention LoRA
 # baseline of issue #4; "lora_conv" adds the resnets' convolutions (kohya's LoCon).
 METHODS = {"sc_tuner": ("sc_tuner", {}), "lora": ("lora", {"rank": 8, "alpha": 8}),
