@@ -12,7 +12,8 @@ auxiliary branch, no mask), both at CFG 7.5, and scored by the analyzer:
 - position kept: the analyzer's position of the largest object equals the one on the source render;
 - background PSNR (colour and shape edits): edited vs source outside the object, i.e. outside the union of the
   analyzer's object masks on the source render and on the target scene's render (a new shape covers other
-  pixels), dilated by 2 px. The VAE's reconstruction of the source over the same pixels is the ceiling. Reported
+  pixels), dilated by 2 px. The VAE's reconstruction of the source over the same pixels is the ceiling; the
+  target scene's render through the VAE (a perfect edit, as the VAE decodes it) is printed beside it. Reported
   again beyond one latent cell (vae_scale_factor px): a latent edit changes whole cells and the decoder spreads
   each over its neighbours, so the 2-px ring is partly the edit's own (a blurred object edge counts against it);
 - object PSNR (background edits, whose background should change, so they have no background PSNR): edited vs
@@ -224,7 +225,10 @@ def main() -> None:
                 inside = cv2.erode(objects_mask(source_analysis).astype(np.uint8), MARGIN).astype(bool)
                 add(f"{method} object psnr", psnr(edited, image, inside))
             else:
-                changing = objects_mask(source_analysis) | objects_mask(analyze(render(case.target)))
+                target_render = render(case.target)
+                changing = objects_mask(source_analysis) | objects_mask(analyze(target_render))
+                with torch.no_grad():  # the perfect edit, as the VAE decodes it
+                    ideal = decode_latents(pipe, encode_image(pipe, target_render))[0]
                 # Also beyond one latent cell: an edit in latent space changes whole cells, and the decoder
                 # spreads each over its neighbours, so pixels within a cell of the object are the edit's own.
                 for suffix, margin in (("", MARGIN), (" cell", square(pipe.vae_scale_factor))):
@@ -232,6 +236,7 @@ def main() -> None:
                     add(f"{method} background psnr{suffix}", psnr(edited, image, outside))
                     if method == "uam":
                         add(f"vae background psnr{suffix}", psnr(vae, image, outside))
+                        add(f"ideal background psnr{suffix}", psnr(ideal, image, outside))
             status.append(f"{'UAM' if method == 'uam' else 'no uniform'} {'ok' if got['all'] else 'missed'}")
         if args.save:
             strip = Image.new("RGB", (4 * CANVAS, CANVAS))
@@ -272,6 +277,7 @@ def report(rec: dict[str, list[float]], steps: int, seconds: float) -> None:
             f">= {ceiling - 2:.2f} (VAE - 2) and >= {plain + 2:.2f} (no uniform + 2)",
             uam >= ceiling - 2 and uam >= plain + 2)
         row("  VAE ceiling on the same pixels (dB)", f"{ceiling:.2f}")
+        row("  ideal edit (target render) through the VAE", f"{mean[f'ideal background psnr{suffix}']:.2f}")
     if "uam object psnr" in mean:
         row("object PSNR, background edits (dB)", f"{mean['uam object psnr']:.2f}", f"{mean['plain object psnr']:.2f}")
 

@@ -26,13 +26,22 @@ VAE_CONFIG = dict(
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
 )
-UNET_CONFIG = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-    block_out_channels=(64, 96, 128),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
-)
+
+
+def unet_config(attention_levels: int = 2) -> dict:
+    """The UNet, with cross-attention in its `attention_levels` lowest resolutions (of 3).
+
+    The shipped model has 2: the 16x16 latents are left to the resnets (to stay fast on a CPU), where
+    attention tuners cannot reach; SD 1.x attends at every level but the lowest (docs/benchmarks.md)."""
+    down = ("DownBlock2D",) * (3 - attention_levels) + ("CrossAttnDownBlock2D",) * attention_levels
+    up = ("CrossAttnUpBlock2D",) * attention_levels + ("UpBlock2D",) * (3 - attention_levels)
+    return dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 96, 128),
+        down_block_types=down, up_block_types=up, cross_attention_dim=64, attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
 SCHEDULER_CONFIG = dict(  # Stable Diffusion's schedule
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,

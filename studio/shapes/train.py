@@ -2,6 +2,9 @@
 
     studio shapes train --out runs/shapes        # seeded; re-run the same command to resume
 
+`--attention-levels 3 --unet-init MODEL` grows a trained model's UNet instead: attention added at the
+full resolution, the rest copied (the experiment in docs/benchmarks.md; not how the shipped model was made).
+
 Each stage checkpoints its full state (weights, optimizer, EMA, RNG, step) every
 `--ckpt-every` steps to DIR/<stage>_state.pt (written atomically) and resumes from it.
 Progress goes to DIR/train.log. The finished diffusers folder is DIR/model.
@@ -21,9 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .model import SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG, write_tokenizer
+from .model import SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG, VAE_CONFIG, unet_config, write_tokenizer
 from .world import BASE_SHAPES, SHAPES, render, sample_scene
 
 
@@ -181,6 +185,28 @@ def finetune_decoder(out: Path, args: argparse.Namespace, vae: AutoencoderKL, de
     return vae
 
 
+def grow_unet(unet: UNet2DConditionModel, trained: UNet2DConditionModel, log: Log) -> None:
+    """Start `unet` from a trained UNet with the same widths and fewer attention blocks.
+
+    Shared weights are copied; each added attention block keeps its fresh init except for a zeroed
+    output projection (as in the original LDM code), so the grown UNet starts out computing exactly
+    what the trained one did and the new blocks learn only what helps."""
+    own, theirs = unet.state_dict(), trained.state_dict()
+    clash = [k for k, v in theirs.items() if k not in own or own[k].shape != v.shape]
+    if clash:
+        raise ValueError(f"--unet-init: {len(clash)} trained weights do not fit this layout (e.g. {clash[0]}); "
+                         "grow only to more --attention-levels with the same widths")
+    unet.load_state_dict({**own, **theirs})
+    added = [name for name, m in unet.named_modules()
+             if isinstance(m, Transformer2DModel) and f"{name}.proj_out.weight" not in theirs]
+    with torch.no_grad():
+        for name in added:
+            proj_out = unet.get_submodule(f"{name}.proj_out")
+            proj_out.weight.zero_()
+            proj_out.bias.zero_()
+    log(f"unet: grown from a trained UNet, {len(added)} attention blocks added: {', '.join(added)}")
+
+
 def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
                device: torch.device, log: Log) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """The UNet trains on base shapes and filled style only: held-out shapes and the outline style
@@ -192,7 +218,10 @@ def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenize
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                  **TEXT_ENCODER_CONFIG)
     text_encoder = CLIPTextModel(text_config).to(device)
-    unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
+    unet = UNet2DConditionModel(**unet_config(args.attention_levels)).to(device)
+    if args.unet_init is not None:
+        text_encoder = CLIPTextModel.from_pretrained(args.unet_init / "text_encoder").to(device)
+        grow_unet(unet, UNet2DConditionModel.from_pretrained(args.unet_init / "unet"), log)
     train_text_encoder = args.text_encoder == "trained"
     text_encoder.requires_grad_(train_text_encoder)
     ema = {"unet": copy.deepcopy(unet).requires_grad_(False),
@@ -284,6 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--unet-pool", type=int, default=30000)
+    p.add_argument("--attention-levels", type=int, choices=(2, 3), default=2,
+                   help="UNet resolutions with cross-attention, from the lowest (3: also the full 16x16 latents)")
+    p.add_argument("--unet-init", type=Path, default=None,
+                   help="model folder to grow the UNet from (text encoder too), e.g. one with fewer attention levels")
     p.add_argument("--text-encoder", choices=("frozen", "trained"), default="frozen",
                    help="keep the text encoder at its seeded random init, or train it with the UNet")
     p.add_argument("--caption-dropout", type=float, default=0.1)
