@@ -187,5 +187,6 @@ def main() -> None:
                   f"{100 * (base_pres[g] - pres):+7.1f}")
     print("targets: fidelity >= 80 %, context >= 80 %, preservation drop <= 5 points")
 
+
 if __name__ == "__main__":
     main()

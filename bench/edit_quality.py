@@ -210,6 +210,21 @@ def main() -> None:
         add("recon ddim source", psnr(ddim_reconstruct(model, image, source, GUIDANCE, steps).image, image))
         add("recon uniform", psnr(uniform, image))
 
+        # Background pixels of colour and shape edits, by margin: outside the source object and the target
+        # scene's (a new shape covers other pixels). Also beyond one latent cell: an edit in latent space changes
+        # whole cells, and the decoder spreads each over its neighbours, so pixels within a cell of the object
+        # are the edit's own.
+        backgrounds = {}
+        if case.kind != "background":
+            target_render = render(case.target)
+            changing = (objects_mask(source_analysis) | objects_mask(analyze(target_render))).astype(np.uint8)
+            with torch.no_grad():  # the perfect edit, as the VAE decodes it
+                ideal = decode_latents(pipe, encode_image(pipe, target_render))[0]
+            for suffix, margin in (("", MARGIN), (" cell", square(pipe.vae_scale_factor))):
+                backgrounds[suffix] = outside = ~cv2.dilate(changing, margin).astype(bool)
+                add(f"vae background psnr{suffix}", psnr(vae, image, outside))
+                add(f"ideal background psnr{suffix}", psnr(ideal, image, outside))
+
         status = []
         for method, edited in (("uam", uam.image), ("plain", plain.image)):
             analysis = analyze(edited)
@@ -224,19 +239,8 @@ def main() -> None:
             if case.kind == "background":
                 inside = cv2.erode(objects_mask(source_analysis).astype(np.uint8), MARGIN).astype(bool)
                 add(f"{method} object psnr", psnr(edited, image, inside))
-            else:
-                target_render = render(case.target)
-                changing = objects_mask(source_analysis) | objects_mask(analyze(target_render))
-                with torch.no_grad():  # the perfect edit, as the VAE decodes it
-                    ideal = decode_latents(pipe, encode_image(pipe, target_render))[0]
-                # Also beyond one latent cell: an edit in latent space changes whole cells, and the decoder
-                # spreads each over its neighbours, so pixels within a cell of the object are the edit's own.
-                for suffix, margin in (("", MARGIN), (" cell", square(pipe.vae_scale_factor))):
-                    outside = ~cv2.dilate(changing.astype(np.uint8), margin).astype(bool)
-                    add(f"{method} background psnr{suffix}", psnr(edited, image, outside))
-                    if method == "uam":
-                        add(f"vae background psnr{suffix}", psnr(vae, image, outside))
-                        add(f"ideal background psnr{suffix}", psnr(ideal, image, outside))
+            for suffix, outside in backgrounds.items():
+                add(f"{method} background psnr{suffix}", psnr(edited, image, outside))
             status.append(f"{'UAM' if method == 'uam' else 'no uniform'} {'ok' if got['all'] else 'missed'}")
         if args.save:
             strip = Image.new("RGB", (4 * CANVAS, CANVAS))

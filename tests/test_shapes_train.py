@@ -5,7 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from studio.shapes.model import unet_config
-from studio.shapes.train import grow_unet
+from studio.shapes.train import grow_unet, main
 
 
 def _trained_two_level_unet() -> UNet2DConditionModel:
@@ -37,3 +37,11 @@ def test_growing_to_fewer_attention_levels_is_refused():
     three = UNet2DConditionModel(**unet_config(attention_levels=3))
     with pytest.raises(ValueError, match="do not fit this layout.*--attention-levels"):
         grow_unet(UNet2DConditionModel(**unet_config(attention_levels=2)), three, log=lambda msg: None)
+
+
+def test_a_unet_init_folder_without_a_model_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "run"), "--attention-levels", "3", "--unet-init", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "no unet/config.json there" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing started

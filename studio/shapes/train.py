@@ -219,7 +219,8 @@ def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenize
                                  **TEXT_ENCODER_CONFIG)
     text_encoder = CLIPTextModel(text_config).to(device)
     unet = UNet2DConditionModel(**unet_config(args.attention_levels)).to(device)
-    if args.unet_init is not None:
+    state_path = out / "unet_state.pt"
+    if args.unet_init is not None and not state_path.exists():  # a resumed run has its weights in its state
         text_encoder = CLIPTextModel.from_pretrained(args.unet_init / "text_encoder").to(device)
         grow_unet(unet, UNet2DConditionModel.from_pretrained(args.unet_init / "unet"), log)
     train_text_encoder = args.text_encoder == "trained"
@@ -230,7 +231,6 @@ def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenize
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
     noise_scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     step = 0
-    state_path = out / "unet_state.pt"
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
         unet.load_state_dict(state["unet"])
@@ -324,6 +324,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.unet_init is not None:  # checked before the VAE stages spend their minutes
+        for part in ("unet", "text_encoder"):
+            if not (args.unet_init / part / "config.json").is_file():
+                p.error(f"--unet-init {args.unet_init}: no {part}/config.json there; pass a diffusers model folder "
+                        "such as assets/shapes-sd")
 
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "train.log")
