@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from pipelines.loading import EMBEDDED_MODEL
 from studio.shapes.model import unet_config
 from studio.shapes.train import grow_unet, main
 
@@ -15,6 +16,15 @@ def _trained_two_level_unet() -> UNet2DConditionModel:
         for p in unet.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return unet.eval()
+
+
+def test_the_default_layout_is_the_shipped_unets():
+    """`studio shapes train` with its defaults rebuilds the architecture that ships in assets/."""
+    shipped = UNet2DConditionModel.load_config(EMBEDDED_MODEL / "unet")
+    default = UNet2DConditionModel(**unet_config()).config
+    assert {k: default[k] for k in shipped if not k.startswith("_")} == {
+        k: tuple(v) if isinstance(v, list) else v for k, v in shipped.items() if not k.startswith("_")}
+    assert unet_config(3)["down_block_types"][0] == "CrossAttnDownBlock2D" != shipped["down_block_types"][0]
 
 
 def test_grown_unet_starts_out_computing_what_the_trained_one_did():

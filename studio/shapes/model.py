@@ -31,8 +31,9 @@ VAE_CONFIG = dict(
 def unet_config(attention_levels: int = 2) -> dict:
     """The UNet, with cross-attention in its `attention_levels` lowest resolutions (of 3).
 
-    The shipped model has 2: the 16x16 latents are left to the resnets (to stay fast on a CPU), where
-    attention tuners cannot reach; SD 1.x attends at every level but the lowest (docs/benchmarks.md)."""
+    The shipped model has 2: the 16x16 latents are left to the resnets, to stay fast on a CPU. SD 1.x
+    attends at every level but the lowest; a base with 3 was trained and measured no better for the
+    tuners, and 2.7x slower to sample (docs/benchmarks.md, customize section)."""
     down = ("DownBlock2D",) * (3 - attention_levels) + ("CrossAttnDownBlock2D",) * attention_levels
     up = ("CrossAttnUpBlock2D",) * attention_levels + ("UpBlock2D",) * (3 - attention_levels)
     return dict(
