@@ -3,9 +3,11 @@
     python bench/base_quality.py [--model assets/shapes-sd] [--seeds 4] [--steps 25]
 
 The grid is fixed: every base colour x shape x the five positions, plus 30 two-object prompts,
-4 seeds each, 25 DDIM steps, guidance 7.5, scored by the Shapes analyzer. Targets (issue #3):
+4 seeds each, 25 DDIM steps, guidance 7.5, scored by the Shapes analyzer. Targets (issues #3, #15):
 colour >= 95 %, shape >= 90 %, position >= 90 %, two-object all-four-attributes >= 60 %,
-VAE PSNR >= 30 dB.
+VAE PSNR >= 30 dB; a held-out shape in <= 1 % of the grid's images (nothing named draws one).
+It also prints what the unconditional branch draws (empty prompt, CFG 1, --unconditional-seeds images):
+the share with a held-out shape and with an outline, the content base training shows but never names.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import time
 import torch
 
 from pipelines import load_model
-from studio.shapes.quality import score_prompts, single_object_grid, two_object_scenes, vae_reconstruction
+from studio.shapes.quality import (score_prompts, single_object_grid, two_object_scenes, unnamed_content,
+                                  vae_reconstruction)
 
 
 def main() -> None:
@@ -26,6 +29,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--unconditional-seeds", type=int, default=96)
     args = p.parse_args()
 
     model = load_model(args.model)
@@ -39,6 +43,10 @@ def main() -> None:
                            guidance_scale=args.guidance)
     pairs = score_prompts(pipe, two_object_scenes(), seeds, num_inference_steps=args.steps,
                           guidance_scale=args.guidance, attributes=("color", "shape", "position"))
+    named_prompts = [scene.caption() for scene in single_object_grid() + two_object_scenes()]
+    named = unnamed_content(pipe, named_prompts, seeds, num_inference_steps=args.steps, guidance_scale=args.guidance)
+    unconditional = unnamed_content(pipe, [""], list(range(args.unconditional_seeds)), num_inference_steps=args.steps,
+                                    guidance_scale=1.0)
     vae = vae_reconstruction(pipe.vae)
     rows = [
         ("colour (single objects)", single["color"], 0.95),
@@ -53,14 +61,19 @@ def main() -> None:
     for name, value, target in rows:
         mark = "" if target is None else ("  ok" if value >= target else "  MISSED")
         print(f"{name:36s} {value:8.1%} {'' if target is None else f'{target:.0%}':>8s}{mark}")
+    mark = "  ok" if named["held_out_shape"] <= 0.01 else "  MISSED"
+    print(f"{'named prompts: a held-out shape':36s} {named['held_out_shape']:8.1%} {'<= 1%':>8s}{mark}")
+    print(f"{'named prompts: an outline':36s} {named['outline']:8.1%}")
+    for key, label in (("held_out_shape", "a held-out shape"), ("outline", "an outline"), ("either", "either")):
+        print(f"{'unconditional: ' + label:36s} {unconditional[key]:8.1%}")
     for key, value in vae.items():
         if key.startswith("psnr"):
             target = 30.0 if key == "psnr_all" else None
             mark = "" if target is None else ("  ok" if value >= target else "  MISSED")
             print(f"{'VAE ' + key + ' (dB, 200 renders)':36s} {value:8.2f} {'' if target is None else '30':>8s}{mark}")
     print(f"{'VAE reconstructions read right':36s} {vae['analyzer_kept']:8.1%}")
-    print(f"({len(single_object_grid()) + 30} prompts x {len(seeds)} seeds, {args.steps} DDIM steps, "
-          f"CFG {args.guidance}; {time.time() - t0:.0f}s)")
+    print(f"({len(named_prompts)} prompts x {len(seeds)} seeds, {args.steps} DDIM steps, CFG {args.guidance}; "
+          f"unconditional: empty prompt x {args.unconditional_seeds} seeds, CFG 1; {time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":

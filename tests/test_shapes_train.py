@@ -1,4 +1,5 @@
-"""Growing the Shapes UNet: attention added at a new resolution starts as an exact no-op, then trains."""
+"""Warm-starting the Shapes UNet: attention added at a new resolution starts as an exact no-op, then trains;
+attention the new layout lacks is dropped; the caption-dropout rows show the whole world."""
 
 import pytest
 import torch
@@ -6,12 +7,12 @@ from diffusers import UNet2DConditionModel
 
 from pipelines.loading import EMBEDDED_MODEL
 from studio.shapes.model import unet_config
-from studio.shapes.train import grow_unet, main
+from studio.shapes.train import main, warm_start_unet
 
 
 def _trained_two_level_unet() -> UNet2DConditionModel:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**unet_config(attention_levels=2))
+    unet = UNet2DConditionModel(**unet_config(cross_attention=(8, 4)))
     with torch.no_grad():  # every weight non-trivial, as after training (zero-init layers included)
         for p in unet.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -24,13 +25,15 @@ def test_the_default_layout_is_the_shipped_unets():
     default = UNet2DConditionModel(**unet_config()).config
     assert {k: default[k] for k in shipped if not k.startswith("_")} == {
         k: tuple(v) if isinstance(v, list) else v for k, v in shipped.items() if not k.startswith("_")}
-    assert unet_config(3)["down_block_types"][0] == "CrossAttnDownBlock2D" != shipped["down_block_types"][0]
+    # SD 1.x's pattern: text at the two higher resolutions, none at the lowest.
+    assert shipped["down_block_types"] == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    assert unet_config((8, 4))["down_block_types"][0] == "DownBlock2D"
 
 
 def test_grown_unet_starts_out_computing_what_the_trained_one_did():
     trained = _trained_two_level_unet()
-    grown = UNet2DConditionModel(**unet_config(attention_levels=3)).eval()
-    grow_unet(grown, trained, log=lambda msg: None)
+    grown = UNet2DConditionModel(**unet_config(cross_attention=(16, 8, 4))).eval()
+    warm_start_unet(grown, trained, log=lambda msg: None)
     assert grown.config.down_block_types[0] == "CrossAttnDownBlock2D"
     x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 32, 64)
     t = torch.tensor([10, 900])
@@ -43,15 +46,27 @@ def test_grown_unet_starts_out_computing_what_the_trained_one_did():
     assert new_proj.weight.grad is not None and new_proj.weight.grad.abs().sum() > 0
 
 
-def test_growing_to_fewer_attention_levels_is_refused():
-    three = UNet2DConditionModel(**unet_config(attention_levels=3))
-    with pytest.raises(ValueError, match="do not fit this layout.*--attention-levels"):
-        grow_unet(UNet2DConditionModel(**unet_config(attention_levels=2)), three, log=lambda msg: None)
+def test_warm_start_drops_attention_the_new_layout_lacks_and_keeps_the_rest():
+    trained = _trained_two_level_unet()
+    sd15 = UNet2DConditionModel(**unet_config(cross_attention=(16, 8)))
+    logged = []
+    warm_start_unet(sd15, trained, log=logged.append)
+    assert "dropped: down_blocks.2.attentions.0" in logged[0]
+    own, theirs = sd15.state_dict(), trained.state_dict()
+    shared = [k for k in own if k in theirs]
+    assert len(shared) > 100 and all(torch.equal(own[k], theirs[k]) for k in shared)
+    assert torch.count_nonzero(sd15.down_blocks[0].attentions[0].proj_out.weight) == 0  # added: a no-op
+
+
+def test_warm_start_refuses_other_widths():
+    other = dict(unet_config(), block_out_channels=(32, 96, 128))
+    with pytest.raises(ValueError, match="do not fit this UNet.*same block widths"):
+        warm_start_unet(UNet2DConditionModel(**unet_config()), UNet2DConditionModel(**other), log=lambda msg: None)
 
 
 def test_a_unet_init_folder_without_a_model_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--out", str(tmp_path / "run"), "--attention-levels", "3", "--unet-init", str(tmp_path)])
+        main(["--out", str(tmp_path / "run"), "--unet-init", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no unet/config.json there" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing started

@@ -28,17 +28,24 @@ VAE_CONFIG = dict(
 )
 
 
-def unet_config(attention_levels: int = 2) -> dict:
-    """The UNet, with cross-attention in its `attention_levels` lowest resolutions (of 3).
+LATENT_RESOLUTIONS = (16, 8, 4)  # the UNet's levels, from the full 16x16 latents of a 64x64 image down
+SHIPPED_CROSS_ATTENTION = (16, 8)  # SD 1.x's pattern: text at the higher resolutions, none at the lowest
 
-    The shipped model has 2: the 16x16 latents are left to the resnets, to stay fast on a CPU. SD 1.x
-    attends at every level but the lowest; a base with 3 was trained and measured no better for the
-    tuners, and 2.7x slower to sample (docs/benchmarks.md, customize section)."""
-    down = ("DownBlock2D",) * (3 - attention_levels) + ("CrossAttnDownBlock2D",) * attention_levels
-    up = ("CrossAttnUpBlock2D",) * attention_levels + ("UpBlock2D",) * (3 - attention_levels)
+
+def unet_config(cross_attention: tuple[int, ...] = SHIPPED_CROSS_ATTENTION) -> dict:
+    """The UNet, with cross-attention at the latent resolutions in `cross_attention` (the mid block always has it).
+
+    Heads: 8 per attention block as in SD 1.x, but 2 of width 32 at the full resolution, where 8-wide heads
+    made attention a third of a CPU training step (docs/benchmarks.md, session 6)."""
+    unknown = set(cross_attention) - set(LATENT_RESOLUTIONS)
+    if unknown:
+        raise ValueError(f"cross_attention {sorted(unknown)}: the levels are {LATENT_RESOLUTIONS}")
+    down = tuple("CrossAttnDownBlock2D" if r in cross_attention else "DownBlock2D" for r in LATENT_RESOLUTIONS)
+    up = tuple("CrossAttnUpBlock2D" if r in cross_attention else "UpBlock2D" for r in reversed(LATENT_RESOLUTIONS))
+    heads = tuple(2 if r == LATENT_RESOLUTIONS[0] else 8 for r in LATENT_RESOLUTIONS)
     return dict(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 96, 128),
-        down_block_types=down, up_block_types=up, cross_attention_dim=64, attention_head_dim=8,
+        down_block_types=down, up_block_types=up, cross_attention_dim=64, attention_head_dim=heads,
         norm_num_groups=16,
     )
 

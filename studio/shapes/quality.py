@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .analyzer import score_scene
-from .world import BASE_SHAPES, COLORS, PAIRS, POSITIONS, Scene, ShapeObject, render, sample_scene
+from .analyzer import analyze, score_scene
+from .world import BASE_SHAPES, COLORS, HELD_OUT_SHAPES, PAIRS, POSITIONS, Scene, ShapeObject, render, sample_scene
 
 
 def single_object_grid(colors: Sequence[str] = tuple(COLORS), shapes: Sequence[str] = BASE_SHAPES,
@@ -31,6 +31,14 @@ def two_object_scenes(n: int = 30, seed: int = 1234, shapes: Sequence[str] = BAS
     return scenes
 
 
+def generate_at_seeds(pipe, prompt: str, seeds: Sequence[int], *, num_inference_steps: int,
+                      guidance_scale: float) -> list:
+    """One 64x64 image of `prompt` per seed, in one batch (each seed its own CPU generator)."""
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return pipe(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                num_images_per_prompt=len(seeds), generator=generators, height=64, width=64).images
+
+
 @torch.no_grad()
 def score_prompts(pipe, scenes: Sequence[Scene], seeds: Sequence[int], *, num_inference_steps: int = 25,
                   guidance_scale: float = 7.5, attributes: Sequence[str] = ("color", "shape", "position"),
@@ -40,14 +48,31 @@ def score_prompts(pipe, scenes: Sequence[Scene], seeds: Sequence[int], *, num_in
     attribute of every object right)."""
     hits: dict[str, list[bool]] = {}
     for i, scene in enumerate(scenes):
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        images = pipe(scene.caption() if prompts is None else prompts[i], num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, num_images_per_prompt=len(seeds), generator=generators,
-                      height=64, width=64).images
+        images = generate_at_seeds(pipe, scene.caption() if prompts is None else prompts[i], seeds,
+                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         for image in images:
             for key, ok in score_scene(image, scene, attributes).items():
                 hits.setdefault(key, []).append(ok)
     return {key: float(np.mean(v)) for key, v in hits.items()}
+
+
+@torch.no_grad()
+def unnamed_content(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int = 25,
+                    guidance_scale: float = 7.5) -> dict[str, float]:
+    """Share of images in which the analyzer finds a held-out shape, an outlined object, or either: the
+    content base training never names (SHAPES.md, "Seen but unnamed"). Named prompts should give ~0; the
+    empty prompt at CFG 1 shows what the unconditional branch learned to draw."""
+    found: dict[str, list[bool]] = {"held_out_shape": [], "outline": [], "either": []}
+    for prompt in prompts:
+        for image in generate_at_seeds(pipe, prompt, seeds, num_inference_steps=num_inference_steps,
+                                       guidance_scale=guidance_scale):
+            objects = analyze(image).objects
+            held_out = any(o.shape in HELD_OUT_SHAPES for o in objects)
+            outline = any(o.outline for o in objects)
+            found["held_out_shape"].append(held_out)
+            found["outline"].append(outline)
+            found["either"].append(held_out or outline)
+    return {key: float(np.mean(v)) for key, v in found.items()}
 
 
 @torch.no_grad()

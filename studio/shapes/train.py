@@ -2,8 +2,13 @@
 
     studio shapes train --out runs/shapes        # seeded; re-run the same command to resume
 
-`--attention-levels 3 --unet-init MODEL` grows a trained model's UNet instead: attention added at the
-full resolution, the rest copied (the experiment in docs/benchmarks.md; not how the shipped model was made).
+The UNet learns the named world (base shapes, filled) from captions and, in its caption-dropout share,
+the whole world unnamed (held-out shapes and the outline style too), as a real checkpoint's unconditional
+branch has seen what its captions never named (SHAPES.md, "Seen but unnamed").
+
+`--unet-init MODEL` warm-starts the UNet (and takes the text encoder) from a trained model of the same
+widths, possibly with another `--cross-attention` layout: weights that fit are copied, attention blocks
+the layout lacks are dropped, added ones start as no-ops (how the shipped model was made: its card says).
 
 Each stage checkpoints its full state (weights, optimizer, EMA, RNG, step) every
 `--ckpt-every` steps to DIR/<stage>_state.pt (written atomically) and resumes from it.
@@ -27,7 +32,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .model import SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG, VAE_CONFIG, unet_config, write_tokenizer
+from .model import (LATENT_RESOLUTIONS, SCHEDULER_CONFIG, SHIPPED_CROSS_ATTENTION, TEXT_ENCODER_CONFIG, VAE_CONFIG,
+                    unet_config, write_tokenizer)
 from .world import BASE_SHAPES, SHAPES, render, sample_scene
 
 
@@ -185,44 +191,55 @@ def finetune_decoder(out: Path, args: argparse.Namespace, vae: AutoencoderKL, de
     return vae
 
 
-def grow_unet(unet: UNet2DConditionModel, trained: UNet2DConditionModel, log: Log) -> None:
-    """Start `unet` from a trained UNet with the same widths and fewer attention blocks.
+def warm_start_unet(unet: UNet2DConditionModel, trained: UNet2DConditionModel, log: Log) -> None:
+    """Start `unet` from a trained UNet of the same widths, whatever either's cross-attention layout.
 
-    Shared weights are copied; each added attention block keeps its fresh init except for a zeroed
-    output projection (as in the original LDM code), so the grown UNet starts out computing exactly
-    what the trained one did and the new blocks learn only what helps."""
+    Shared weights are copied and attention blocks `unet` lacks are dropped. Each added attention block
+    keeps its fresh init except for a zeroed output projection (as in the original LDM code), so it starts
+    as a no-op and learns only what helps; with no block dropped, `unet` computes exactly what `trained` did."""
     own, theirs = unet.state_dict(), trained.state_dict()
-    clash = [k for k, v in theirs.items() if k not in own or own[k].shape != v.shape]
+    clash = [k for k, v in theirs.items() if k in own and own[k].shape != v.shape]
     if clash:
-        raise ValueError(f"--unet-init: {len(clash)} trained weights do not fit this layout (e.g. {clash[0]}); "
-                         "grow only to more --attention-levels with the same widths")
-    unet.load_state_dict({**own, **theirs})
-    added = [name for name, m in unet.named_modules()
-             if isinstance(m, Transformer2DModel) and f"{name}.proj_out.weight" not in theirs]
+        raise ValueError(f"--unet-init: {len(clash)} trained weights do not fit this UNet (e.g. {clash[0]}); "
+                         "warm-start only from a UNet of the same block widths")
+    unet.load_state_dict({**own, **{k: v for k, v in theirs.items() if k in own}})
+    blocks = {name for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)}
+    trained_blocks = {name for name, m in trained.named_modules() if isinstance(m, Transformer2DModel)}
+    added, dropped = sorted(blocks - trained_blocks), sorted(trained_blocks - blocks)
     with torch.no_grad():
         for name in added:
             proj_out = unet.get_submodule(f"{name}.proj_out")
             proj_out.weight.zero_()
             proj_out.bias.zero_()
-    log(f"unet: grown from a trained UNet, {len(added)} attention blocks added: {', '.join(added)}")
+    log(f"unet: warm-started from a trained UNet; attention blocks added: {', '.join(added) or 'none'}; "
+        f"dropped: {', '.join(dropped) or 'none'}")
+
+
+def encode_pool(vae: AutoencoderKL, pixels_u8: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, std) of every render, cached once; training samples from it per step."""
+    with torch.no_grad():
+        stats = [vae.encode(to_unit(chunk).to(device)).latent_dist for chunk in pixels_u8.split(256)]
+    return torch.cat([d.mean for d in stats]), torch.cat([d.std for d in stats])
 
 
 def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
                device: torch.device, log: Log) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """The UNet trains on base shapes and filled style only: held-out shapes and the outline style
-    are left for customization. The text encoder stays frozen at its seeded random initialisation
-    unless --text-encoder trained: trained jointly, it collapsed the position words onto each other
-    (position accuracy 39.7 % against 100 % colour and shape; see the model card)."""
+    """Captions only ever name base shapes, filled: held-out shapes and the outline style are left for
+    customization. With --unconditional-world all (the default), the caption-dropout rows are drawn from
+    the whole world, so the unconditional branch can draw what no caption names. The text encoder stays
+    frozen at its seeded random initialisation unless --text-encoder trained: trained jointly, it collapsed
+    the position words onto each other (position accuracy 39.7 % against 100 % colour and shape; see the
+    model card)."""
     torch.manual_seed(args.seed + 2)
     text_config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                  **TEXT_ENCODER_CONFIG)
     text_encoder = CLIPTextModel(text_config).to(device)
-    unet = UNet2DConditionModel(**unet_config(args.attention_levels)).to(device)
+    unet = UNet2DConditionModel(**unet_config(tuple(args.cross_attention))).to(device)
     state_path = out / "unet_state.pt"
     if args.unet_init is not None and not state_path.exists():  # a resumed run has its weights in its state
         text_encoder = CLIPTextModel.from_pretrained(args.unet_init / "text_encoder").to(device)
-        grow_unet(unet, UNet2DConditionModel.from_pretrained(args.unet_init / "unet"), log)
+        warm_start_unet(unet, UNet2DConditionModel.from_pretrained(args.unet_init / "unet"), log)
     train_text_encoder = args.text_encoder == "trained"
     text_encoder.requires_grad_(train_text_encoder)
     ema = {"unet": copy.deepcopy(unet).requires_grad_(False),
@@ -246,10 +263,11 @@ def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenize
 
     # Cache the VAE posterior of every pooled render once (mean and std), sample per step.
     pool, captions = render_pool(args.unet_pool, args.seed + 200, BASE_SHAPES, outline_prob=0.0)
-    with torch.no_grad():
-        stats = [vae.encode(to_unit(chunk).to(device)).latent_dist for chunk in pool.split(256)]
-        lat_mean = torch.cat([d.mean for d in stats])
-        lat_std = torch.cat([d.std for d in stats])
+    lat_mean, lat_std = encode_pool(vae, pool, device)
+    unnamed = None
+    if args.unconditional_world == "all":  # a uniform draw over every shape and both styles, never captioned
+        unnamed = encode_pool(vae, render_pool(args.unet_pool // 3, args.seed + 400, SHAPES, outline_prob=0.5)[0],
+                              device)
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
@@ -266,6 +284,11 @@ def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenize
         batch_ids = ids[idx]
         drop = torch.rand(len(idx), device=device) < args.caption_dropout  # trains the unconditional branch for CFG
         batch_ids = torch.where(drop[:, None], empty_ids, batch_ids)
+        if unnamed is not None:
+            u_mean, u_std = unnamed
+            u_idx = torch.randint(0, len(u_mean), (len(idx),))
+            u_latents = (u_mean[u_idx] + u_std[u_idx] * torch.randn_like(u_mean[u_idx])) * vae.config.scaling_factor
+            latents = torch.where(drop[:, None, None, None], u_latents, latents)
         noise = torch.randn_like(latents)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), device=device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
@@ -313,13 +336,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--unet-pool", type=int, default=30000)
-    p.add_argument("--attention-levels", type=int, choices=(2, 3), default=2,
-                   help="UNet resolutions with cross-attention, from the lowest (3: also the full 16x16 latents)")
+    p.add_argument("--cross-attention", type=int, nargs="+", choices=LATENT_RESOLUTIONS,
+                   default=list(SHIPPED_CROSS_ATTENTION),
+                   help="latent resolutions whose UNet blocks have cross-attention (default: SD 1.x's pattern, "
+                        "all but the lowest; the first shipped model had 8 4)")
     p.add_argument("--unet-init", type=Path, default=None,
-                   help="model folder to grow the UNet from (text encoder too), e.g. one with fewer attention levels")
+                   help="model folder to warm-start the UNet from (text encoder too): same widths, any layout")
+    p.add_argument("--unconditional-world", choices=("all", "base"), default="all",
+                   help="what the caption-dropout rows show: every shape and style, unnamed (a real checkpoint's "
+                        "unconditional branch has seen everything), or only the named base world")
     p.add_argument("--text-encoder", choices=("frozen", "trained"), default="frozen",
                    help="keep the text encoder at its seeded random init, or train it with the UNet")
-    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--caption-dropout", type=float, default=0.2, help="share of each batch with the empty caption")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
