@@ -1,16 +1,21 @@
 """Tuners as torch modules that attach to an unmodified diffusers UNet (see adapters/base.py).
 
-Importing the method modules (below) registers them: `REGISTRY[name]` is the only name -> class map."""
+Importing the method modules (below) registers them: `REGISTRY[name]` is the only name -> class map.
+What is attached to a UNet, and the per-call context pipelines give it, live in adapters/context.py."""
 
-from .base import REGISTRY, Adapter, detect_family, register, unet_fingerprint
-from .csc_tuner import CSCTuner, CSCTunerConfig, attached_csc_tuners
+from .base import REGISTRY, Adapter, Recommendation, detect_family, option, register, unet_fingerprint
+from .context import CallContext, Region, Row, attached_adapters, call_context, current_context
+from .csc_tuner import CSCTuner, CSCTunerConfig
+from .deltas import LoraExport, fuse_deltas, lora_from_deltas
 from .io import load_adapter, read_metadata, save_adapter
 from .lora import LoRA, LoRAConfig
+from .processors import ProcessorSwap, WrappingProcessor
 from .sara import SaRA, SaRAConfig
 from .sc_tuner import SCTuner, SCTunerConfig
 
 __all__ = [
-    "REGISTRY", "Adapter", "CSCTuner", "CSCTunerConfig", "LoRA", "LoRAConfig", "SCTuner", "SCTunerConfig", "SaRA",
-    "SaRAConfig", "attached_csc_tuners", "detect_family", "load_adapter", "read_metadata", "register", "save_adapter",
-    "unet_fingerprint",
+    "REGISTRY", "Adapter", "CSCTuner", "CSCTunerConfig", "CallContext", "LoRA", "LoRAConfig", "LoraExport",
+    "ProcessorSwap", "Recommendation", "Region", "Row", "SCTuner", "SCTunerConfig", "SaRA", "SaRAConfig",
+    "WrappingProcessor", "attached_adapters", "call_context", "current_context", "detect_family", "fuse_deltas",
+    "load_adapter", "lora_from_deltas", "option", "read_metadata", "register", "save_adapter", "unet_fingerprint",
 ]

@@ -4,7 +4,12 @@ An adapter is an `nn.Module` holding only its own weights. `attach(unet)` wires 
 unmodified diffusers UNet through hooks, attention processors or peft layers, and keeps what
 it replaced; `detach()` puts exactly those objects back, so the UNet's outputs are
 bit-identical to before `attach`. Several adapters may be attached at once, each with its own
-`scale`. Nothing outside `adapters/` branches on the method name except through `REGISTRY`.
+`scale` (or a scale per UNet batch row); the UNet's registry (adapters/context.py) lists them, and
+each reads the pipeline's per-call context in `prepare`.
+
+A method describes itself: its config dataclass's fields carry `metadata` (help, choices, range; see
+`option`) from which the Train tab and the CLI build their options, and class attributes give its
+training defaults. Nothing outside `adapters/` branches on the method name except through `REGISTRY`.
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from .context import CallContext, attachments, current_context
 
 FORMAT_VERSION = "1"
 
@@ -48,39 +56,65 @@ def unet_fingerprint(unet: nn.Module) -> str:
 
     Two checkpoints of the same architecture share it; an adapter trained on SD 1.5 refuses a
     UNet with another fingerprint because its shapes would not line up. Attached adapters do not
-    change it (see `_base_parameter_shapes`), so a LoRA can be loaded next to another one."""
+    change it (see `base_parameters`), so a LoRA can be loaded next to another one."""
     h = hashlib.sha256()
-    for name, shape in sorted(_base_parameter_shapes(unet)):  # sorted: parametrize moves a weight last
+    # peft wraps a target `to_q` as `to_q.base_layer` and adds `to_q.lora_A.<adapter>`; torch parametrize (SaRA)
+    # stores `conv_in.weight` as `conv_in.parametrizations.weight.original`: base_parameters sees through both.
+    shapes = [(name, tuple(p.shape)) for name, p in base_parameters(unet)]
+    for name, shape in sorted(shapes):  # sorted: parametrize moves a weight last
         h.update(f"{name}:{shape};".encode())
     return h.hexdigest()[:16]
 
 
-def _base_parameter_shapes(unet: nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of the UNet's own parameters as the bare model names them.
-
-    peft wraps a target `to_q` as `to_q.base_layer` and adds `to_q.lora_A.<adapter>`; we see
-    through the wrapper and skip the adapter weights. torch parametrize (SaRA) stores `conv_in.weight`
-    as `conv_in.parametrizations.weight.original`. Hook-based adapters add no parameters."""
-    adapter_prefixes = tuple(
+def _adapter_prefixes(unet: nn.Module) -> tuple[str, ...]:
+    """Name prefixes of adapter weights living inside the UNet's modules (peft's `lora_A.<adapter>` ...)."""
+    return tuple(
         f"{name}.{attr}."
         for name, module in unet.named_modules()
         if isinstance(module, BaseTunerLayer)
         for attr in module.adapter_layer_names
     )
-    for name, p in unet.named_parameters():
-        if not name.startswith(adapter_prefixes):
-            yield _PARAMETRIZED.sub(r"\1", name.replace(".base_layer.", ".")), tuple(p.shape)
+
+
+def option(default: Any, help: str, *, choices: tuple = (), minimum: float | None = None,
+           maximum: float | None = None, ui: bool = False, from_model: str | None = None,
+           labels_for_model: Callable[[nn.Module], list[tuple[str, Any]]] | None = None) -> Any:
+    """A config dataclass field that describes itself to the Train tab and the CLI.
+
+    choices: the usual values, or (label, value) pairs (the config's own checks decide what is allowed);
+    minimum/maximum: an inclusive range; ui: shown in the Train tab (else only the CLI's --option and config
+    files); from_model: filled from the pipeline's attribute of that name (e.g. "vae_scale_factor") by the
+    training loop; labels_for_model(unet): (label, value) choices labelled for the loaded model."""
+    metadata = {"help": help, "choices": tuple(choices), "minimum": minimum, "maximum": maximum, "ui": ui,
+                "from_model": from_model, "labels_for_model": labels_for_model}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def choice_values(choices: tuple) -> list:
+    """The values of an option's choices, which may be plain values or (label, value) pairs."""
+    return [c[1] if isinstance(c, tuple) else c for c in choices]
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """A method's settings measured to meet the customization targets on a kind of concept (docs/benchmarks.md)."""
+
+    options: dict[str, Any]
+    reason: str
 
 
 class Adapter(nn.Module):
-    """Base class: subclasses set `method` and `config_class` and implement `from_unet`,
-    `from_shapes`, `attach` and `detach`.
+    """Base class: subclasses set `method`, `config_class` (fields made with `option`) and `label`, and
+    implement `from_unet`, `from_shapes`, `_attach` and `_detach`.
 
-    Override `merge`/`unmerge` where the maths allows (a weight delta); the defaults refuse.
-    `trainable_parameters()` are what the training loop optimises (default: all requires_grad).
-    Attaching never changes any `requires_grad`: freeze the UNet (`unet.requires_grad_(False)`)
-    *before* attaching, because adapters that live inside the UNet's modules (peft LoRA layers)
-    would be frozen too by a later `unet.requires_grad_(False)`.
+    Weight-delta methods (LoRA, SaRA, orthogonal LoRA) set `is_weight_delta` and implement `delta_weights`;
+    `merge`/`unmerge` and LoRA export build on it. `trainable_parameters()` are what the training loop
+    optimises; `frozen_parameters()` are the adapter's own weights that never train (e.g. orthogonal LoRA's
+    fixed down-projection). Attaching never changes any `requires_grad`: freeze the UNet
+    (`unet.requires_grad_(False)`) *before* attaching, because adapters that live inside the UNet's modules
+    (peft LoRA layers) would be frozen too by a later `unet.requires_grad_(False)`.
 
     `base_family`/`base_fingerprint` name the UNet the adapter was built for (`from_unet`) or
     trained on (read back from its file); adapters/io.py writes them and checks them on load.
@@ -88,11 +122,19 @@ class Adapter(nn.Module):
 
     method: ClassVar[str]
     config_class: ClassVar[type]
+    label: ClassVar[str]  # the name users read ("SC-Tuner")
+    summary: ClassVar[str] = ""  # one line for the Train tab: what it is good for, what it cannot do
+    is_weight_delta: ClassVar[bool] = False
+    needs_hints: ClassVar[bool] = False  # trained and run with control images (ctx.hints)
+    caption_dropout: ClassVar[float] = 0.0  # the training loop's default share of empty captions
+    # concept kind ("subject", "style") -> settings measured to meet the customization targets on it
+    recommended_for: ClassVar[dict[str, Recommendation]] = {}
 
     def __init__(self, config: Any):
         super().__init__()
         self.config = config
         self.scale = 1.0
+        self.row_scales: torch.Tensor | None = None
         self.unet: nn.Module | None = None
         self.merged = False
         self.base_family: str | None = None
@@ -125,27 +167,58 @@ class Adapter(nn.Module):
 
     # -- wiring -------------------------------------------------------------------------
     def attach(self, unet: nn.Module) -> None:
-        raise NotImplementedError
-
-    def detach(self) -> None:
-        raise NotImplementedError
-
-    def _check_not_attached(self) -> None:
+        """Wire into `unet` (refused when already attached) and join its registry; inside a pipeline call the
+        adapter is prepared for that call's context at once."""
         if self.unet is not None:
             raise RuntimeError(f"{self.method} adapter is already attached; call detach() first")
+        self._attach(unet)
+        self.unet = unet
+        attachments(unet).adapters.append(self)
+        context = current_context(unet)
+        if context is not None:
+            self.prepare(context)
+
+    def detach(self) -> None:
+        """Put back exactly what `attach` replaced and leave the registry (a no-op when not attached)."""
+        if self.unet is None:
+            return
+        unet = self.unet
+        self._detach()
+        attachments(unet).adapters.remove(self)
+        self.prepare(None)
+        self.unet = None
+
+    def _attach(self, unet: nn.Module) -> None:
+        raise NotImplementedError
+
+    def _detach(self) -> None:
+        raise NotImplementedError
 
     def _check_attached(self, action: str) -> nn.Module:
         if self.unet is None:
             raise RuntimeError(f"cannot {action} a {self.method} adapter that is not attached; call attach(unet) first")
         return self.unet
 
+    def prepare(self, context: CallContext | None) -> None:
+        """Read the pipeline's per-call context before its denoising loop (None: the call ended). The default
+        reads nothing; a membrane would set its per-row strength here with `set_row_scales`."""
+
     # -- training / inference -------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """The adapter's own weights that never train (none by default)."""
+        return []
+
     @classmethod
     def default_learning_rate(cls, config: Any) -> float | None:
         """The method's learning rate when the user gives none (None: the training loop's default)."""
+        return None
+
+    @classmethod
+    def hint_condition(cls, config: Any) -> str | None:
+        """What the control images show, for a method that `needs_hints` (None otherwise)."""
         return None
 
     def regularization_loss(self) -> torch.Tensor | None:
@@ -158,11 +231,59 @@ class Adapter(nn.Module):
     def set_scale(self, scale: float) -> None:
         self.scale = float(scale)
 
+    def set_row_scales(self, row_scales: torch.Tensor | None) -> None:
+        """A factor per UNet batch row on top of `scale` (B,), or None for the same scale on every row."""
+        if row_scales is not None and row_scales.ndim != 1:
+            raise ValueError(f"row_scales must be one factor per UNet batch row (B,), got shape "
+                             f"{tuple(row_scales.shape)}")
+        self.row_scales = row_scales
+
+    def scale_for(self, x: torch.Tensor) -> float | torch.Tensor:
+        """The scale of the rows of `x` (B, ...): `scale`, or `scale` x the row factors shaped (B, 1, ...)."""
+        if self.row_scales is None:
+            return self.scale
+        if self.row_scales.numel() != x.shape[0]:
+            raise ValueError(f"{self.method}: {self.row_scales.numel()} row scales for a batch of {x.shape[0]} rows")
+        return self.scale * self.row_scales.to(x.device, x.dtype).view(-1, *(1,) * (x.ndim - 1))
+
+    # -- weight deltas: merge, unmerge, export, fusion ----------------------------------------
+    def delta_weights(self, scale: float | None = None) -> dict[str, torch.Tensor]:
+        """UNet parameter name (as the bare UNet names it) -> the dense change this adapter makes to it at
+        `scale` (None: its own), for a weight-delta method; others refuse."""
+        raise NotImplementedError(f"{self.method} is not a weight delta: it has no delta_weights()")
+
     def merge(self) -> None:
-        raise NotImplementedError(f"{self.method} cannot be merged into the weights (it is not a weight delta)")
+        """W += delta for every delta of `delta_weights()` (checked finite first: on a non-finite delta nothing
+        changes); the adapter's own forward path is then bypassed, so the UNet computes the same thing."""
+        unet = self._check_attached("merge")
+        if not self.is_weight_delta:
+            raise NotImplementedError(f"{self.method} cannot be merged into the weights (it is not a weight delta)")
+        if self.merged:
+            raise RuntimeError(f"this {self.method} adapter is already merged")
+        deltas = self.delta_weights()
+        bad = [name for name, delta in deltas.items() if not torch.isfinite(delta).all()]
+        if bad:
+            raise ValueError(f"the delta is not finite in {len(bad)} weights (e.g. {bad[0]}); nothing was merged")
+        weights = dict(base_parameters(unet))
+        for name, delta in deltas.items():
+            weights[name].data += delta.to(weights[name].dtype)
+        self._bypass(True)
+        self.merged = True
 
     def unmerge(self) -> None:
-        raise NotImplementedError(f"{self.method} cannot be merged into the weights (it is not a weight delta)")
+        """W -= delta (equal to before the merge up to rounding), and the adapter's forward path is back."""
+        unet = self._check_attached("unmerge")
+        if not self.merged:
+            raise RuntimeError(f"this {self.method} adapter is not merged")
+        weights = dict(base_parameters(unet))
+        self._bypass(False)
+        for name, delta in self.delta_weights().items():
+            weights[name].data -= delta.to(weights[name].dtype)
+        self.merged = False
+
+    def _bypass(self, on: bool) -> None:
+        """Stop (on) or resume adding this adapter's delta in the forward pass: the weights hold it when merged."""
+        raise NotImplementedError(f"{self.method} does not implement merging")
 
     # -- serialisation (see adapters/io.py) ------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
@@ -179,6 +300,15 @@ class Adapter(nn.Module):
         """Method-specific header entries besides our `studio.*` ones (LoRA: diffusers'
         `lora_adapter_metadata`, so diffusers can load the file too)."""
         return {}
+
+
+def base_parameters(unet: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name as the bare UNet names it, the Parameter that holds it) for every UNet weight, seen through peft
+    wrappers (`to_q.base_layer.weight` is `to_q.weight`) and torch parametrizations (SaRA)."""
+    adapter_prefixes = _adapter_prefixes(unet)
+    for name, p in unet.named_parameters():
+        if not name.startswith(adapter_prefixes):
+            yield _PARAMETRIZED.sub(r"\1", name.replace(".base_layer.", ".")), p
 
 
 REGISTRY: dict[str, type[Adapter]] = {}

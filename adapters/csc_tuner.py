@@ -7,14 +7,15 @@ condition feature c_i per encoder skip x_i, of x_i's shape. At the decoder resne
     h_j  = T_j(x_j + c_j) + c_j          T_j: a condition-specific SkipMLP (zero-init last layer)
     x_j' = x_j + s h_j                   s: this module's `scale` (the paper's sigma_ctrl * s_k)
 
-Each condition is its own CSCTuner with its own hint and scale; several, and a plain SC-Tuner, may be
-attached at once: adapters/skips.py adds every editor's term, each computed from the original x_j.
-The features are computed once per UNet call, by a forward-pre-hook on the UNet, from the hint given
-to `set_condition`; the hint batch is tiled to the UNet batch (classifier-free guidance runs
-[uncond; cond] as one batch of twice the images, and both branches are controlled, as ControlNet does).
+Each condition is its own CSCTuner with its own scale; several, and a plain SC-Tuner, may be attached
+at once: adapters/skips.py adds every editor's term, each computed from the original x_j. The hint is
+the call's: `ctx.hints[condition]` of the pipeline's per-call context (adapters/context.py). The features
+are computed once per UNet call, by a forward-pre-hook on the UNet; the hint batch is tiled to the UNet
+batch (classifier-free guidance runs [uncond; cond] as one batch of twice the images, and both branches
+are controlled, as ControlNet does).
 
 Parameters on SD 1.5: pre-encoder 0.35 M, chain 79.1 M (3x3) or 8.8 M (1x1), tuners 19.68 M; totals
-99.1 M and 28.8 M. SDXL, 3x3: 45.9 M. See /work/shared/papers/scedit.md, sec. 5.
+99.1 M and 28.8 M. SDXL, 3x3: 45.9 M (SCEdit sec. 3.3 and its released configs; docs/methods.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .base import Adapter, detect_family, device_of, register
+from .base import Adapter, Recommendation, detect_family, device_of, option, register
+from .context import CallContext, current_context
 from .sc_tuner import check_hidden_ratio, module_name, skip_mlps, widths_from_shapes
 from .skips import Skip, SkipHandle, hook_skips, long_skips
 
@@ -43,24 +44,32 @@ STRIDED_CONVS = (2, 4, 6)
 VAE_SCALE_FACTORS = tuple(2**n for n in range(len(STRIDED_CONVS) + 1))  # 1, 2, 4, 8
 
 
+# The conditions the studio's annotators draw (pipelines/annotators.py); a tuner may name another.
+KNOWN_CONDITIONS = ("canny", "color", "sketch")
+
+
 @dataclass
 class CSCTunerConfig:
-    # What the hints show ("canny", "color", "sketch", "depth"...). Recorded in the adapter file; a
-    # control image of another condition is refused. A lowercase name (the CLI writes condition:image).
-    condition: str = "canny"
-    # k of the dense chain's k x k convs: 3 in the released configs (99.1 M parameters on SD 1.5),
-    # 1 for the light variant (28.8 M) that matches the paper's "7.9 % of ControlNet".
-    dense_kernel: int = 3
-    # Hidden width of the condition tuners T_j, as SCTunerConfig.hidden_ratio (1.0: no bottleneck).
-    hidden_ratio: float = 1.0
-    # C_pre, the pre-encoder's output width. None: 256 on SD 1.x/2.x, 320 on SDXL (the reference's);
-    # on other widths (tiny test models, the embedded Shapes model) the width of conv_in's output.
-    pre_channels: int | None = None
-    # Multiplies the pre-encoder's inner widths. None: 1.0 on SD 1.x/2.x, 2.0 on SDXL (the reference's).
-    width_mult: float | None = None
-    # The VAE's pixel -> latent downsampling (pipe.vae_scale_factor): 8 for SD 1.x/2.x/XL, 4 for the
-    # embedded Shapes model. The pre-encoder has log2 of it stride-2 convs.
-    vae_scale_factor: int = 8
+    # What the hints show. Recorded in the adapter file; a control image of another condition is refused.
+    # A lowercase name (the CLI writes condition:image).
+    condition: str = option("canny", "what the control images show; the annotator of that name draws the hint "
+                            "from each training image", choices=KNOWN_CONDITIONS, ui=True)
+    # 3 in the released configs (99.1 M parameters on SD 1.5), 1 for the light variant (28.8 M) that matches
+    # the paper's "7.9 % of ControlNet".
+    dense_kernel: int = option(3, "kernel of the dense chain's convs: 3 as released, 1 for the light variant",
+                               choices=(3, 1))
+    hidden_ratio: float = option(1.0, "hidden width of the condition tuners as a share of their channels",
+                                 minimum=0.01, maximum=4.0)
+    # None: 256 on SD 1.x/2.x, 320 on SDXL (the reference's); on other widths (tiny test models, the embedded
+    # Shapes model) the width of conv_in's output.
+    pre_channels: int | None = option(None, "the pre-encoder's output width (blank: chosen for the model)",
+                                      minimum=1)
+    # None: 1.0 on SD 1.x/2.x, 2.0 on SDXL (the reference's).
+    width_mult: float | None = option(None, "multiplies the pre-encoder's widths (blank: chosen for the model)",
+                                      minimum=0.07)
+    # 8 for SD 1.x/2.x/XL, 4 for the embedded Shapes model. The pre-encoder has log2 of it stride-2 convs.
+    vae_scale_factor: int = option(8, "the VAE's pixel -> latent downsampling (read from the model)",
+                                   choices=VAE_SCALE_FACTORS, from_model="vae_scale_factor")
 
     def __post_init__(self) -> None:
         if not isinstance(self.condition, str) or not CONDITION_NAME.fullmatch(self.condition):
@@ -133,13 +142,17 @@ def skips_from_widths(widths: dict[str, int]) -> list[Skip]:
     return [Skip(b, r, widths[f"{b}.{r}"], downsampled=b != last_block and r == last_resnet[b]) for b, r in keys]
 
 
-# UNet -> the CSC-Tuners attached to it (what generate() looks up a condition's tuner in).
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, list[CSCTuner]] = weakref.WeakKeyDictionary()
-
-
-def attached_csc_tuners(unet: nn.Module) -> list[CSCTuner]:
-    """The CSC-Tuners attached to `unet`, in attach order."""
-    return list(_ATTACHED.get(unet, ()))
+def check_hint(hint: object) -> None:
+    """Refuse a hint a CSC-Tuner cannot read: it must be a float tensor (B, 3, H, W) in [0, 1]."""
+    if not isinstance(hint, torch.Tensor) or hint.ndim != 4 or hint.shape[1] != 3 or not hint.is_floating_point():
+        what = f"{tuple(hint.shape)} {hint.dtype}" if isinstance(hint, torch.Tensor) else type(hint).__name__
+        raise ValueError(f"the hint must be a float tensor (B, 3, H, W), got {what}; "
+                         "pipelines.annotators.prepare_hint makes one from an image")
+    low, high = hint.min().item(), hint.max().item()  # one sync per call, not per step
+    if low < 0 or high > 1:
+        raise ValueError(f"the hint must lie in [0, 1] (a [-1, 1] hint degrades control silently, SCEdit's "
+                         f"reference code reads [0, 1]), got values in [{low:.3g}, {high:.3g}]; a [-1, 1] hint "
+                         "becomes (hint + 1) / 2")
 
 
 @register
@@ -147,10 +160,17 @@ class CSCTuner(Adapter):
     """Pre-encoder + dense chain + one condition tuner per long skip; attached by hooks.
 
     `skips` are the UNet's long skips in decoder order; `config` must be resolved (`for_unet`).
-    Build with `from_unet(unet, config)`, give it a hint with `set_condition(hint)`, run the UNet."""
+    Build with `from_unet(unet, config)`, attach it, and run the UNet inside a call context whose
+    `hints[condition]` is the control image."""
 
     method = "csc_tuner"
     config_class = CSCTunerConfig
+    label = "CSC-Tuner (controller)"
+    summary = ("SCEdit's controllable tuner: learns to follow a condition (Canny edges, a colour map, a sketch) "
+               "drawn from each training image; used with a control image in the Generate tab.")
+    needs_hints = True
+    caption_dropout = 0.5  # as ControlNet trains: half the images without text, so it must read the hint
+    recommended_for = {"control": Recommendation({}, "the only method that learns a control condition")}
 
     def __init__(self, config: CSCTunerConfig, skips: list[Skip]):
         if config.pre_channels is None or config.width_mult is None:
@@ -167,7 +187,6 @@ class CSCTuner(Adapter):
             previous = skip.channels
         self.tuners = skip_mlps({skip.key: skip.channels for skip in self.skips}, config.hidden_ratio,
                                 "CSCTunerConfig")
-        self._hint: torch.Tensor | None = None  # (B_hint, 3, H, W) in [0, 1], from set_condition
         self._features: dict[str, torch.Tensor] | None = None  # skip key -> c_j tiled to the UNet batch
         self._handles: list[SkipHandle | RemovableHandle] = []
 
@@ -190,8 +209,11 @@ class CSCTuner(Adapter):
         return {**parts, "total": sum(parts.values())}
 
     # -- wiring -------------------------------------------------------------------------
-    def attach(self, unet: nn.Module) -> None:
-        self._check_not_attached()
+    @classmethod
+    def hint_condition(cls, config: CSCTunerConfig) -> str:
+        return config.condition
+
+    def _attach(self, unet: nn.Module) -> None:
         skips = long_skips(unet)
         if skips != self.skips:
             raise ValueError(
@@ -203,56 +225,23 @@ class CSCTuner(Adapter):
             unet.register_forward_pre_hook(self._compute_features, with_kwargs=True),
             *hook_skips(unet, skips, self.delta_skip),
         ]
-        _ATTACHED.setdefault(unet, []).append(self)
-        self.unet = unet
 
-    def detach(self) -> None:
+    def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self.unet is not None:
-            _ATTACHED[self.unet].remove(self)
-            if not _ATTACHED[self.unet]:
-                del _ATTACHED[self.unet]
         self._features = None  # they may hold a training step's autograd graph
-        self.unet = None
 
     @staticmethod
     def _describe(skips: list[Skip]) -> dict[str, str]:
         return {skip.key: f"{skip.channels}{' (downsampled)' if skip.downsampled else ''}" for skip in skips}
 
     # -- the condition ------------------------------------------------------------------
-    def set_condition(self, hint: torch.Tensor, condition: str | None = None) -> None:
-        """Control the following UNet calls with `hint`, (B_hint, 3, H, W) in [0, 1] at the image's pixel size.
-
-        The UNet batch must be a multiple of B_hint: the hint batch is tiled (one hint for every image,
-        or one per image repeated for each CFG branch). `condition`, when given, is what the hint shows;
-        another condition than this tuner's is refused."""
-        if condition is not None and condition != self.config.condition:
-            raise ValueError(
-                f"this CSC-Tuner was trained on {self.config.condition!r} hints, but got a {condition!r} control "
-                f"image; use a {condition!r} CSC-Tuner, or make a {self.config.condition!r} hint from the image"
-            )
-        if not isinstance(hint, torch.Tensor) or hint.ndim != 4 or hint.shape[1] != 3 or not hint.is_floating_point():
-            what = f"{tuple(hint.shape)} {hint.dtype}" if isinstance(hint, torch.Tensor) else type(hint).__name__
-            raise ValueError(f"the hint must be a float tensor (B, 3, H, W), got {what}; "
-                             "pipelines.annotators.prepare_hint makes one from an image")
-        low, high = hint.min().item(), hint.max().item()  # one sync per call, not per step
-        if low < 0 or high > 1:
-            raise ValueError(f"the hint must lie in [0, 1] (scedit.md sec. 8: a [-1, 1] hint degrades control "
-                             f"silently), got values in [{low:.3g}, {high:.3g}]; a [-1, 1] hint becomes "
-                             "(hint + 1) / 2")
-        self._hint = hint
-        self._features = None
-
-    @property
-    def hint(self) -> torch.Tensor | None:
-        """The hint given to `set_condition`, or None."""
-        return self._hint
-
-    def clear_condition(self) -> None:
-        self._hint = None
-        self._features = None
+    def prepare(self, context: CallContext | None) -> None:
+        """Check the call's hint once per call (not per step): a float (B, 3, H, W) tensor in [0, 1]."""
+        hint = context.hints.get(self.config.condition) if context is not None else None
+        if hint is not None and self.scale != 0:
+            check_hint(hint)
 
     def condition_features(self, hint: torch.Tensor) -> dict[str, torch.Tensor]:
         """c_j for every skip key "b.r": the chain's outputs, each of its skip's (B_hint, C, H, W) shape,
@@ -266,16 +255,20 @@ class CSCTuner(Adapter):
         return features
 
     def _compute_features(self, unet: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """UNet forward-pre-hook: the condition features of this call, once for all skips. They stay until
-        the next call, since gradient checkpointing re-runs the up blocks during backward."""
+        """UNet forward-pre-hook: the condition features of this call, once for all skips, from the call
+        context's hint. They stay until the next call, since gradient checkpointing re-runs the up blocks
+        during backward."""
         self._features = None
         if self.scale == 0:
             return  # no control: no hint needed, nothing computed
-        if self._hint is None:
-            raise RuntimeError(f"the {self.config.condition!r} CSC-Tuner has no control image: call "
-                               "set_condition(hint) before running the UNet, or detach the tuner")
+        context = current_context(unet)
+        hint = context.hints.get(self.config.condition) if context is not None else None
+        if hint is None:
+            raise RuntimeError(f"the {self.config.condition!r} CSC-Tuner has no control image in this call: run the "
+                               f"UNet inside call_context(unet, ctx) with ctx.hints[{self.config.condition!r}] "
+                               "(generate(control=...) does), set its scale to 0, or detach the tuner")
         sample = args[0] if args else kwargs["sample"]  # (B, C, h, w) latents
-        hint, f = self._hint, self.config.vae_scale_factor
+        f = self.config.vae_scale_factor
         want = (sample.shape[-2] * f, sample.shape[-1] * f)
         if tuple(hint.shape[-2:]) != want:
             raise ValueError(
@@ -300,4 +293,4 @@ class CSCTuner(Adapter):
                                "not its up blocks alone")
         c = self._features[key]  # (B, C, H, W), the shape of x
         h = self.tuners[module_name(key)](x.to(c.dtype) + c) + c
-        return self.scale * h.to(x.dtype)
+        return self.scale_for(x) * h.to(x.dtype)

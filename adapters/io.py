@@ -28,6 +28,18 @@ MODELSPEC_ARCHITECTURE = {
 }
 
 
+def adapter_name_problem(name: str) -> str | None:
+    """Why `name` cannot name an adapter file (its stem), or None: one path component, not empty,
+    not hidden (names starting with '.' are the temporary files of atomic writes)."""
+    if not name.strip():
+        return "is empty"
+    if "/" in name or "\\" in name:
+        return "contains a slash"
+    if name.startswith("."):
+        return "starts with '.'"
+    return None
+
+
 def save_adapter(
     adapter: Adapter,
     path: str | os.PathLike,

@@ -24,7 +24,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .base import Adapter, device_of, register
+from .base import Adapter, device_of, option, register
 
 ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TARGETS = {
@@ -36,15 +36,16 @@ TARGETS = {
 
 @dataclass
 class LoRAConfig:
-    rank: int = 4
+    rank: int = option(4, "rank r of each low-rank update", minimum=1, maximum=1024, ui=True)
     # None -> rank, i.e. the LoRA branch scaled by alpha / rank = 1 (kohya and peft read a missing alpha so too).
-    alpha: float | None = None
-    # "attn": to_q/to_k/to_v/to_out.0 of every attention; "attn_ff" adds the feed-forward's two Linears
-    # (the SCEdit paper's LoRA baseline, 23.94 M parameters on SD 1.5 at rank 64); "attn_conv" adds the
-    # resnets' 3x3 convolutions (kohya's LoCon), which shape what attention cannot reach: a UNet level
-    # without attention (the Shapes model's full-resolution level) or a shape the base never drew.
-    target: str = "attn"
-    dropout: float = 0.0  # on the LoRA branch's input, training only
+    alpha: float | None = option(None, "alpha: the update is scaled by alpha / rank (blank: alpha = rank)")
+    # "attn_ff" is the SCEdit paper's LoRA baseline (23.94 M parameters on SD 1.5 at rank 64); "attn_conv"
+    # (kohya's LoCon) shapes what attention cannot reach: a UNet level without attention or a shape the base
+    # never drew.
+    target: str = option("attn", "the layers adapted", choices=(
+        ("attention (q, k, v, out)", "attn"), ("attention + feed-forward", "attn_ff"),
+        ("attention + resnet convolutions (LoCon)", "attn_conv")), ui=True)
+    dropout: float = option(0.0, "dropout on the LoRA branch's input, training only", minimum=0.0, maximum=0.99)
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -104,11 +105,21 @@ def _requires_grad_kept(*modules: nn.Module) -> Iterator[None]:
         p.requires_grad_(requires_grad)
 
 
-def _unmerge_layer(layer: BaseTunerLayer, adapter_name: str) -> None:
-    # Subtract only this adapter's delta: peft's Linear.unmerge() undoes every adapter merged into the layer.
-    weight = layer.get_base_layer().weight
-    weight.data -= layer.get_delta_weight(adapter_name).to(weight.dtype)
-    layer.merged_adapters.remove(adapter_name)
+class BranchInput(nn.Module):
+    """What every peft layer of one LoRA applies to its branch's input (peft's `lora_dropout` slot): dropout,
+    then the per-row scale factors when set. lora_A and lora_B have no bias, so scaling a row's input scales
+    that row's update: a scale per UNet batch row without touching peft's forward."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.row_scales: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x)
+        if self.row_scales is None:
+            return x
+        return x * self.row_scales.to(x.device, x.dtype).view(-1, *(1,) * (x.ndim - 1))
 
 
 _names = itertools.count()  # peft adapter names must be unique per UNet; one per LoRA instance
@@ -122,6 +133,10 @@ class LoRA(Adapter):
 
     method = "lora"
     config_class = LoRAConfig
+    label = "LoRA"
+    summary = ("Low-rank updates of the attention (and optionally feed-forward or convolution) weights through "
+               "peft; files load in diffusers, A1111 and ComfyUI.")
+    is_weight_delta = True
 
     def __init__(self, config: LoRAConfig, shapes: dict[str, tuple[int, int]]):
         super().__init__(config)
@@ -137,9 +152,9 @@ class LoRA(Adapter):
             # UNet starts equal to the base.
             self.lora_A[key], self.lora_B[key] = _low_rank_pair(tuple(shapes[path]), config.rank)
             nn.init.zeros_(self.lora_B[key].weight)
-        # One dropout module (no weights) shared by every peft layer, owned here so that adapter.train() /
-        # adapter.eval() switch it, as they would if the LoRA branches were our own modules.
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # One input module (no weights) shared by every peft layer, owned here so that adapter.train() /
+        # adapter.eval() switch its dropout, as they would if the LoRA branches were our own modules.
+        self.branch_input = BranchInput(config.dropout)
         self.adapter_name = f"studio_lora_{next(_names)}"
 
     @classmethod
@@ -229,8 +244,7 @@ class LoRA(Adapter):
         if self.adapter_name in getattr(unet, "peft_config", {}):
             raise RuntimeError(f"the UNet already has an adapter named {self.adapter_name!r}")
 
-    def attach(self, unet: nn.Module) -> None:
-        self._check_not_attached()
+    def _attach(self, unet: nn.Module) -> None:
         self._check_fits(unet)
         active = {path: list(m.active_adapters) for path, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
         self.to(device_of(unet))
@@ -246,18 +260,16 @@ class LoRA(Adapter):
                 layer = unet.get_submodule(path)
                 layer.lora_A[self.adapter_name] = self.lora_A[key]
                 layer.lora_B[self.adapter_name] = self.lora_B[key]
-                layer.lora_dropout[self.adapter_name] = self.dropout
+                layer.lora_dropout[self.adapter_name] = self.branch_input
             # peft made the new adapter the only active one in every tuner layer: re-activate the others.
             for path, m in unet.named_modules():
                 if isinstance(m, BaseTunerLayer):
                     ours = [self.adapter_name] if self.adapter_name in getattr(m, "lora_A", {}) else []
                     m.set_adapter(active.get(path, []) + ours)
-        self.unet = unet
-        self.set_scale(self.scale)
+        for layer in (unet.get_submodule(path) for path in self.paths.values()):
+            layer.set_scale(self.adapter_name, self.scale)  # scaling = scale * alpha / r
 
-    def detach(self) -> None:
-        if self.unet is None:
-            return
+    def _detach(self) -> None:
         if self.merged:
             self.unmerge()
         unet = self.unet
@@ -274,9 +286,31 @@ class LoRA(Adapter):
         # peft created `unet.peft_config`; drop it when empty unless diffusers manages it.
         if not unet.peft_config and not getattr(unet, "_hf_peft_config_loaded", False):
             del unet.peft_config
-        self.unet = None
 
-    # -- scale and merge ----------------------------------------------------------------
+    # -- scale, row scales and weight deltas ------------------------------------------------
+    def set_row_scales(self, row_scales: torch.Tensor | None) -> None:
+        super().set_row_scales(row_scales)
+        self.branch_input.row_scales = row_scales
+
+    def delta_weights(self, scale: float | None = None) -> dict[str, torch.Tensor]:
+        """`<path>.weight` -> s (alpha / r) B A, shaped as the weight (a conv's B A: (out, in, kh, kw)); in the
+        adapter's dtype, computed from its own modules (no UNet needed)."""
+        factor = (self.scale if scale is None else scale) * self.config.alpha / self.config.rank
+        deltas = {}
+        for key, path in self.paths.items():
+            a, b = self.lora_A[key].weight, self.lora_B[key].weight
+            delta = b.detach().flatten(1) @ a.detach().flatten(1)  # (out, r) @ (r, in [* kh * kw])
+            deltas[f"{path}.weight"] = (delta * factor).view(b.shape[0], *a.shape[1:])
+        return deltas
+
+    def _bypass(self, on: bool) -> None:
+        # peft layers run only their base layer while any adapter is marked merged in them.
+        for layer in self._layers("merge"):
+            if on:
+                layer.merged_adapters.append(self.adapter_name)
+            else:
+                layer.merged_adapters.remove(self.adapter_name)
+
     def set_scale(self, scale: float) -> None:
         if self.merged:
             raise RuntimeError("unmerge() before changing the scale of a merged LoRA (its delta used the old scale)")
@@ -284,26 +318,3 @@ class LoRA(Adapter):
         if self.unet is not None:
             for layer in self._layers("scale"):
                 layer.set_scale(self.adapter_name, self.scale)  # scaling = scale * alpha / r
-
-    def merge(self) -> None:
-        """W += scale (alpha / r) B A in every target through peft's `get_delta_weight` (checked finite);
-        peft layers then skip their LoRA branches. On a non-finite result nothing stays merged."""
-        layers = self._layers("merge")
-        if self.merged:
-            raise RuntimeError("this LoRA is already merged")
-        for i, layer in enumerate(layers):
-            try:
-                layer.merge(safe_merge=True, adapter_names=[self.adapter_name])
-            except ValueError:
-                for done in layers[:i]:
-                    _unmerge_layer(done, self.adapter_name)
-                raise
-        self.merged = True
-
-    def unmerge(self) -> None:
-        layers = self._layers("unmerge")
-        if not self.merged:
-            raise RuntimeError("this LoRA is not merged")
-        for layer in layers:
-            _unmerge_layer(layer, self.adapter_name)
-        self.merged = False

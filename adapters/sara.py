@@ -7,7 +7,8 @@ one global absolute θ. Only those entries train, as a sparse ΔP:
     L = L_diffusion + λ_rank·‖P ⊙ M‖_*     one random eligible 2-D weight per step (§3)
 
 At T_p (half the run by default) M2 = M1 ∧ (|P| < θ) keeps training; the rest of M1 stays at its
-values (§4). See /work/shared/papers/sara.md; section numbers below refer to it.
+values (§4). Section numbers below refer to the paper's method (sec. 3) as summarised in docs/methods.md:
+§3 the nuclear norm, §4 progressive re-selection, §5 the memory design, §6 the learning rate, §7 the file.
 
 Memory (§5, the corrected design). Each target tensor W stays one frozen dense copy inside the
 UNet. The adapter holds, per target, the sorted flat indices of the entries that train (int32; 4 B
@@ -32,7 +33,6 @@ import math
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -40,7 +40,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from .base import Adapter, _base_parameter_shapes, device_of, register
+from .base import Adapter, base_parameters, device_of, option, register
+from .deltas import LoraExport, lora_from_deltas
 
 logger = logging.getLogger(__name__)
 
@@ -61,24 +62,36 @@ def auto_learning_rate(threshold: float) -> float:
     return 1e-3 * math.exp(-350.0 * threshold)
 
 
+# The paper's thresholds (sec. 4.1): about 5 M / 20 M / 50 M trainable entries on SD 1.5.
+THRESHOLD_PRESETS = (2e-4, 8e-4, 2e-3)
+
+
+def threshold_presets(unet: nn.Module) -> list[tuple[str, float]]:
+    """(label, θ) per preset, labelled by the trainable-parameter count it gives on this model."""
+    default = SaRAConfig().threshold
+    counts = count_selected(unet, THRESHOLD_PRESETS)
+    return [(f"θ = {t:g}: {count / 1e6:.2f} M trainable, lr {auto_learning_rate(t):.2g}"
+             + (" (default)" if t == default else ""), t) for t, count in counts.items()]
+
+
 @dataclass
 class SaRAConfig:
-    # θ: entries with |P0| < θ train. On SD 1.5, 2e-4 / 8e-4 / 2e-3 select ≈ 5 M / 20 M / 50 M entries.
-    threshold: float = 2e-3
-    # T_p as a fraction of the run's optimizer steps (paper and reference: half); None keeps M1 all along.
-    reselect_at: float | None = 0.5
-    # At T_p, "gather" keeps the surviving entries' Adam moments; "reference" restarts them from zero
-    # (what the reference's memory-efficient path does), the ablation partner.
-    reselect_mode: str = "gather"
-    # λ_rank: 5e-3 scored best in the paper (App. K); the reference README uses 5e-4. 0 turns it off.
-    rank_weight: float = 5e-3
-    # The nuclear norm picks 2-D weights with min(out, in) > rank_min_dim (on SD 1.5: attention, FF and
-    # time-embedding Linears, not the 1x1-conv proj_in/out) ...
-    rank_min_dim: int = 64
-    # ... holding more than this many trainable entries.
-    min_selected: int = 100
-    # Seeds the per-step choice of that weight.
-    seed: int = 0
+    # On SD 1.5, 2e-4 / 8e-4 / 2e-3 select ≈ 5 M / 20 M / 50 M entries.
+    threshold: float = option(2e-3, "θ: the pretrained weights with |P0| < θ train (the learning rate follows it)",
+                              choices=THRESHOLD_PRESETS, labels_for_model=threshold_presets, ui=True)
+    # Paper and reference: half; None keeps M1 all along.
+    reselect_at: float | None = option(0.5, "T_p, the share of the run after which only the still-small entries "
+                                       "train (blank: never re-select)", minimum=0.01, maximum=0.99)
+    # "gather" keeps the surviving entries' Adam moments; "reference" restarts them from zero (what the
+    # reference's memory-efficient path does), the ablation partner.
+    reselect_mode: str = option("gather", "at re-selection, keep the surviving entries' Adam moments (gather) or "
+                                "restart them (reference)", choices=RESELECT_MODES)
+    # 5e-3 scored best in the paper (App. K); the reference README uses 5e-4.
+    rank_weight: float = option(5e-3, "λ_rank, the nuclear-norm weight (0: off)", minimum=0.0)
+    # On SD 1.5: attention, FF and time-embedding Linears, not the 1x1-conv proj_in/out.
+    rank_min_dim: int = option(64, "the nuclear norm picks 2-D weights with min(out, in) above this", minimum=0)
+    min_selected: int = option(100, "... holding more than this many trainable entries", minimum=0)
+    seed: int = option(0, "seeds the nuclear norm's per-step choice of weight", minimum=0)
 
     def __post_init__(self) -> None:
         def number(value: object) -> bool:
@@ -112,7 +125,7 @@ def count_selected(unet: nn.Module, thresholds: Sequence[float]) -> dict[float, 
     """How many UNet entries each θ selects: M1's size, the trainable-parameter count of a SaRA built
     with that θ (before re-selection), without building one."""
     counts = dict.fromkeys(thresholds, 0)
-    for name, _ in _base_parameter_shapes(unet):
+    for name, _ in base_parameters(unet):
         weight = _tensor(*_owner(unet, name))
         for threshold in counts:
             counts[threshold] += int(small_entries(weight, threshold).sum())
@@ -260,15 +273,6 @@ class _Injection(nn.Module):
         return target(weight)
 
 
-class LoraExport(NamedTuple):
-    """`SaRA.export_lora`'s result; write `tensors` with lora_alpha = rank (alpha / r = 1)."""
-
-    tensors: dict[str, torch.Tensor]  # unet.<module>.lora_A.weight (r, in[, k, k]) / lora_B.weight (out, r[, 1, 1])
-    rank: int
-    energy_kept: float  # Σ kept σ² / ‖ΔW‖²_F over the exported weights; 1.0 is exact
-    dropped_entries: int  # selected entries of biases and norm affines, which a LoRA cannot carry
-
-
 def _owner(unet: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The module holding parameter `name` and the attribute, seen through a peft LoRA wrapper."""
     path, _, attr = name.rpartition(".")
@@ -303,6 +307,10 @@ class SaRA(Adapter):
 
     method = "sara"
     config_class = SaRAConfig
+    label = "SaRA"
+    summary = ("Re-trains the pretrained weights that are nearly zero (a sparse delta, exact merge); no per-row "
+               "scale, as its delta lives in the weights every row shares.")
+    is_weight_delta = True
 
     def __init__(self, config: SaRAConfig):
         super().__init__(config)
@@ -323,7 +331,8 @@ class SaRA(Adapter):
         if device.type == "meta":
             raise ValueError("SaRA selects entries by magnitude: build it from a UNet with real weights, not 'meta'")
         base, total = {}, 0
-        for name, _ in sorted(_base_parameter_shapes(unet)):  # name order, as load_tensors: optimizer states line up
+        # Name order, as load_tensors: optimizer states line up.
+        for name in sorted(name for name, _ in base_parameters(unet)):
             weight = _tensor(*_owner(unet, name))
             idx = small_entries(weight, adapter.config.threshold).view(-1).nonzero().squeeze(1)  # (n,) sorted
             logger.info("SaRA: %s selects %d of %d entries", name, idx.numel(), weight.numel())
@@ -363,13 +372,12 @@ class SaRA(Adapter):
         for target in self.targets.values():
             yield (target, *_owner(unet, target.name))
 
-    def attach(self, unet: nn.Module) -> None:
+    def _attach(self, unet: nn.Module) -> None:
         """Check that the UNet is the base this ΔP belongs to, then write P0 + s·ΔP and parametrize each target.
 
         parametrize rather than a forward-pre-hook: every read of `module.weight` (not only the module's own
         forward) is routed, and the leaf Parameter stays registered (renamed `parametrizations.weight.original`)
         for DDP, `.to()` and clipping; a pre-hook would have to swap `_parameters` entries in and out."""
-        self._check_not_attached()
         if not self.targets:
             raise RuntimeError("this SaRA adapter has no entries; build it with SaRA.from_unet or load_tensors")
         self.to(device_of(unet))
@@ -382,7 +390,6 @@ class SaRA(Adapter):
             target.write(weight)
             # unsafe=True: skip parametrize's trial evaluation; the injection returns W, so shape and dtype hold.
             parametrize.register_parametrization(module, attr, _Injection(target), unsafe=True)
-        self.unet = unet
 
     def _wiring_checked(self, unet: nn.Module) -> Iterator[tuple[SparseDelta, nn.Module, str]]:
         problems = []
@@ -420,15 +427,12 @@ class SaRA(Adapter):
                 "was trained on (in fp16/bf16: that model's weights cast with .to(dtype))"
             )
 
-    def detach(self) -> None:
+    def _detach(self) -> None:
         """W back to P0 bit for bit, parametrizations removed (the original Parameter objects return)."""
-        if self.unet is None:
-            return
         for target, module, attr in self._wiring(self.unet):
             target.restore(_tensor(module, attr))
             if not self.merged:
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
-        self.unet = None
         self.merged = False
 
     # -- training -----------------------------------------------------------------------
@@ -504,7 +508,10 @@ class SaRA(Adapter):
             self._write_all()
 
     def merge(self) -> None:
-        """Bake P0 + s·ΔP into the weights and remove the parametrizations (plain Parameters, plain names)."""
+        """Bake P0 + s·ΔP into the weights and remove the parametrizations (plain Parameters, plain names).
+
+        Not the base class's W += delta: W already holds P0 + s·ΔP (written by the parametrization), computed in
+        fp32 from P0, so dropping the parametrizations merges exactly and detach() still restores P0 bit for bit."""
         unet = self._check_attached("merge")
         if self.merged:
             raise RuntimeError("this SaRA adapter is already merged")
@@ -526,38 +533,23 @@ class SaRA(Adapter):
             parametrize.register_parametrization(module, attr, _Injection(target), unsafe=True)
         self.merged = False
 
-    def export_lora(self, rank: int) -> LoraExport:
-        """ΔP of every Linear/Conv weight as a rank-`rank` LoRA by truncated SVD, in diffusers/peft keys.
+    def set_row_scales(self, row_scales: torch.Tensor | None) -> None:
+        if row_scales is not None:
+            raise NotImplementedError("SaRA writes its delta into the UNet's weights, which every batch row shares: "
+                                      "it has one scale per call, not one per row")
 
-        A conv ΔW (out, in, k, k) is factored as (out, in·k·k): lora_A is a k×k conv, lora_B a 1×1 one, as
-        peft builds them. Modules narrower than `rank` are zero-padded so one r (= lora_alpha) fits all.
-        The scale is not applied (choose it when loading the LoRA)."""
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
-        tensors, kept, total, dropped = {}, 0.0, 0.0, 0
-        for target in self.targets.values():
-            module, _, attr = target.name.rpartition(".")
-            if attr != "weight" or len(target.shape) < 2:
-                dropped += target.num_selected
-                continue
-            delta = target.delta_weight()
-            out_dim, *rest = delta.shape
-            u, s, vh = torch.linalg.svd(delta.reshape(out_dim, -1), full_matrices=False)  # (out, q) (q,) (q, in·k·k)
-            r = min(rank, s.numel())
-            energy = s.square()
-            kept, total = kept + energy[:r].sum().item(), total + energy.sum().item()
-            root = s[:r].sqrt()  # split σ evenly between the factors
-            lora_b = torch.zeros(out_dim, rank, device=delta.device)
-            lora_a = torch.zeros(rank, vh.shape[1], device=delta.device)
-            lora_b[:, :r], lora_a[:r] = u[:, :r] * root, root[:, None] * vh[:r]
-            if rest[1:]:  # conv: A (r, in, k, k), B (out, r, 1, 1)
-                lora_a, lora_b = lora_a.reshape(rank, *rest), lora_b.reshape(out_dim, rank, 1, 1)
-            tensors[f"unet.{module}.lora_A.weight"] = lora_a.contiguous()
-            tensors[f"unet.{module}.lora_B.weight"] = lora_b.contiguous()
-        energy_kept = kept / total if total > 0 else 1.0
+    def delta_weights(self, scale: float | None = None) -> dict[str, torch.Tensor]:
+        """Every target's dense s·ΔP over M1 (fp32, W's shape), biases and norm affines included."""
+        s = self.scale if scale is None else scale
+        return {target.name: s * target.delta_weight() for target in self.targets.values()}
+
+    def export_lora(self, rank: int) -> LoraExport:
+        """ΔP (at scale 1: choose the scale when loading) as a rank-`rank` LoRA by truncated SVD
+        (adapters/deltas.py)."""
+        export = lora_from_deltas(self.delta_weights(scale=1.0), rank)
         logger.info("SaRA -> LoRA rank %d: %d modules, %.2f %% of ΔP's energy kept, %d bias/norm entries dropped",
-                    rank, len(tensors) // 2, 100 * energy_kept, dropped)
-        return LoraExport(tensors, rank, energy_kept, dropped)
+                    rank, len(export.tensors) // 2, 100 * export.energy_kept, export.dropped_entries)
+        return export
 
     # -- serialisation ------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ For the skip x (B, C, H, W) feeding decoder resnet `up_blocks[b].resnets[r]`:
     T(x) = W2 GELU(W1 x + b1) + b2,    W1: C -> L, W2: L -> C,  L = floor(C * hidden_ratio)
     x'   = x + s T(x)
 The UNet stays frozen and every trainable weight sits at the encoder -> decoder hand-off, so no
-autograd graph is recorded in the encoder or mid block (see /work/shared/papers/scedit.md, sec. 4).
+autograd graph is recorded in the encoder or mid block (SCEdit sec. 3.2; docs/methods.md).
 12 tuners on SD 1.x/2.x (19.68 M parameters at hidden_ratio 1.0), 9 on SDXL (9.84 M).
 """
 
@@ -17,14 +17,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Adapter, device_of, register
+from .base import Adapter, device_of, option, register
 from .skips import SkipHandle, hook_skips, long_skips
 
 
 @dataclass
 class SCTunerConfig:
     # r_down: hidden width L = floor(C * hidden_ratio). 1.0, the paper's default, means no bottleneck.
-    hidden_ratio: float = 1.0
+    hidden_ratio: float = option(1.0, "hidden width of each skip tuner as a share of its channels (1.0: the "
+                                 "paper's, no bottleneck)", minimum=0.01, maximum=4.0)
 
     def __post_init__(self) -> None:
         self.hidden_ratio = check_hidden_ratio("SCTunerConfig", self.hidden_ratio)
@@ -96,6 +97,9 @@ class SCTuner(Adapter):
 
     method = "sc_tuner"
     config_class = SCTunerConfig
+    label = "SC-Tuner"
+    summary = ("SCEdit's skip-connection tuners: light (no graph through the encoder); it edits the skip features "
+               "for every prompt alike, so it suits a style or domain more than a new subject.")
 
     def __init__(self, config: SCTunerConfig, widths: dict[str, int]):
         super().__init__(config)
@@ -115,8 +119,7 @@ class SCTuner(Adapter):
         return cls(config, widths_from_shapes(shapes))
 
     # -- wiring -------------------------------------------------------------------------
-    def attach(self, unet: nn.Module) -> None:
-        self._check_not_attached()
+    def _attach(self, unet: nn.Module) -> None:
         skips = long_skips(unet)
         found = {skip.key: skip.channels for skip in skips}
         if found != self.widths:
@@ -126,13 +129,11 @@ class SCTuner(Adapter):
             )
         self.to(device_of(unet))
         self._handles = hook_skips(unet, skips, self.delta_skip)
-        self.unet = unet
 
-    def detach(self) -> None:
+    def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.unet = None
 
     def delta_skip(self, key: str, x: torch.Tensor) -> torch.Tensor | None:
         """s T(x), the term this tuner adds to the skip x (adapters/skips.py sums every editor's).
@@ -141,4 +142,4 @@ class SCTuner(Adapter):
         if self.scale == 0:
             return None
         tuner = self.tuners[module_name(key)]
-        return self.scale * tuner(x.to(tuner.fc1.weight.dtype)).to(x.dtype)
+        return self.scale_for(x) * tuner(x.to(tuner.fc1.weight.dtype)).to(x.dtype)

@@ -1,8 +1,9 @@
-"""Uniform cross-attention maps (UAM; Mo et al., WACV 2025, arXiv 2411.19652, see papers/uam.md §2).
+"""Uniform cross-attention maps (UAM; Mo et al., WACV 2025, arXiv 2411.19652, sec. 3.2).
 
-For the batch rows selected by a boolean row mask, every cross-attention (`attn2`) layer replaces
-softmax(QKᵀ/√d) by the uniform matrix 1/L (L context tokens: BOS, EOS and padding alike, every head).
-Each query then receives the mean of the L value vectors, so the layer output is the constant
+For the UNet batch rows whose branch is "uniform" in the call's context (adapters/context.py), every
+cross-attention (`attn2`) layer replaces softmax(QKᵀ/√d) by the uniform matrix 1/L (L context tokens:
+BOS, EOS and padding alike, every head). Each query then receives the mean of the L value vectors, so
+the layer output is the constant
 
     o = to_out(to_v(mean_j c_j))        broadcast to every query position,
 
@@ -13,36 +14,33 @@ context changes). The other rows go through the processor that was installed bef
 
 Usage::
 
-    with attach_uniform_attention(unet, row_mask=torch.tensor([True, False])) as handle:
+    with attach_uniform_attention(unet), call_context(unet, CallContext.of_branches(["uniform", "cond"])):
         eps = unet(latents, t, encoder_hidden_states=context).sample  # row 0 uniform, row 1 normal
-        handle.row_mask = None                                        # every row uniform
 
-The mask is explicit data (never inferred from the batch size), set on the handle or passed per call as
-`cross_attention_kwargs={"uniform_row_mask": mask}` (self-attention processors then log that they ignore
-it). `detach()` puts back the exact processor objects that were there, so outputs are bit-identical.
+Which rows are uniform is explicit data in the context, never inferred from the batch size; outside
+any call context every row is. `detach()` takes the processors out in any order relative to other
+processor swaps (adapters/processors.py), so outputs are bit-identical once everything is detached.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-RowMask = torch.Tensor | Sequence[bool]
+from .context import Attachments, attachments
+from .processors import ProcessorSwap, WrappingProcessor, attention_layers
 
 
-class UniformCrossAttnProcessor:
-    """attn2 processor: rows in `row_mask` get uniform attention maps, the rest use `base_processor`.
+class UniformCrossAttnProcessor(WrappingProcessor):
+    """attn2 processor: the context's "uniform" rows get uniform attention maps, the rest `base_processor`.
 
-    A plain callable (not an `nn.Module`) because it holds no weights: attaching it leaves the UNet's
-    state dict unchanged. `row_mask` None means every row is uniform.
-    """
+    `state` is the registry of the UNet it sits in (its current context says which rows are uniform);
+    without one, or outside a call context, every row is uniform."""
 
-    def __init__(self, base_processor, row_mask: RowMask | None = None):
-        self.base_processor = base_processor
-        self.row_mask = row_mask
+    def __init__(self, base_processor, state: Attachments | None = None):
+        super().__init__(base_processor)
+        self.state = state
 
     def __call__(
         self,
@@ -50,7 +48,6 @@ class UniformCrossAttnProcessor:
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        uniform_row_mask: RowMask | None = None,
         **kwargs,
     ) -> torch.Tensor:
         if encoder_hidden_states is None:
@@ -58,7 +55,7 @@ class UniformCrossAttnProcessor:
         batch = hidden_states.shape[0]
         # A CPU mask: the decisions below and the row indexing (CPU indices are allowed for any device)
         # never wait for the accelerator.
-        rows = self._rows(uniform_row_mask if uniform_row_mask is not None else self.row_mask, batch)
+        rows = self._rows(batch)
         if not rows.any():  # pure pass-through: bit-identical to the base processor
             return self.base_processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                                        attention_mask=attention_mask, **kwargs)
@@ -76,15 +73,15 @@ class UniformCrossAttnProcessor:
         out[keep] = normal.to(out.dtype)
         return out
 
-    @staticmethod
-    def _rows(row_mask: RowMask | None, batch: int) -> torch.Tensor:
-        if row_mask is None:
+    def _rows(self, batch: int) -> torch.Tensor:
+        context = self.state.context if self.state is not None else None
+        if context is None:
             return torch.ones(batch, dtype=torch.bool)
-        rows = torch.as_tensor(row_mask, dtype=torch.bool).flatten().cpu()
+        rows = context.row_mask("uniform")
         if rows.numel() != batch:
             raise ValueError(
-                f"uniform row mask has {rows.numel()} entries but the attention batch has {batch} rows; "
-                "pass one boolean per UNet batch row (True = uniform attention)"
+                f"the call context has {rows.numel()} rows but the attention batch has {batch} rows; the pipeline "
+                "must describe every UNet batch row (adapters/context.py)"
             )
         return rows
 
@@ -120,71 +117,17 @@ def uniform_attention_output(attn: Attention, hidden_states: torch.Tensor,
     return out / attn.rescale_output_factor
 
 
-def cross_attention_layers(unet: nn.Module) -> dict[str, Attention]:
-    """The `attn2` cross-attention modules of a diffusers UNet (SD 1.x/2.x: 16, SDXL: 70), by module path."""
-    return {
-        name: module for name, module in unet.named_modules()
-        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] == "attn2" and module.is_cross_attention
-    }
-
-
-class UniformAttentionHandle:
-    """What `attach_uniform_attention` installed: set `row_mask` per call, `detach()` to restore.
-
-    Also a context manager that detaches on exit.
-    """
-
-    def __init__(self, layers: dict[str, Attention], row_mask: RowMask | None):
-        self._layers = layers
-        self._previous = {name: layer.processor for name, layer in layers.items()}
-        self._processors = {name: UniformCrossAttnProcessor(prev, row_mask) for name, prev in self._previous.items()}
-        self._row_mask = row_mask
-        for name, layer in layers.items():
-            layer.set_processor(self._processors[name])
-
-    @property
-    def row_mask(self) -> RowMask | None:
-        return self._row_mask
-
-    @row_mask.setter
-    def row_mask(self, row_mask: RowMask | None) -> None:
-        self._row_mask = row_mask
-        for processor in self._processors.values():
-            processor.row_mask = row_mask
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._processors)
-
-    def detach(self) -> None:
-        """Put back the exact processor objects that were there before (a no-op when already detached)."""
-        for name, layer in self._layers.items():
-            if layer.processor is not self._processors[name]:
-                raise RuntimeError(
-                    f"the processor of {name} was replaced after uniform attention was attached; "
-                    "detach whatever was attached later first (reverse order)"
-                )
-        for name, layer in self._layers.items():
-            layer.set_processor(self._previous[name])
-        self._processors = {}
-        self._layers = {}
-
-    def __enter__(self) -> UniformAttentionHandle:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.detach()
-
-
-def attach_uniform_attention(unet: nn.Module, row_mask: RowMask | None = None) -> UniformAttentionHandle:
-    """Wrap every attn2 processor of `unet` in a `UniformCrossAttnProcessor` sharing one row mask.
-
-    row_mask: one bool per UNet batch row (True = uniform attention); None = every row uniform.
-    """
-    layers = cross_attention_layers(unet)
+def attach_uniform_attention(unet: nn.Module) -> ProcessorSwap:
+    """Wrap every attn2 processor of `unet` in a `UniformCrossAttnProcessor`; the call context chooses the rows.
+    The returned swap detaches (also as a context manager) in any order relative to other swaps."""
+    layers = attention_layers(unet, "cross")
     if not layers:
         raise ValueError(f"{type(unet).__name__} has no attn2 cross-attention layers to make uniform")
-    attached = [name for name, layer in layers.items() if isinstance(layer.processor, UniformCrossAttnProcessor)]
-    if attached:
-        raise RuntimeError(f"uniform attention is already attached ({attached[0]}); detach the first handle first")
-    return UniformAttentionHandle(layers, row_mask)
+    for name, layer in layers.items():
+        processor = layer.processor
+        while isinstance(processor, WrappingProcessor):
+            if isinstance(processor, UniformCrossAttnProcessor):
+                raise RuntimeError(f"uniform attention is already attached ({name}); detach the first swap first")
+            processor = processor.base_processor
+    state = attachments(unet)
+    return ProcessorSwap(layers, lambda previous: UniformCrossAttnProcessor(previous, state))

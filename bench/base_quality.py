@@ -19,8 +19,13 @@ import time
 import torch
 
 from pipelines import load_model
-from studio.shapes.quality import (score_prompts, single_object_grid, two_object_scenes, unnamed_content,
-                                  vae_reconstruction)
+from studio.shapes.quality import (
+    score_prompts,
+    single_object_grid,
+    two_object_scenes,
+    unnamed_content,
+    vae_reconstruction,
+)
 
 
 def main() -> None:

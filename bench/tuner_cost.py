@@ -83,6 +83,7 @@ def trainable_setup(method: str, unet: torch.nn.Module) -> tuple[list[torch.nn.P
 
 def worker(method: str, batch: int, latent: int, steps: int) -> dict:
     """One method at one batch size in this process: returns the measurements as a dict."""
+    from adapters import CallContext, call_context
     from pipelines.architectures import build_unet
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,31 +94,32 @@ def worker(method: str, batch: int, latent: int, steps: int) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0 if method == "naive_masked" else 1e-2)
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(batch, 4, latent, latent, generator=g).to(device)
-    context = torch.randn(batch, 77, 768, generator=g).to(device)
+    context_embeds = torch.randn(batch, 77, 768, generator=g).to(device)
     timestep = torch.randint(0, 1000, (batch,), generator=g).to(device)
     hint = torch.rand(batch, 3, 8 * latent, 8 * latent, generator=g).to(device)
     base_memory = reset_peak_memory(device)
     times = []
-    for i in range(steps + 1):  # the first step warms up (allocator, optimizer state)
-        t0 = time.perf_counter()
-        if method == "controlnet":
-            down, mid = adapter(sample, timestep, context, controlnet_cond=hint, return_dict=False)
-            pred = unet(sample, timestep, context, down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid).sample
-        else:
-            if method == "csc_tuner":
-                adapter.set_condition(hint)
-            pred = unet(sample, timestep, context).sample
-        loss = torch.nn.functional.mse_loss(pred, sample)
-        if method != "controlnet" and adapter is not None and (reg := adapter.regularization_loss()) is not None:
-            loss = loss + reg
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i > 0:
-            times.append(time.perf_counter() - t0)
+    # The call context the pipelines would build: a controller reads its hint from it, the others nothing.
+    context = CallContext.of_branches(["train"] * batch, hints={"canny": hint})
+    with call_context(unet, context):
+        for i in range(steps + 1):  # the first step warms up (allocator, optimizer state)
+            t0 = time.perf_counter()
+            if method == "controlnet":
+                down, mid = adapter(sample, timestep, context_embeds, controlnet_cond=hint, return_dict=False)
+                pred = unet(sample, timestep, context_embeds, down_block_additional_residuals=down,
+                            mid_block_additional_residual=mid).sample
+            else:
+                pred = unet(sample, timestep, context_embeds).sample
+            loss = torch.nn.functional.mse_loss(pred, sample)
+            if method != "controlnet" and adapter is not None and (reg := adapter.regularization_loss()) is not None:
+                loss = loss + reg
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i > 0:
+                times.append(time.perf_counter() - t0)
     return {"method": method, "batch": batch, "trainable": n_trainable,
             "overhead_bytes": peak_memory_bytes(device) - base_memory, "step_s": statistics.median(times),
             "device": str(device)}

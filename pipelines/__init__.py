@@ -1,4 +1,13 @@
-"""The headless Python API: load a model, generate, edit (later: train/customize, compose, erase)."""
+"""The headless Python API: load a model, generate with adapters and control, train/customize, edit, annotate.
+
+- load: `load_model` (a diffusers folder, a single-file checkpoint, a hub id, or the embedded model);
+- generate: `generate` with adapters (`check_adapters`, `parse_adapter_arg`) and CSC-Tuner control
+  (`ControlSpec`, `parse_control_arg`), saved as PNGs with their settings (`save_images`, `parse_infotext`);
+- train/customize: an adapter from a folder of images, in `pipelines.train` (`TrainConfig`, `train`; import them
+  from there);
+- edit: real-image editing with uniform attention maps (`invert`, `reconstruct`, `edit`, `save_edit`);
+- annotators: control hints drawn from images (`ANNOTATORS`, `prepare_hint`, `build_control_pairs`).
+"""
 
 from .annotators import ANNOTATORS, build_control_pairs, prepare_hint
 from .attach import check_adapters, parse_adapter_arg

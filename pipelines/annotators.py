@@ -4,7 +4,7 @@
     pairs = build_control_pairs("data/cats", "canny", "data/cats-canny", resolution=512)
 
 A hint is an RGB image in which the condition is drawn; CSC-Tuners read it in [0, 1], never [-1, 1]
-(a [-1, 1] hint degrades control without any error: scedit.md sec. 8). Line conditions share one
+(a [-1, 1] hint degrades control without any error: docs/methods.md, CSC-Tuner). Line conditions share one
 polarity, **light lines on black**, so that black always means "no information here":
 
 - "canny": cv2.Canny(low=100, high=200) on the grey image (ControlNet's thresholds): white edges on black.
@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
 from .errors import InputError
+from .filetypes import IMAGE_EXTENSIONS
 from .images import ImageInput, load_image, write_png
 
 
@@ -113,9 +114,6 @@ def build_control_pairs(image_dir: str | os.PathLike, condition: str, out_dir: s
     center crop) before annotating, so that hint and image line up pixel for pixel there; None keeps
     each image's size. Each hint is a PNG written atomically, with a `studio` text chunk recording the
     condition. `out_dir` must lie outside `image_dir`: the training scan would take hints for images."""
-    # Imported here: datasets imports generate, which imports this module (through control).
-    from .datasets import IMAGE_EXTENSIONS
-
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     if condition not in ANNOTATORS:
         raise InputError(f"condition={condition!r} has no annotator; use one of {', '.join(ANNOTATORS)}")

@@ -107,10 +107,11 @@ def attach_for_call(what: str, source: Adapter | str | os.PathLike, unet: nn.Mod
             raise InputError(f"{what}: the {source.method} adapter is attached to another UNet; detach it")
         source.attach(unet)
     else:
-        try:
-            source = load_adapter(source, unet)  # checks the header and the base model, then attaches
-        except (ValueError, SafetensorError) as e:  # not an adapter file, or not one for this model: the user's pick
+        try:  # only reading the file is the user's pick: a failure to attach after these checks is a bug
+            source = load_adapter(source, unet, attach=False)  # checks the header and the base model
+        except (ValueError, SafetensorError) as e:  # not an adapter file, or not one for this model
             raise InputError(f"{what}: {e}") from e
+        source.attach(unet)
     restore.callback(source.detach)
     return source
 

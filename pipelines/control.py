@@ -6,8 +6,9 @@
 A ControlSpec names a condition, an image, optionally a scale and the CSC-Tuner (an adapter file or
 object); without one, the CSC-Tuner of that condition already attached to the UNet is used (e.g. one
 given in generate's `adapters`, which are attached first). For the call, files are loaded and attached,
-every tuner gets its hint (and scale), and afterwards everything is put back as it was: tuners attached
-here are detached, the others get their previous hint and scale.
+every tuner gets its scale, and the hints go into the call's context (`ctx.hints[condition]`, one image
+per condition); afterwards everything is put back as it was: tuners attached here are detached, the
+others get their previous scale.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from adapters import CSCTuner, CSCTunerConfig, attached_csc_tuners, read_metadata
+from adapters import CSCTuner, CSCTunerConfig, attached_adapters, read_metadata
 from adapters.csc_tuner import CONDITION_NAME
 
 from .annotators import prepare_hint
@@ -86,6 +87,10 @@ def check_controls(control: Sequence[ControlSpec]) -> None:
     adapters = [spec.adapter for spec in control if spec.adapter is not None]
     if len({id(a) if isinstance(a, CSCTuner) else Path(a).resolve() for a in adapters}) < len(adapters):
         raise InputError("control names the same CSC-Tuner twice; give each tuner one control image")
+    conditions = [spec.condition for spec in control]
+    repeated = sorted({c for c in conditions if conditions.count(c) > 1})
+    if repeated:
+        raise InputError(f"control gives several {repeated} images; a call takes one control image per condition")
 
 
 def control_params(control: Sequence[ControlSpec]) -> dict[str, str]:
@@ -122,32 +127,33 @@ def _check_condition(what: str, given: str, expected: str, tuner: str) -> None:
 
 
 @contextmanager
-def controlled(unet: nn.Module, control: Sequence[ControlSpec], size: tuple[int, int]) -> Iterator[None]:
-    """Within the block, `unet` runs under `control` at image `size` = (width, height).
+def controlled(unet: nn.Module, control: Sequence[ControlSpec],
+               size: tuple[int, int]) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, `unet` has the tuners of `control` attached at their scales; the block gets the hints
+    for the call's context (condition -> (1, 3, height, width) in [0, 1]) at image `size` = (width, height).
 
     Every CSC-Tuner attached to `unet` must get a control (an attached tuner without a hint would stop
     the UNet mid-run); hints are made before anything is loaded or changed."""
     check_controls(control)
-    attached = attached_csc_tuners(unet)
+    attached = attached_adapters(unet, CSCTuner)
     tuners: list[CSCTuner | Path] = [_tuner_of(i, spec, attached) for i, spec in enumerate(control)]
     idle = [t.config.condition for t in attached if t.scale != 0 and not any(t is u for u in tuners)]
     if idle:
         raise InputError(f"CSC-Tuner(s) {idle} are attached but control has no image for them; add a ControlSpec "
                          "for each, set their scale to 0, or detach them")
-    hints = [prepare_hint(spec.image, spec.condition, size, annotate=spec.annotate).to(unet.device)
-             for spec in control]
+    hints = {spec.condition: prepare_hint(spec.image, spec.condition, size, annotate=spec.annotate).to(unet.device)
+             for spec in control}
 
     with ExitStack() as restore:  # undone in reverse order, also when the run fails
-        for i, (spec, source, hint) in enumerate(zip(control, tuners, hints)):
+        for i, (spec, source) in enumerate(zip(control, tuners)):
             tuner = attach_for_call(f"control[{i}] ({spec.condition!r})", source, unet, restore)
-            restore.callback(_restore_condition, tuner, tuner.hint, tuner.scale)
-            tuner.set_condition(hint, spec.condition)
             if spec.scale is not None:
+                restore.callback(tuner.set_scale, tuner.scale)
                 tuner.set_scale(spec.scale)
-        yield
+        yield hints
 
 
-def _tuner_of(i: int, spec: ControlSpec, attached: list[CSCTuner]) -> CSCTuner | Path:
+def _tuner_of(i: int, spec: ControlSpec, attached: list) -> CSCTuner | Path:
     """The tuner (or the file to load it from) that `spec` drives: its own, else the attached one of its condition."""
     if spec.adapter is None:
         found = [t for t in attached if t.config.condition == spec.condition]
@@ -157,11 +163,3 @@ def _tuner_of(i: int, spec: ControlSpec, attached: list[CSCTuner]) -> CSCTuner |
                              "to the model; name the one to use with ControlSpec(adapter=<file or tuner>)")
         return found[0]
     return spec.adapter if isinstance(spec.adapter, CSCTuner) else Path(spec.adapter)
-
-
-def _restore_condition(tuner: CSCTuner, hint: torch.Tensor | None, scale: float) -> None:
-    tuner.set_scale(scale)
-    if hint is None:
-        tuner.clear_condition()
-    else:
-        tuner.set_condition(hint)

@@ -1,6 +1,6 @@
 """Training sets from image folders: captions, kohya repeat folders, prior-preservation class images.
 
-One folder may mix these layouts (conventions.md section 4):
+One folder may mix these layouts (those of kohya's sd-scripts and of Hugging Face's imagefolder):
 
     data/
       a.png   a.txt            sidecar caption (.txt, as the GUIs write it, or .caption, sd-scripts' default)
@@ -16,7 +16,6 @@ an image without a caption raises `DatasetError` naming the file and the fix.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -29,9 +28,8 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import StudioError
-from .generate import generate, save_png
+from .filetypes import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_EXTENSIONS = (".txt", ".caption")
 METADATA_FILE = "metadata.jsonl"
 METADATA_CAPTION_KEYS = ("text", "caption")  # the imagefolder column diffusers' scripts read, then the other usual one
@@ -65,7 +63,7 @@ def scan_folder(folder: str | os.PathLike, *, fallback_caption: str | None = Non
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         match = REPEAT_FOLDER.match(sub.name)
         if match is None:
-            if _images_in(sub):
+            if images_in(sub):
                 raise DatasetError(
                     f"{sub} holds images but its name is not a kohya repeat folder; rename it to "
                     f"'<repeats>_<token> <class>' (e.g. '10_sks star') or move its images into {folder}"
@@ -84,10 +82,11 @@ def scan_folder(folder: str | os.PathLike, *, fallback_caption: str | None = Non
 
 def _scan_one(folder: Path, repeats: int, fallback_caption: str | None) -> list[Example]:
     metadata = _read_metadata(folder)
-    return [Example(image, _caption(image, metadata, fallback_caption), repeats) for image in _images_in(folder)]
+    return [Example(image, _caption(image, metadata, fallback_caption), repeats) for image in images_in(folder)]
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
+    """The images directly in `folder`, by extension, in sorted order."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
@@ -152,26 +151,6 @@ def _read_image(path: Path, resolution: int) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for unknown, truncated or corrupt files
         raise DatasetError(f"cannot read image {path} ({e}); re-save it as PNG or JPEG, or delete it") from e
     return ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
-
-
-def generate_class_images(pipe, class_dir: Path, class_prompt: str, num_images: int, *, num_inference_steps: int,
-                          guidance_scale: float) -> list[Path]:
-    """Top `class_dir` up to `num_images` images of `class_prompt` drawn by `pipe` (the base model:
-    call it before attaching an adapter), for DreamBooth-style prior preservation.
-
-    Image `class-<seed>.png` comes from seed <seed>, taking the smallest seeds whose files are
-    missing, so the set is the same whenever it is (re)built; existing images, generated or
-    supplied, count toward `num_images` and are never regenerated. Each PNG is written atomically
-    with its generation settings. Returns the new files."""
-    class_dir.mkdir(parents=True, exist_ok=True)
-    missing = max(num_images - len(_images_in(class_dir)), 0)
-    free_seeds = (seed for seed in itertools.count() if not (class_dir / f"class-{seed:05d}.png").exists())
-    written = []
-    for seed in itertools.islice(free_seeds, missing):
-        result = generate(pipe, class_prompt, seed=seed, num_inference_steps=num_inference_steps,
-                          guidance_scale=guidance_scale)
-        written.append(save_png(result.images[0], result.settings[0], class_dir / f"class-{seed:05d}.png"))
-    return written
 
 
 class EpochSampler:

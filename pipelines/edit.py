@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,10 +35,11 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from adapters.base import detect_family, unet_fingerprint
-from adapters.uniform_attention import UniformAttentionHandle, attach_uniform_attention
+from adapters.context import CallContext, Row, attached_adapters, call_context
+from adapters.uniform_attention import attach_uniform_attention
 
 from .errors import GenerationInterrupted, InputError
-from .generate import GenerationSettings, ProgressCallback, _identity, save_png
+from .generate import GenerationSettings, ProgressCallback, model_identity, save_png
 from .images import ImageInput, load_image, load_mask, write_png
 from .loading import LoadedModel
 
@@ -170,7 +171,8 @@ class _Branches:
     """
 
     embeds: torch.Tensor  # (n, L, D) conditional embedding per branch
-    uniform: tuple[bool, ...]  # uniform cross-attention per branch
+    # per branch, its row in the call context: prompt and branch name ("uniform": uniform cross-attention)
+    names: tuple[Row, ...]
     guided: tuple[bool, ...]  # classifier-free guidance per branch
     uncond: torch.Tensor | None = None  # (1, L, D) embedding of "" for the unconditional rows
     guidance_scale: float = 1.0
@@ -180,21 +182,27 @@ class _Branches:
         """UNet batch rows per step."""
         return len(self.guided) + sum(self.guided)
 
+    @property
+    def uniform(self) -> bool:
+        return any(row.branch == "uniform" for row in self.names)
 
-def _predict_noise(pipe: StableDiffusionPipeline, branches: _Branches, latents: torch.Tensor, t: int,
-                   handle: UniformAttentionHandle | None) -> torch.Tensor:
-    """ε per branch (n, C, h, w) in fp32 from one UNet call over `branches.rows` rows."""
+    def context(self, image_size: tuple[int, int]) -> CallContext:
+        """The call context of every step: the rows in the order `_predict_noise` lays them out."""
+        free = [row for row, guided in zip(self.names, self.guided) if not guided]
+        guided = [row for row, g in zip(self.names, self.guided) if g]
+        return CallContext(rows=free + [Row("", "uncond")] * len(guided) + guided, image_size=image_size)
+
+
+def _predict_noise(pipe: StableDiffusionPipeline, branches: _Branches, latents: torch.Tensor, t: int) -> torch.Tensor:
+    """ε per branch (n, C, h, w) in fp32 from one UNet call over `branches.rows` rows, laid out as
+    `branches.context` describes them (which rows are uniform is read from there)."""
     guided = torch.tensor(branches.guided)  # CPU masks: row bookkeeping never waits for the accelerator
-    uniform = torch.tensor(branches.uniform)
     free = ~guided
-    parts = [(latents[free], branches.embeds[free], uniform[free])]
+    parts = [(latents[free], branches.embeds[free])]
     if any(branches.guided):
         uncond = branches.uncond.expand(int(guided.sum()), -1, -1)
-        parts += [(latents[guided], uncond, uniform[guided]),
-                  (latents[guided], branches.embeds[guided], uniform[guided])]
-    sample, context, row_mask = (torch.cat(part) for part in zip(*parts))
-    if handle is not None:
-        handle.row_mask = row_mask  # explicit per-row choice: never inferred from the batch size
+        parts += [(latents[guided], uncond), (latents[guided], branches.embeds[guided])]
+    sample, context = (torch.cat(part) for part in zip(*parts))
     dtype = pipe.unet.dtype
     out = pipe.unet(sample.to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False)[0].float()
 
@@ -207,19 +215,26 @@ def _predict_noise(pipe: StableDiffusionPipeline, branches: _Branches, latents: 
     return eps
 
 
-def _uniform_attention(pipe: StableDiffusionPipeline, branches: _Branches) -> contextlib.AbstractContextManager:
-    """Uniform attention attached for the loop only when some branch uses it (restored on exit)."""
-    return attach_uniform_attention(pipe.unet) if any(branches.uniform) else contextlib.nullcontext()
+@contextlib.contextmanager
+def _denoising_loop(pipe: StableDiffusionPipeline, branches: _Branches, latents: torch.Tensor) -> Iterator[None]:
+    """The loop's call context, and uniform attention attached for the loop only when some branch uses it
+    (both undone on exit)."""
+    size = (latents.shape[-1] * pipe.vae_scale_factor, latents.shape[-2] * pipe.vae_scale_factor)
+    with contextlib.ExitStack() as stack:
+        if branches.uniform:
+            stack.enter_context(attach_uniform_attention(pipe.unet))
+        stack.enter_context(call_context(pipe.unet, branches.context(size)))
+        yield
 
 
 def _run_inversion(pipe: StableDiffusionPipeline, branches: _Branches, latents: torch.Tensor, schedule: DDIMSchedule,
                    callback: ProgressCallback | None = None) -> tuple[torch.Tensor, int]:
     """DDIM inversion z0 -> z_T of the stacked branch latents (n, C, h, w); returns (z_T, UNet rows run)."""
     num_steps = len(schedule.timesteps)
-    with _uniform_attention(pipe, branches) as handle:
+    with _denoising_loop(pipe, branches, latents):
         for step, i in enumerate(reversed(range(num_steps))):
             t, t_prev = schedule.timesteps[i], schedule.previous(i)
-            eps = _predict_noise(pipe, branches, latents, t, handle)  # ε_θ(z_{t_prev}, t): destination t
+            eps = _predict_noise(pipe, branches, latents, t)  # ε_θ(z_{t_prev}, t): destination t
             latents = ddim_inversion_step(latents, eps, schedule.alpha_bar(t_prev), schedule.alpha_bar(t))
             _report(callback, step + 1, num_steps)
     return latents, branches.rows * num_steps
@@ -232,9 +247,9 @@ def _run_denoising(pipe: StableDiffusionPipeline, branches: _Branches, latents: 
 
     `guide(step, t, x0)` may rewrite the predicted x̂0 of every branch before re-noising (the edit's blend).
     """
-    with _uniform_attention(pipe, branches) as handle:
+    with _denoising_loop(pipe, branches, latents):
         for i, t in enumerate(schedule.timesteps):
-            eps = _predict_noise(pipe, branches, latents, t, handle)
+            eps = _predict_noise(pipe, branches, latents, t)
             alpha_t, alpha_prev = schedule.alpha_bar(t), schedule.alpha_bar(schedule.previous(i))
             if guide is None:
                 latents = ddim_denoising_step(latents, eps, alpha_t, alpha_prev)
@@ -360,8 +375,9 @@ INVERSION_CACHE = InversionCache()
 
 def _model_key(pipe: StableDiffusionPipeline) -> tuple:
     """Which model, as loaded and wired now. Adapters attach through attention processors, forward
-    hooks or peft layers (which rename parameters, so the fingerprint changes); all three are in the key.
-    Weights changed in place (a merged LoRA) are not: call `INVERSION_CACHE.clear()` after merging."""
+    hooks or peft layers (which rename parameters, so the fingerprint changes); all three are in the key,
+    and so is every attached adapter's identity, scale, merged state and weights' version (an adapter
+    trained or rescaled in place). Base weights changed in place by hand are not: clear the cache then."""
     unet = pipe.unet
     wiring = hashlib.sha256()
     for name, module in unet.named_modules():
@@ -369,8 +385,10 @@ def _model_key(pipe: StableDiffusionPipeline) -> tuple:
         wiring.update(f"{name}:{[id(hook) for hook in hooks]};".encode())
     for name, processor in unet.attn_processors.items():
         wiring.update(f"{name}:{id(processor)};".encode())
+    adapters = tuple((id(a), a.method, a.scale, a.merged, sum(p._version for p in a.parameters()))
+                     for a in attached_adapters(unet))
     return (
-        getattr(pipe, "name_or_path", None), unet_fingerprint(unet), wiring.hexdigest(),
+        getattr(pipe, "name_or_path", None), unet_fingerprint(unet), wiring.hexdigest(), adapters,
         id(unet), id(pipe.vae), id(pipe.text_encoder), str(unet.dtype), str(pipe._execution_device),
     )
 
@@ -407,7 +425,8 @@ def invert(model: Model, image: ImageInput, prompt: str = "", num_inference_step
 
     # 3. Encode the image and the two prompts
     z0 = encode_image(pipe, image)
-    branches = _Branches(encode_prompts(pipe, ["", prompt]), uniform=(True, False), guided=(False, False))
+    branches = _Branches(encode_prompts(pipe, ["", prompt]), names=(Row("", "uniform"), Row(prompt, "source")),
+                         guided=(False, False))
 
     # 4. Invert both rows together, no CFG
     schedule = ddim_schedule(pipe.scheduler.config, num_inference_steps)
@@ -423,7 +442,7 @@ def invert(model: Model, image: ImageInput, prompt: str = "", num_inference_step
 def reconstruct(model: Model, inversion: Inversion, *, callback: ProgressCallback | None = None) -> ImageResult:
     """Denoise z^u_T with uniform attention, "" and no CFG: UAM's reconstruction (uam.md §3)."""
     pipe = _check_model(model, len(inversion.schedule.timesteps))
-    branches = _Branches(encode_prompts(pipe, [""]), uniform=(True,), guided=(False,))
+    branches = _Branches(encode_prompts(pipe, [""]), names=(Row("", "uniform"),), guided=(False,))
     latents, rows = _run_denoising(pipe, branches, inversion.uniform_latents, inversion.schedule, callback=callback)
     return ImageResult(decode_latents(pipe, latents)[0], rows)
 
@@ -473,7 +492,8 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
     # 3. Encode the prompts: "" serves the auxiliary branch and the unconditional rows
     empty, source, target = encode_prompts(pipe, ["", source_prompt, target_prompt]).chunk(3)
     cfg = guidance_scale > 1
-    branches = _Branches(torch.cat([empty, source, target]), uniform=(True, False, False), guided=(False, cfg, cfg),
+    branches = _Branches(torch.cat([empty, source, target]), guided=(False, cfg, cfg),
+                         names=(Row("", "uniform"), Row(source_prompt, "source"), Row(target_prompt, "target")),
                          uncond=empty, guidance_scale=guidance_scale)
 
     # 4. Start latents [u, src, tgt] = [z^u_T, z_T, z_T]
@@ -506,7 +526,7 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
     mask = mask.resize(image.size, Image.Resampling.NEAREST)
 
     # 7. Record what made the edit: A1111's keys for the target prompt, plus the edit's own
-    name, model_hash, family = _identity(model)
+    name, model_hash, family = model_identity(model)
     settings = GenerationSettings(
         prompt=target_prompt, negative_prompt="", steps=steps, sampler="DDIM", guidance_scale=float(guidance_scale),
         seed=None, width=image.width, height=image.height, model_name=name, model_hash=model_hash,
@@ -586,9 +606,9 @@ def _ddim_invert_and_sample(model: Model, image: ImageInput, inversion_prompt: s
     empty, inversion_embeds, embeds = encode_prompts(pipe, ["", inversion_prompt, prompt]).chunk(3)
     schedule = ddim_schedule(pipe.scheduler.config, num_inference_steps)
 
-    inverse = _Branches(inversion_embeds, uniform=(False,), guided=(False,))
+    inverse = _Branches(inversion_embeds, names=(Row(inversion_prompt, "source"),), guided=(False,))
     latents, inversion_rows = _run_inversion(pipe, inverse, encode_image(pipe, image), schedule)
-    forward = _Branches(embeds, uniform=(False,), guided=(guidance_scale > 1,), uncond=empty,
+    forward = _Branches(embeds, names=(Row(prompt, "target"),), guided=(guidance_scale > 1,), uncond=empty,
                         guidance_scale=guidance_scale)
     latents, rows = _run_denoising(pipe, forward, latents, schedule)
     return ImageResult(decode_latents(pipe, latents)[0], inversion_rows + rows)

@@ -4,8 +4,9 @@
     paths = save_images(result, "out")      # out/00000-1.png with A1111 `parameters` + `studio` JSON
 
 Argument names follow diffusers' pipelines. The pipeline's own `__call__` does the work; this
-module validates first, picks the sampler, seeds every image, reports progress through
-`callback_on_step_end`, and records each image's settings.
+module validates first, picks the sampler, seeds every image, encodes the prompts itself (so it
+knows which UNet batch row is which: the per-call context every adapter reads, adapters/context.py),
+reports progress through `callback_on_step_end`, and records each image's settings.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from diffusers import (
 )
 from PIL import Image, PngImagePlugin
 
-from adapters import detect_family
+from adapters import CallContext, Row, call_context, detect_family
 
 from .attach import AdapterUse, adapter_params, attached, check_adapters
 from .control import ControlSpec, check_controls, control_params, controlled
@@ -146,8 +147,8 @@ def generate(
     sampler = scheduler_cls.from_config(original_scheduler.config, **overrides)
 
     # 4. Denoise with the pipeline's own loop, with the adapters and under the controls (all undone after;
-    #    adapters first, so that a CSC-Tuner among them is driven by its control); the step hook reports
-    #    progress and can interrupt.
+    #    adapters first, so that a CSC-Tuner among them is driven by its control), inside the call's context
+    #    (the prompts encoded here, the control hints); the step hook reports progress and can interrupt.
     stopped = False
 
     def on_step_end(pipe: DiffusionPipeline, i: int, t: torch.Tensor, kwargs: dict) -> dict:
@@ -159,19 +160,22 @@ def generate(
 
     pipe.scheduler = sampler
     try:
-        with attached(pipe.unet, adapters), controlled(pipe.unet, control, (width, height)):
-            images = pipe(
-                prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                num_images_per_prompt=num_images_per_prompt, generator=generator, callback_on_step_end=on_step_end,
-            ).images
+        with attached(pipe.unet, adapters), controlled(pipe.unet, control, (width, height)) as hints:
+            embeds, context = encode_call(pipe, prompt, negative_prompt, num_images_per_prompt, guidance_scale)
+            context.image_size, context.hints = (width, height), hints
+            with call_context(pipe.unet, context):
+                images = pipe(
+                    **embeds, height=height, width=width, num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
+                    callback_on_step_end=on_step_end,
+                ).images
     finally:
         pipe.scheduler = original_scheduler
     if stopped:
         raise GenerationInterrupted("generation stopped by the callback")
 
     # 5. Record what made each image.
-    name, model_hash, family = _identity(model)
+    name, model_hash, family = model_identity(model)
     extra_params = {**adapter_params(adapters), **control_params(control)}
     settings = [
         GenerationSettings(prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
@@ -181,6 +185,25 @@ def generate(
         for s in seeds
     ]
     return GenerationResult(images=images, settings=settings)
+
+
+def encode_call(pipe: DiffusionPipeline, prompt: str, negative_prompt: str, num_images_per_prompt: int,
+                guidance_scale: float) -> tuple[dict[str, torch.Tensor], CallContext]:
+    """The pipeline's embedding arguments for one prompt, encoded by its own `encode_prompt` (so the images are
+    those of `pipe(prompt=...)` to the bit), and the call context of the UNet batch it will run: under
+    classifier-free guidance the n unconditional rows, then the n conditional ones, as the pipeline stacks them."""
+    cfg = guidance_scale > 1 and pipe.unet.config.get("time_cond_proj_dim") is None  # the pipeline's own rule
+    encoded = pipe.encode_prompt(prompt=prompt, device=pipe._execution_device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=cfg, negative_prompt=negative_prompt)
+    # SD 1.x/2.x: (embeds, negative); SDXL: (embeds, negative, pooled, negative pooled).
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    embeds = {name: value for name, value in zip(names, encoded) if value is not None}
+    n, n_uncond = num_images_per_prompt, num_images_per_prompt if cfg else 0
+    rows = [Row(negative_prompt, "uncond")] * n_uncond + [Row(prompt, "cond")] * n
+    texts = [embeds.get("negative_prompt_embeds")] * n_uncond + [embeds["prompt_embeds"]] * n
+    ids = pipe.tokenizer([row.prompt for row in rows], padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    return embeds, CallContext(rows=rows, text_embeds=torch.cat(texts), token_ids=ids)
 
 
 def check_inputs(prompt: str, negative_prompt: str = "", height: int | None = None, width: int | None = None,
@@ -225,7 +248,8 @@ def _warn_if_truncated(tokenizer, name: str, text: str) -> None:
                       f"{n_tokens - limit} tokens are dropped; shorten it", UserWarning, stacklevel=3)
 
 
-def _identity(model: LoadedModel | DiffusionPipeline) -> tuple[str, str, str]:
+def model_identity(model: LoadedModel | DiffusionPipeline) -> tuple[str, str, str]:
+    """(name, hash, family) of a model, as the images' settings record it."""
     if isinstance(model, LoadedModel):
         return model.name, model.hash, model.family
     return Path(model.name_or_path or "").name, "", detect_family(model.unet)

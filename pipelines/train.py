@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -49,11 +50,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from adapters import REGISTRY, Adapter, CSCTuner, detect_family, save_adapter
+from adapters import REGISTRY, Adapter, CallContext, Row, call_context, detect_family, save_adapter
+from adapters.io import adapter_name_problem
 
 from .annotators import training_hints
 from .control import ControlSpec
-from .datasets import EpochSampler, Example, generate_class_images, load_images, scan_folder
+from .datasets import EpochSampler, Example, images_in, load_images, scan_folder
 from .errors import StudioError
 from .generate import generate, save_png
 
@@ -81,18 +83,6 @@ class TrainingDiverged(RuntimeError):
             f"training diverged: the loss is {loss} in step {step}. Lower learning_rate (now {learning_rate:g}; "
             f"try {learning_rate / 10:g}) and {where}"
         )
-
-
-def adapter_name_problem(name: str) -> str | None:
-    """Why `name` cannot name an adapter file (its stem), or None: one path component, not empty,
-    not hidden (names starting with '.' are the temporary files of atomic writes)."""
-    if not name.strip():
-        return "is empty"
-    if "/" in name or "\\" in name:
-        return "contains a slash"
-    if name.startswith("."):
-        return "starts with '.'"
-    return None
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -141,9 +131,9 @@ class TrainConfig:
     class_dir: Path | None = None  # class images for prior preservation; default output_dir/class_images
     num_class_images: int = 0  # > 0 turns prior preservation on; missing class images are generated
     prior_loss_weight: float = 1.0  # weight of the class half's loss (DreamBooth's lambda)
-    # Share of instance images trained with the empty caption (kohya's caption_dropout_rate). ControlNet
-    # drops 50 %: the controller then has to read the hint, not the text.
-    caption_dropout: float = 0.0
+    # Share of instance images trained with the empty caption (kohya's caption_dropout_rate). None: the method's
+    # own default (0, and 0.5 for a controller as ControlNet drops: it then has to read the hint, not the text).
+    caption_dropout: float | None = None
     steps: int = 200  # optimizer steps
     batch_size: int = 1  # images per process per micro-batch (a prior batch doubles the UNet batch)
     gradient_accumulation_steps: int = 1
@@ -179,13 +169,15 @@ class TrainConfig:
         check(self.data_dir.is_dir(), "data_dir", "is not a folder; pass the folder that holds the training images")
         check(self.method in REGISTRY, "method", f"is unknown; use one of {sorted(REGISTRY)}")
         self.adapter_config()  # the method's own dataclass validates its options
-        controller = REGISTRY[self.method] is CSCTuner
-        check(self.hint_dir is None or controller, "hint_dir", f"is for csc_tuner (a controller), not {self.method}; "
-              "unset it")
+        method = REGISTRY[self.method]
+        controller = method.needs_hints
+        controllers = " or ".join(name for name, cls in REGISTRY.items() if cls.needs_hints)
+        check(self.hint_dir is None or controller, "hint_dir", f"is for {controllers} (a controller), not "
+              f"{self.method}; unset it")
         check(self.hint_dir is None or self.hint_dir.is_dir(), "hint_dir",
               "is not a folder; write the hints with `studio annotate`, or unset it to annotate while training")
         check(not (controller and self.num_class_images), "num_class_images",
-              "must be 0 for csc_tuner: a controller learns from (image, hint) pairs, and class images have no "
+              f"must be 0 for {self.method}: a controller learns from (image, hint) pairs, and class images have no "
               "hints; set num_class_images=0")
         check(self.trigger is None or (isinstance(self.trigger, str) and bool(self.trigger.strip())), "trigger",
               "must be a non-empty word, or unset")
@@ -199,6 +191,8 @@ class TrainConfig:
         check(self.class_dir is None or self.num_class_images > 0, "class_dir",
               "is set but num_class_images=0; set num_class_images to turn prior preservation on")
         check(_is_number(self.prior_loss_weight, 0, inclusive=False), "prior_loss_weight", "must be a number > 0")
+        if self.caption_dropout is None:
+            self.caption_dropout = method.caption_dropout
         check(_is_number(self.caption_dropout, 0) and self.caption_dropout <= 1, "caption_dropout",
               "must be a number in [0, 1] (0: always the caption; 0.5 as ControlNet trains)")
         check(_is_int(self.steps, 1), "steps", "must be an integer >= 1")
@@ -312,6 +306,7 @@ class _Encoded:
     latent_mean: torch.Tensor  # (N, C, h, w) VAE posterior mean, already shifted and scaled
     latent_std: torch.Tensor  # (N, C, h, w) posterior std, scaled: a fresh latent is drawn each step
     text: torch.Tensor  # (U, L, D) embeddings of the U distinct captions, the empty one last
+    captions: list[str]  # the U distinct captions, "" last
     caption_index: torch.Tensor  # (N,) row of `text` for each image
     hints: torch.Tensor | None = None  # (N, 3, H, W) uint8: a controller's hint for each image
 
@@ -346,9 +341,11 @@ def train(
     examples = scan_folder(config.data_dir, fallback_caption=config.fallback_caption)
     pixels = load_images(examples, resolution)
     adapter_config = _adapter_config_for(pipe, config)
+    method = REGISTRY[config.method]
+    condition = method.hint_condition(adapter_config) if method.needs_hints else None
     hints = None
-    if isinstance(adapter_config, CSCTuner.config_class):
-        hints = training_hints(pixels, [e.image for e in examples], adapter_config.condition,
+    if condition is not None:
+        hints = training_hints(pixels, [e.image for e in examples], condition,
                                image_dir=config.data_dir, hint_dir=config.hint_dir)
     resume_from = _resume_point(config)
 
@@ -462,9 +459,12 @@ def train(
                     torch.cat([d[k][rows] for d in draws]).to(accelerator.device)
                     for k in ("latents", "text", "noise", "timesteps")
                 )
-                if instance.hints is not None:  # a controller: no prior batch, one hint per image
-                    adapter.set_condition(draws[0]["hints"][rows].float() / 255)
-                with accelerator.accumulate(denoiser):
+                # The call's context: each row's caption, and a controller's hint per image (no prior batch then).
+                context = CallContext(rows=[Row(prompt, "train") for d in draws for prompt in d["prompts"][rows]],
+                                      text_embeds=text, image_size=(resolution, resolution))
+                if instance.hints is not None:
+                    context.hints = {condition: draws[0]["hints"][rows].float() / 255}
+                with accelerator.accumulate(denoiser), call_context(pipe.unet, context):
                     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                     pred = denoiser(noisy_latents, timesteps, text)
                     target = _target(noise_scheduler, latents, noise, timesteps)
@@ -559,6 +559,26 @@ def _data_fingerprint(examples: list[Example], class_examples: list[Example]) ->
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
+def generate_class_images(pipe, class_dir: Path, class_prompt: str, num_images: int, *, num_inference_steps: int,
+                          guidance_scale: float) -> list[Path]:
+    """Top `class_dir` up to `num_images` images of `class_prompt` drawn by `pipe` (the base model:
+    call it before attaching an adapter), for DreamBooth-style prior preservation.
+
+    Image `class-<seed>.png` comes from seed <seed>, taking the smallest seeds whose files are
+    missing, so the set is the same whenever it is (re)built; existing images, generated or
+    supplied, count toward `num_images` and are never regenerated. Each PNG is written atomically
+    with its generation settings. Returns the new files."""
+    class_dir.mkdir(parents=True, exist_ok=True)
+    missing = max(num_images - len(images_in(class_dir)), 0)
+    free_seeds = (seed for seed in itertools.count() if not (class_dir / f"class-{seed:05d}.png").exists())
+    written = []
+    for seed in itertools.islice(free_seeds, missing):
+        result = generate(pipe, class_prompt, seed=seed, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale)
+        written.append(save_png(result.images[0], result.settings[0], class_dir / f"class-{seed:05d}.png"))
+    return written
+
+
 @torch.no_grad()
 def _encode(pipe, pixels: torch.Tensor, captions: list[str], chunk: int = 16) -> _Encoded:
     """VAE posteriors of uint8 `pixels` (N, 3, H, W) and text embeddings of the distinct `captions`."""
@@ -574,7 +594,7 @@ def _encode(pipe, pixels: torch.Tensor, captions: list[str], chunk: int = 16) ->
         pipe.encode_prompt(distinct[i:i + chunk], device, 1, False)[0].float() for i in range(0, len(distinct), chunk)
     ])
     caption_index = torch.tensor([distinct.index(c) for c in captions], device=device)
-    return _Encoded(torch.cat(means), torch.cat(stds), text, caption_index)
+    return _Encoded(torch.cat(means), torch.cat(stds), text, distinct, caption_index)
 
 
 def _draw(data: _Encoded, sampler: EpochSampler, step: int, count: int, generator: torch.Generator,
@@ -594,22 +614,28 @@ def _draw(data: _Encoded, sampler: EpochSampler, step: int, count: int, generato
         dropped = (torch.rand(count, generator=generator) < caption_dropout).to(index.device)
         rows = torch.where(dropped, len(data.text) - 1, rows)  # the empty caption is the last row
     draw["text"] = data.text[rows]
+    draw["prompts"] = [data.captions[i] for i in rows.tolist()]
     if data.hints is not None:
         draw["hints"] = data.hints[index]
     return draw
 
 
 def _adapter_config_for(pipe, config: TrainConfig) -> Any:
-    """The method's config, with what only the pipeline knows filled in: a controller's vae_scale_factor
-    (8 on SD, 4 on the embedded Shapes model), which a given value must match."""
+    """The method's config, with what only the pipeline knows filled in: the fields whose metadata names a
+    pipeline attribute (`from_model`, e.g. a controller's vae_scale_factor: 8 on SD, 4 on the embedded Shapes
+    model), which a given value must match."""
     adapter_config = config.adapter_config()
-    if not isinstance(adapter_config, CSCTuner.config_class):
-        return adapter_config
-    given = config.method_options.get("vae_scale_factor")
-    if given is not None and given != pipe.vae_scale_factor:
-        raise TrainConfigError(f"method_options vae_scale_factor={given!r}, but this model's VAE downsamples by "
-                               f"{pipe.vae_scale_factor}; leave it unset (it is read from the model)")
-    return dataclasses.replace(adapter_config, vae_scale_factor=pipe.vae_scale_factor)
+    filled = {}
+    for f in dataclasses.fields(adapter_config):
+        attribute = f.metadata.get("from_model")
+        if attribute is None:
+            continue
+        given, value = config.method_options.get(f.name), getattr(pipe, attribute)
+        if given is not None and given != value:
+            raise TrainConfigError(f"method_options {f.name}={given!r}, but this model's {attribute} is {value}; "
+                                   "leave it unset (it is read from the model)")
+        filled[f.name] = value
+    return dataclasses.replace(adapter_config, **filled)
 
 
 def _target(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -635,7 +661,7 @@ def _write_samples(pipe, adapter: Adapter, config: TrainConfig, step: int, hints
             control = []
             if hints is not None:
                 hint = Image.fromarray(hints[i % len(hints)].permute(1, 2, 0).cpu().numpy())
-                control = [ControlSpec(adapter.config.condition, hint, annotate=False)]
+                control = [ControlSpec(type(adapter).hint_condition(adapter.config), hint, annotate=False)]
             for seed in config.sample_seeds:
                 result = generate(pipe, prompt, seed=seed, num_inference_steps=config.sample_steps,
                                   guidance_scale=config.guidance_scale, control=control)

@@ -7,6 +7,7 @@
     studio generate "a red star" --adapter star-canny --control canny:photo.png:0.8   # a CSC-Tuner's control
     studio annotate data/stars --condition canny --out data/stars-canny              # hints for training
     studio adapters list
+    studio shapes dataset --out data/shapes --n 100 --seed 0         # renders + captions to train on
     studio shapes train --out runs/shapes
 
 A refused input exits with status 2 and one line `error: ...` (no traceback), like argparse's own
@@ -182,14 +183,24 @@ def _progress_bar(desc: str, total: int) -> Iterator[Callable[[int, int], None]]
 
 
 def _add_shapes(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("shapes", help="the Shapes world: train the embedded model")
+    p = sub.add_parser("shapes", help="the Shapes world: write datasets, train the embedded model")
     shapes = p.add_subparsers(dest="shapes_command", required=True, metavar="COMMAND")
-    # Every argument goes to studio.shapes.train (its own --help included): prefix_chars that no
+    # Every argument goes to the subcommand's module (its own --help included): prefix_chars that no
     # argument starts with stop argparse from reading "--out" as an option of this parser.
+    dataset = shapes.add_parser("dataset", help="write seeded renders with .txt captions "
+                                "(see `studio shapes dataset --help`)", add_help=False, prefix_chars="\0")
+    dataset.add_argument("args", nargs="*")
+    dataset.set_defaults(run=_shapes_dataset)
     train = shapes.add_parser("train", help="train the Shapes model (see `studio shapes train --help`)",
                               add_help=False, prefix_chars="\0")
     train.add_argument("args", nargs="*")
     train.set_defaults(run=_shapes_train)
+
+
+def _shapes_dataset(args: argparse.Namespace) -> None:
+    from studio.shapes.dataset import main
+
+    main(args.args)
 
 
 def _shapes_train(args: argparse.Namespace) -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from adapters import read_metadata
+from adapters.io import adapter_name_problem
 from pipelines.errors import StudioError
-from pipelines.train import adapter_name_problem
 
 ENV_VAR = "STUDIO_ADAPTER_DIR"
 DEFAULT_ROOT = Path("~/.cache/sd-studio/adapters")

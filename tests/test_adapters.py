@@ -1,12 +1,14 @@
 """The adapter contract matrix (in the spirit of peft's tests/test_custom_models.py).
 
 Every row of CASES runs on the tiny SD 1.5 and SDXL layouts (real block structure, shrunk channels)
-through the same contracts: attach/detach identity, zero-init identity, scale, gradients,
-merge, save/load round trip and base-model checks. A new method adds a row.
+through the same contracts: attach/detach identity, zero-init identity, scale, a scale per batch row,
+gradients (only the declared trainable weights), weight deltas, merge, save/load round trip and base-model
+checks. A new method adds a row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +23,19 @@ from safetensors.torch import save_file
 
 from adapters import (
     REGISTRY,
+    CallContext,
     CSCTunerConfig,
     LoRA,
     LoRAConfig,
+    SaRAConfig,
     SCTuner,
     SCTunerConfig,
+    call_context,
     load_adapter,
     read_metadata,
     save_adapter,
 )
-from adapters.base import FORMAT_VERSION
+from adapters.base import FORMAT_VERSION, base_parameters
 from adapters.skips import long_skips
 from pipelines.architectures import build_unet, count_parameters, tiny_sd15_pipeline, unet_inputs
 
@@ -43,7 +48,8 @@ class Case:
     method: str
     config: Any
     mergeable: bool
-    hint: bool = False  # CSC-Tuners run only with a control image (set_condition)
+    hint: bool = False  # CSC-Tuners run only with a control image (the call context's hints)
+    row_scales: bool = True  # a scale per batch row
 
     @property
     def id(self) -> str:
@@ -56,6 +62,7 @@ CASES = [
     Case("lora", LoRAConfig(rank=4, alpha=8), mergeable=True),  # alpha != rank: a lost alpha shows
     Case("lora", LoRAConfig(rank=4, alpha=8, target="attn_conv"), mergeable=True),  # LoCon: conv A/B too
     Case("csc_tuner", CSCTunerConfig(), mergeable=False, hint=True),
+    Case("sara", SaRAConfig(threshold=5e-3), mergeable=True, row_scales=False),  # one weight for every row
 ]
 
 
@@ -80,16 +87,27 @@ def inputs(unet) -> dict:
 
 
 def make(case: Case, unet):
-    adapter = REGISTRY[case.method].from_unet(unet, case.config)
-    give_hint(case, adapter, unet)
-    return adapter
+    return REGISTRY[case.method].from_unet(unet, case.config)
 
 
-def give_hint(case: Case, adapter, unet) -> None:
-    """A fixed random control image at the UNet's pixel size (latent size x 8), for the cases that need one."""
-    if case.hint:
-        size = unet.config.sample_size * 8
-        adapter.set_condition(torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(7)))
+def hinted(case: Case, unet):
+    """The call context of a controller's UNet calls: a fixed random control image at the UNet's pixel size
+    (latent size x 8); a plain block for the other cases."""
+    if not case.hint:
+        return contextlib.nullcontext()
+    size = unet.config.sample_size * 8
+    hint = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(7))
+    return call_context(unet, CallContext.of_branches(["cond"] * 2, hints={case.config.condition: hint}))
+
+
+@pytest.fixture(autouse=True)
+def controlled_calls(request):
+    """Every UNet call of a controller's test runs with its control image."""
+    if "case" not in request.fixturenames or "unet" not in request.fixturenames:
+        yield
+        return
+    with hinted(request.getfixturevalue("case"), request.getfixturevalue("unet")):
+        yield
 
 
 # -- the contract matrix ------------------------------------------------------------------------
@@ -132,11 +150,56 @@ def test_only_adapter_parameters_get_gradients(case, unet, inputs):
     unet.requires_grad_(False)  # the training loop freezes the UNet before attaching
     adapter = make(case, unet)
     adapter.attach(unet)
-    assert adapter.trainable_parameters() == list(adapter.parameters())
+    trainable, frozen = adapter.trainable_parameters(), adapter.frozen_parameters()
+    assert trainable and {id(p) for p in trainable}.isdisjoint(id(p) for p in frozen)
+    assert {id(p) for p in trainable} | {id(p) for p in frozen} == {id(p) for p in adapter.parameters()}
     unet(**inputs).sample.square().mean().backward()
     ours = {id(p) for p in adapter.parameters()}
-    assert all(p.grad is not None for p in adapter.parameters())
+    assert all(p.grad is not None for p in trainable)
+    assert all(p.grad is None for p in frozen)
     assert all(p.grad is None for p in unet.parameters() if id(p) not in ours)
+
+
+def test_a_scale_per_batch_row(case, unet, inputs):
+    """Row factors (1, 0): row 0 as tuned, row 1 as the base; methods whose delta is in the weights refuse."""
+    base = run(unet, inputs)
+    adapter = make(case, unet)
+    adapter.attach(unet)
+    perturb(adapter)
+    tuned = run(unet, inputs)
+    if not case.row_scales:
+        with pytest.raises(NotImplementedError, match="one scale per call"):
+            adapter.set_row_scales(torch.tensor([1.0, 0.0]))
+        return
+    adapter.set_row_scales(torch.tensor([1.0, 0.0]))
+    mixed = run(unet, inputs)
+    torch.testing.assert_close(mixed[0], tuned[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[1], base[1], atol=1e-6, rtol=0)
+    adapter.set_row_scales(None)
+    assert torch.equal(run(unet, inputs), tuned)
+
+
+def test_delta_weights_are_what_merging_adds(case, unet):
+    adapter = make(case, unet)
+    if not case.mergeable:
+        assert not adapter.is_weight_delta
+        with pytest.raises(NotImplementedError, match="not a weight delta"):
+            adapter.delta_weights()
+        return
+    assert adapter.is_weight_delta
+    perturb(adapter)
+    before = {name: p.detach().clone() for name, p in base_parameters(unet)}
+    adapter.attach(unet)
+    adapter.set_scale(0.5)
+    deltas = adapter.delta_weights()
+    assert deltas and set(deltas) <= set(before)
+    adapter.merge()
+    after = dict(base_parameters(unet))
+    for name, delta in deltas.items():
+        torch.testing.assert_close(after[name].detach(), before[name] + delta, atol=1e-6, rtol=0)
+    adapter.unmerge()
+    assert all(torch.equal(d, e) for d, e in zip(deltas.values(), adapter.delta_weights(scale=0.5).values()))
+    torch.testing.assert_close(adapter.delta_weights(scale=1.0)[name], 2 * deltas[name])
 
 
 def test_merge(case, unet, inputs):
@@ -147,8 +210,8 @@ def test_merge(case, unet, inputs):
         with pytest.raises(NotImplementedError, match="cannot be merged"):
             adapter.merge()
         return
+    tuned = run(unet, inputs)  # SaRA writes P0 + s·ΔP into its weights when they are read
     weights = {k: v.clone() for k, v in unet.state_dict().items() if "lora_" not in k}
-    tuned = run(unet, inputs)
     adapter.merge()
     torch.testing.assert_close(run(unet, inputs), tuned, atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match="unmerge"):
@@ -182,8 +245,8 @@ def test_save_load_round_trip(case, layout, unet, inputs, tmp_path):
     fresh = build_unet(layout)
     loaded = load_adapter(path, fresh)
     assert type(loaded) is type(adapter) and loaded.unet is fresh
-    give_hint(case, loaded, fresh)
-    assert torch.equal(run(fresh, inputs), tuned)
+    with hinted(case, fresh):
+        assert torch.equal(run(fresh, inputs), tuned)
     loaded.detach()
     assert load_adapter(path).unet is None  # without a UNet: built from the file alone
 
@@ -240,7 +303,7 @@ def test_lora_dropout_follows_the_adapters_mode():
 
 # -- SC-Tuner specifics -------------------------------------------------------------------------
 
-SKIP_WIDTHS = {  # decoder order, up_blocks.b.resnets.r (scedit.md, sec. 3)
+SKIP_WIDTHS = {  # decoder order, up_blocks.b.resnets.r (one SC-Tuner per long skip: docs/methods.md)
     "sd15": [1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 320],
     "sdxl": [1280, 1280, 640, 640, 640, 320, 320, 320, 320],
     "tiny-sd15": [64, 64, 64, 64, 64, 32, 32, 32, 32, 32, 32, 32],

@@ -1,4 +1,4 @@
-"""The analyzer must read rendered ground truth (SHAPES.md: >= 98 % fully correct) and stay sane on bad input."""
+"""The analyzer must read rendered ground truth (its target: >= 98 % fully correct) and stay sane on bad input."""
 
 import random
 

@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from adapters import CSCTuner, LoRA, LoRAConfig, SCTuner
-from pipelines import ControlSpec, EMBEDDED_MODEL, edit, generate
+from pipelines import EMBEDDED_MODEL, ControlSpec, edit, generate
 from pipelines.architectures import tiny_sd15_pipeline
 from studio.shapes.world import Scene, ShapeObject, render
 

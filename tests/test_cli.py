@@ -1,4 +1,5 @@
-"""The `studio` command: generate and edit save PNGs, shapes train passes through, bad input exits 2 in one line."""
+"""The `studio` command: generate and edit save PNGs, shapes dataset writes renders, shapes train passes
+through, bad input exits 2 in one line."""
 
 from __future__ import annotations
 
@@ -85,6 +86,45 @@ def test_shapes_train_passes_its_arguments_through(capsys):
         main(["shapes", "train", "--help"])
     assert exit_info.value.code == 0
     assert "--vae-steps" in capsys.readouterr().out  # studio.shapes.train's own help
+
+
+def test_shapes_dataset_writes_renders_with_captions(tmp_path, capsys):
+    out = tmp_path / "data"
+    code = main(["shapes", "dataset", "--out", str(out), "--n", "6", "--seed", "2", "--shapes", "star", "ring"])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == f"wrote 6 images with captions to {out}"
+    images = sorted(out.glob("*.png"))
+    assert [p.name for p in images] == [f"{i:06d}.png" for i in range(6)]
+    assert sorted(out.glob("*.txt")) == [p.with_suffix(".txt") for p in images]
+    for image in images:
+        assert Image.open(image).size == (64, 64)
+        words = set(image.with_suffix(".txt").read_text().split())
+        assert words & {"star", "ring"} and not words & {"circle", "square", "triangle", "cross"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--n", "0"], "error: --n 0: the number of images must be at least 1"),
+        (["--outline-prob", "1.5"], "error: --outline-prob 1.5: a share must lie in [0, 1]"),
+    ],
+)
+def test_shapes_dataset_refuses_bad_values_in_one_line(tmp_path, argv, message, capsys):
+    assert main(["shapes", "dataset", "--out", str(tmp_path / "data"), *argv]) == 2
+    assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "data").exists()  # refused before writing anything
+
+
+def test_shapes_dataset_refuses_a_folder_of_other_images_and_an_unknown_shape(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    assert main(["shapes", "dataset", "--out", str(tmp_path), "--n", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "other image/caption files (e.g. photo.png)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own refusal, with the allowed values
+        main(["shapes", "dataset", "--out", str(tmp_path / "x"), "--shapes", "hexagon"])
+    assert exit_info.value.code == 2
+    assert "argument --shapes: invalid choice: 'hexagon'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,13 @@ from adapter_helpers import perturb, run
 from PIL import Image, ImageDraw
 
 from adapters import (
+    CallContext,
     CSCTuner,
     CSCTunerConfig,
     SCTuner,
-    attached_csc_tuners,
+    attached_adapters,
+    call_context,
+    current_context,
     load_adapter,
     read_metadata,
     save_adapter,
@@ -39,10 +42,19 @@ def hint(unet, batch: int = 1, seed: int = 7) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def tuner(unet, condition: str = "canny", seed: int | None = 0, batch: int = 1, **config) -> CSCTuner:
-    """A CSC-Tuner with a hint, perturbed off its zero init with `seed` (None: left at init)."""
+def condition_hint(unet, condition: str, batch: int = 1) -> torch.Tensor:
+    """The fixed control image of `condition` in these tests."""
+    return hint(unet, batch, seed=len(condition))
+
+
+def controls(unet, **hints: torch.Tensor):
+    """The call context of a 2-row UNet call controlled by `hints` (condition -> hint)."""
+    return call_context(unet, CallContext.of_branches(["uncond", "cond"], hints=hints))
+
+
+def tuner(unet, condition: str = "canny", seed: int | None = 0, **config) -> CSCTuner:
+    """A CSC-Tuner perturbed off its zero init with `seed` (None: left at init)."""
     adapter = CSCTuner.from_unet(unet, CSCTunerConfig(condition=condition, **config))
-    adapter.set_condition(hint(unet, batch, seed=len(condition)))
     if seed is not None:
         perturb(adapter, seed)
     return adapter
@@ -86,8 +98,9 @@ def test_downsampled_skips_are_recovered_from_a_files_widths(layout):
 
 
 def test_full_size_parameter_counts():
-    """scedit.md sec. 5: SD 1.5 3x3 ~ 99.1 M (pre-encoder 0.35 M, chain 79.1 M, tuners 19.68 M), 1x1 ~ 28.8 M;
-    SDXL 3x3 ~ 45.9 M. Exact counts of our layout, which agree with the paper's to its precision."""
+    """SCEdit's released configs (modelscope/scepter; docs/methods.md, CSC-Tuner): SD 1.5 3x3 ~ 99.1 M (pre-encoder
+    0.35 M, chain 79.1 M, tuners 19.68 M), 1x1 ~ 28.8 M; SDXL 3x3 ~ 45.9 M. Exact counts of our layout, which agree
+    with those to their precision."""
     sd15, sdxl = build_unet("sd15", device="meta"), build_unet("sdxl", device="meta")
     assert CSCTuner.from_unet(sd15).num_parameters() == {
         "pre_encoder": 348_880, "chain": 79_082_880, "tuners": 19_680_000, "total": 99_111_760}
@@ -103,7 +116,8 @@ def test_zero_init_reaches_the_chain_progressively(unet, inputs):
     unet.requires_grad_(False)
     csc = tuner(unet, seed=None)
     csc.attach(unet)
-    unet(**inputs).sample.square().mean().backward()
+    with controls(unet, canny=condition_hint(unet, "canny")):
+        unet(**inputs).sample.square().mean().backward()
     chain = [block[1] for block in csc.chain]
     assert chain[0].weight.grad.abs().sum() > 0
     assert all(not conv.weight.grad.any() and conv.bias.grad.abs().sum() > 0 for conv in chain[1:])
@@ -122,7 +136,8 @@ def test_gradients_survive_gradient_checkpointing(unet, inputs):
         if checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
-        unet(**inputs).sample.square().mean().backward()
+        with controls(unet, canny=condition_hint(unet, "canny")):
+            unet(**inputs).sample.square().mean().backward()
         grads.append([p.grad.clone() for p in csc.parameters()])
         csc.zero_grad()
     for a, b in zip(*grads):
@@ -134,7 +149,8 @@ def test_gradients_survive_gradient_checkpointing(unet, inputs):
 
 def test_sc_and_csc_compose_as_the_formula(unet, inputs):
     """x' = x + s_sc T_sc(x) + s (T_c(x + c) + c), both terms from the original x, in either attach order."""
-    sc, csc = SCTuner.from_unet(unet), tuner(unet, batch=2)
+    sc, csc = SCTuner.from_unet(unet), tuner(unet)
+    canny = condition_hint(unet, "canny", batch=2)
     perturb(sc, seed=5)
     sc.set_scale(0.7)
     csc.set_scale(1.5)
@@ -153,13 +169,14 @@ def test_sc_and_csc_compose_as_the_formula(unet, inputs):
     sc.attach(unet)
     csc.attach(unet)
     after = resnet.register_forward_pre_hook(edited)
-    sc_first = run(unet, inputs)
+    with controls(unet, canny=canny):
+        sc_first = run(unet, inputs)
     after.remove()
     record[0].remove()
 
     x = seen["x"]
     with torch.no_grad():
-        c = csc.condition_features(csc.hint)[key]
+        c = csc.condition_features(canny)[key]
         want = x + 0.7 * sc.tuners[module_name(key)](x) + 1.5 * (csc.tuners[module_name(key)](x + c) + c)
     torch.testing.assert_close(seen["edited"], want, atol=1e-5, rtol=1e-5)
 
@@ -167,25 +184,28 @@ def test_sc_and_csc_compose_as_the_formula(unet, inputs):
     csc.detach()
     csc.attach(unet)
     sc.attach(unet)
-    assert torch.equal(run(unet, inputs), sc_first), "two editors: the order of attaching does not matter"
+    with controls(unet, canny=canny):
+        assert torch.equal(run(unet, inputs), sc_first), "two editors: the order of attaching does not matter"
 
 
 def test_two_conditions_with_their_own_hints_and_scales(unet, inputs):
     base = run(unet, inputs)
-    edges, colors = tuner(unet, "canny", seed=1), tuner(unet, "color", seed=2, batch=2)
+    edges, colors = tuner(unet, "canny", seed=1), tuner(unet, "color", seed=2)
+    hints = {"canny": condition_hint(unet, "canny"), "color": condition_hint(unet, "color", batch=2)}
     edges.set_scale(0.5)
     edges.attach(unet)
-    only_edges = run(unet, inputs)
-    colors.attach(unet)
-    both = run(unet, inputs)
-    assert attached_csc_tuners(unet) == [edges, colors]
+    with controls(unet, **hints):
+        only_edges = run(unet, inputs)
+        colors.attach(unet)
+        both = run(unet, inputs)
+    assert attached_adapters(unet, CSCTuner) == [edges, colors]
     assert not torch.allclose(both, only_edges, atol=1e-4) and not torch.allclose(only_edges, base, atol=1e-4)
     colors.set_scale(0.0)  # off: no hint needed, nothing added
-    colors.clear_condition()
-    assert torch.equal(run(unet, inputs), only_edges)
+    with controls(unet, canny=hints["canny"]):
+        assert torch.equal(run(unet, inputs), only_edges)
     edges.detach()
     colors.detach()
-    assert torch.equal(run(unet, inputs), base) and attached_csc_tuners(unet) == []
+    assert torch.equal(run(unet, inputs), base) and attached_adapters(unet) == []
 
 
 def test_a_smaller_vae_factor_takes_a_smaller_hint(unet, inputs):
@@ -194,8 +214,8 @@ def test_a_smaller_vae_factor_takes_a_smaller_hint(unet, inputs):
     assert sum(conv.stride == (2, 2) for conv in csc.pre_encoder[::2]) == 2
     csc.attach(unet)
     perturb(csc)
-    csc.set_condition(torch.rand(1, 3, 32, 32))
-    assert run(unet, inputs).shape == inputs["sample"].shape
+    with controls(unet, canny=torch.rand(1, 3, 32, 32)):
+        assert run(unet, inputs).shape == inputs["sample"].shape
 
 
 # -- refusals -------------------------------------------------------------------------------------
@@ -204,19 +224,17 @@ def test_a_smaller_vae_factor_takes_a_smaller_hint(unet, inputs):
 def test_bad_conditions_are_refused(unet, inputs):
     csc = CSCTuner.from_unet(unet)
     csc.attach(unet)
-    with pytest.raises(RuntimeError, match="no control image: call set_condition"):
+    with pytest.raises(RuntimeError, match="no control image in this call: run the UNet inside call_context"):
         run(unet, inputs)
-    with pytest.raises(ValueError, match="trained on 'canny' hints, but got a 'color' control"):
-        csc.set_condition(hint(unet), "color")
-    with pytest.raises(ValueError, match=r"\[0, 1\].*\(hint \+ 1\) / 2"):
-        csc.set_condition(hint(unet) * 2 - 1)
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        csc.set_condition(hint(unet)[:, :1])
-    csc.set_condition(torch.rand(1, 3, 32, 32))
-    with pytest.raises(ValueError, match="need 64x64"):
+    with controls(unet, color=hint(unet)), pytest.raises(RuntimeError, match=r"ctx.hints\['canny'\]"):
+        run(unet, inputs)  # a hint of another condition is not this tuner's
+    with pytest.raises(ValueError, match=r"\[0, 1\].*\(hint \+ 1\) / 2"), controls(unet, canny=hint(unet) * 2 - 1):
+        pass
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"), controls(unet, canny=hint(unet)[:, :1]):
+        pass
+    with controls(unet, canny=torch.rand(1, 3, 32, 32)), pytest.raises(ValueError, match="need 64x64"):
         run(unet, inputs)
-    csc.set_condition(hint(unet, batch=3))
-    with pytest.raises(ValueError, match="not a multiple of the hint batch 3"):
+    with controls(unet, canny=hint(unet, batch=3)), pytest.raises(ValueError, match="not a multiple of the hint batch"):
         run(unet, inputs)
 
 
@@ -330,7 +348,7 @@ def test_generate_with_control(tiny_sd15, tmp_path):
 
     by_object = make(control=[ControlSpec("canny", photo, adapter=csc)])
     assert not np.array_equal(by_object, base)
-    assert csc.unet is None and csc.hint is None and csc.scale == 1.0
+    assert csc.unet is None and current_context(pipe.unet) is None and csc.scale == 1.0
     assert np.array_equal(make(control=[ControlSpec("canny", photo, adapter=path)]), by_object)
     assert np.array_equal(make(), base)
     assert np.array_equal(make(control=[ControlSpec("canny", photo, scale=0.0, adapter=path)]), base)
@@ -398,8 +416,8 @@ def test_training_a_controller_feeds_every_image_its_own_hint(tmp_path):
     trained = load_adapter(drawn.adapter_path, pipe.unet)
     outputs = []
     for image in (data / "0.png", data / "2.png"):
-        trained.set_condition(prepare_hint(image, "canny", (64, 64)))
-        outputs.append(pipe.unet(torch.zeros(1, 4, 8, 8), 500, torch.zeros(1, 77, 32)).sample)
+        with controls(pipe.unet, canny=prepare_hint(image, "canny", (64, 64))):
+            outputs.append(pipe.unet(torch.zeros(1, 4, 8, 8), 500, torch.zeros(1, 77, 32)).sample)
     trained.detach()
     assert (outputs[0] - outputs[1]).abs().max() > 1e-4  # the hint now steers the UNet
 
@@ -411,7 +429,7 @@ def test_controller_training_refuses_what_cannot_work(tmp_path):
     with pytest.raises(TrainConfigError, match="hint_dir.*is for csc_tuner"):
         controller_config(data, tmp_path / "o", method="sc_tuner", method_options={}, hint_dir=data)
     pipe = tiny_sd15_pipeline(str(EMBEDDED_MODEL / "tokenizer"))
-    with pytest.raises(TrainConfigError, match="vae_scale_factor=4, but this model's VAE downsamples by 8"):
+    with pytest.raises(TrainConfigError, match="vae_scale_factor=4, but this model's vae_scale_factor is 8"):
         train(pipe, controller_config(data, tmp_path / "o", method_options={"vae_scale_factor": 4}))
     (tmp_path / "hints").mkdir()
     square().save(tmp_path / "hints" / "0.png")

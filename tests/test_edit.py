@@ -14,11 +14,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image, ImageFile
 
-from adapters.uniform_attention import (
-    UniformCrossAttnProcessor,
-    attach_uniform_attention,
-    cross_attention_layers,
-)
+from adapters.context import Attachments, CallContext, call_context
+from adapters.processors import ProcessorSwap, WrappingProcessor, attention_layers
+from adapters.uniform_attention import UniformCrossAttnProcessor, attach_uniform_attention
 from pipelines import EMBEDDED_MODEL
 from pipelines.architectures import build_unet, tiny_sd15_pipeline, unet_inputs
 from pipelines.edit import (
@@ -95,11 +93,13 @@ def pixels(image: Image.Image) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 def test_uniform_rows_are_the_analytic_constant_and_other_rows_the_normal_output():
     unet = build_unet("tiny-sd15")
-    attn = next(iter(cross_attention_layers(unet).values()))
+    attn = next(iter(attention_layers(unet, "cross").values()))
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 16, attn.query_dim, generator=g)
     context = torch.randn(3, 7, attn.cross_attention_dim, generator=g)
-    processor = UniformCrossAttnProcessor(AttnProcessor2_0(), row_mask=[True, False, True])
+    state = Attachments()  # the registry a UNet would hold; its context says which rows are uniform
+    state.context = CallContext.of_branches(["uniform", "cond", "uniform"])
+    processor = UniformCrossAttnProcessor(AttnProcessor2_0(), state)
     with torch.no_grad():
         out = processor(attn, hidden, context)
 
@@ -116,11 +116,12 @@ def test_uniform_rows_are_the_analytic_constant_and_other_rows_the_normal_output
         assert torch.equal(out[1:2], normal_row)
         assert torch.allclose(out[1], AttnProcessor2_0()(attn, hidden, context)[1], atol=1e-6)
 
-        # a per-call mask (cross_attention_kwargs) overrides the attribute; all-False is a pass-through
-        assert torch.equal(processor(attn, hidden, context, uniform_row_mask=[False] * 3),
-                           AttnProcessor2_0()(attn, hidden, context))
-        with pytest.raises(ValueError, match="row mask has 2 entries"):
-            processor(attn, hidden, context, uniform_row_mask=[True, False])
+        # a call without uniform rows is a pass-through; a context that does not describe the batch is refused
+        state.context = CallContext.of_branches(["source", "target", "uncond"])
+        assert torch.equal(processor(attn, hidden, context), AttnProcessor2_0()(attn, hidden, context))
+        state.context = CallContext.of_branches(["uniform", "cond"])
+        with pytest.raises(ValueError, match="the call context has 2 rows but the attention batch has 3 rows"):
+            processor(attn, hidden, context)
 
 
 @pytest.mark.parametrize("layout", ["tiny-sd15", "tiny-sdxl"])
@@ -131,8 +132,8 @@ def test_attach_detach_restores_exact_processors_and_outputs(layout):
     with torch.no_grad():
         before = unet(**inputs).sample
 
-        handle = attach_uniform_attention(unet, row_mask=torch.tensor([True, False]))
-        cross = {f"{name}.processor" for name in cross_attention_layers(unet)}
+        handle = attach_uniform_attention(unet)
+        cross = {f"{name}.processor" for name in attention_layers(unet, "cross")}
         assert cross and all(name.endswith("attn2.processor") for name in cross)
         for name, processor in unet.attn_processors.items():
             if name in cross:
@@ -140,11 +141,12 @@ def test_attach_detach_restores_exact_processors_and_outputs(layout):
                 assert processor.base_processor is before_processors[name]
             else:  # self-attention untouched
                 assert processor is before_processors[name]
-        mixed = unet(**inputs).sample
+        with call_context(unet, CallContext.of_branches(["uniform", "cond"])):
+            mixed = unet(**inputs).sample
         assert not torch.allclose(mixed[0], before[0], atol=1e-3)  # the uniform row changed
         assert torch.allclose(mixed[1], before[1], atol=1e-5)  # the normal row did not
-        handle.row_mask = [False, False]
-        assert torch.equal(unet(**inputs).sample, before)  # no uniform row: bit-identical pass-through
+        with call_context(unet, CallContext.of_branches(["source", "target"])):
+            assert torch.equal(unet(**inputs).sample, before)  # no uniform row: bit-identical pass-through
 
         with pytest.raises(RuntimeError, match="already attached"):
             attach_uniform_attention(unet)
@@ -152,17 +154,60 @@ def test_attach_detach_restores_exact_processors_and_outputs(layout):
         assert all(unet.attn_processors[name] is p for name, p in before_processors.items())
         assert torch.equal(unet(**inputs).sample, before)
 
-        with attach_uniform_attention(unet):  # context manager form; row_mask None = every row uniform
+        with attach_uniform_attention(unet):  # context manager form; outside a call context every row is uniform
             assert not torch.allclose(unet(**inputs).sample, before, atol=1e-3)
         assert all(unet.attn_processors[name] is p for name, p in before_processors.items())
         assert torch.equal(unet(**inputs).sample, before)
+
+
+class _Doubling(WrappingProcessor):
+    """A stand-in for the next processor swap (LoRA-Composer's): doubles what the processor it wraps returns."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return 2 * self.base_processor(attn, hidden_states, *args, **kwargs)
+
+
+@pytest.mark.parametrize("first_out", ["uniform", "doubling"])
+def test_processor_swaps_detach_in_either_order(first_out):
+    """Uniform attention, then another swap over the same layers; whichever is detached first, the other keeps
+    acting, and once both are out every layer holds its original processor object and outputs are exact."""
+    unet = build_unet("tiny-sd15")
+    inputs = unet_inputs(unet, batch=2)
+    before_processors = dict(unet.attn_processors)
+    with torch.no_grad():
+        before = unet(**inputs).sample
+        uniform = attach_uniform_attention(unet)
+        only_uniform = unet(**inputs).sample
+        doubling = ProcessorSwap(attention_layers(unet, "cross"), _Doubling)
+        both = unet(**inputs).sample
+        assert not torch.allclose(both, only_uniform, atol=1e-4)
+        if first_out == "uniform":
+            uniform.detach()
+            reference = build_unet("tiny-sd15")  # the same weights, with only the doubling swap
+            with ProcessorSwap(attention_layers(reference, "cross"), _Doubling):
+                assert torch.equal(unet(**inputs).sample, reference(**inputs).sample)
+            doubling.detach()
+        else:
+            doubling.detach()
+            assert torch.equal(unet(**inputs).sample, only_uniform)
+            uniform.detach()
+        assert all(unet.attn_processors[name] is p for name, p in before_processors.items())
+        assert torch.equal(unet(**inputs).sample, before)
+
+
+def test_a_swap_replaced_by_a_foreign_processor_refuses_to_detach():
+    unet = build_unet("tiny-sd15")
+    swap = attach_uniform_attention(unet)
+    unet.set_attn_processor(AttnProcessor2_0())
+    with pytest.raises(RuntimeError, match="does not wrap the one installed here"):
+        swap.detach()
 
 
 # ---------------------------------------------------------------------------------------------
 # the maths
 # ---------------------------------------------------------------------------------------------
 def test_schedule_follows_the_scheduler_config_and_uses_alpha_0_below_zero():
-    reference = ddim_schedule({**SD_SCHEDULER_CONFIG, "steps_offset": 0}, 50)  # uam.md §3's setup
+    reference = ddim_schedule({**SD_SCHEDULER_CONFIG, "steps_offset": 0}, 50)  # UAM's reference setup: 980, 960, ..., 0
     assert reference.timesteps[:2] == [980, 960] and reference.timesteps[-1] == 0
     assert reference.previous(49) == -1 and reference.alpha_bar(-1) == reference.alphas_cumprod[0]
     assert ddim_schedule(SD_SCHEDULER_CONFIG, STEPS).timesteps == [751, 501, 251, 1]
@@ -281,7 +326,7 @@ def test_second_edit_reuses_the_inversion_and_matches_an_uncached_edit(tiny_pipe
 
 
 def test_without_blending_the_target_branch_is_plain_ddim_editing(tiny_pipe, image):
-    # T_mask = 0: no step blends, so the target is the P2P-setup DDIM edit (uam.md §7's check)
+    # T_mask = 0: no step blends, so the target is the P2P-setup DDIM edit
     kwargs = dict(num_inference_steps=STEPS, guidance_scale=7.5)
     result = edit(tiny_pipe, image, "a red circle", "a blue circle", mask_start_t=0, invert_with_source_prompt=True,
                   **kwargs)

@@ -1,4 +1,4 @@
-"""The Shapes world's fixed values (SHAPES.md) and the seeded dataset builder."""
+"""The Shapes world's fixed values (studio/shapes/world.py) and the seeded dataset builder."""
 
 import random
 import re
@@ -21,7 +21,7 @@ from studio.shapes.world import (
     sample_scene,
 )
 
-# SHAPES.md's grammar; the held-out outline style is the word `outline` before the shape.
+# The world's caption grammar; the held-out outline style is the word `outline` before the shape.
 _NOUN = rf"a (?:(?:small|large) )?(?:{'|'.join(COLORS)}) (?:outline )?(?:{'|'.join(SHAPES)})"
 _PAIR_NOUN = rf"a (?:{'|'.join(COLORS)}) (?:outline )?(?:{'|'.join(SHAPES)})"
 CAPTION = re.compile(

@@ -278,10 +278,10 @@ def test_samples_at_step_0_and_every_n_steps(tiny_sd15, data, tmp_path):
 
 
 def test_prior_preservation_generates_class_images_once(tiny_sd15, data, tmp_path, monkeypatch):
-    import pipelines.datasets
+    import pipelines.train
 
     calls = []
-    monkeypatch.setattr(pipelines.datasets, "generate",
+    monkeypatch.setattr(pipelines.train, "generate",
                         lambda *args, **kwargs: calls.append(kwargs["seed"]) or generate(*args, **kwargs))
     settings = dict(steps=2, class_prompt="star", num_class_images=3, class_dir=tmp_path / "class")
     train(tiny_sd15, config(data, tmp_path / "one", **settings))

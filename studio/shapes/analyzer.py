@@ -1,4 +1,4 @@
-"""The analyzer (SHAPES.md): a deterministic reading of a Shapes-world image, the scorer every benchmark uses.
+"""The analyzer: a deterministic reading of a Shapes-world image, the scorer every benchmark uses.
 
     analysis = analyze(image)            # background + objects (colour, shape, position, size, outline, mask)
     score_scene(image, scene)            # {"color": True, ..., "count": True, "all": True}

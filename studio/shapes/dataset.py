@@ -1,6 +1,6 @@
 """Seeded Shapes-world datasets on disk: one PNG and one caption sidecar (`.txt`, same stem) per image.
 
-    studio shapes dataset --out DIR --n 100 --seed 0 [--held-out] [--outline-prob 0.2]
+    studio shapes dataset --out DIR --n 100 --seed 0 [--shapes circle star ...] [--held-out] [--outline-prob 0.2]
 
 The same arguments always write the same bytes. Customization sets of one subject (for example five
 renders of an orange star) come from `subject_scenes` / `subject_images`.
@@ -108,16 +108,36 @@ def subject_images(out_dir: str | Path, color: str, shape: str, n: int, seed: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`studio shapes dataset`: argv is what follows those words."""
+    """`studio shapes dataset`: argv is what follows those words. A bad value raises `StudioError` (the
+    `studio` command prints it as one `error: ...` line and exits 2); argparse refuses unknown options,
+    non-numbers and unknown shapes itself."""
+    from pipelines.errors import StudioError  # here: building a dataset needs nothing else of pipelines
+
     p = argparse.ArgumentParser(prog="studio shapes dataset", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="folder for NNNNNN.png + NNNNNN.txt")
-    p.add_argument("--n", type=int, default=100, help="number of images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--held-out", action="store_true", help="draw from every shape, held-out ones included")
-    p.add_argument("--two-object-prob", type=float, default=0.3)
-    p.add_argument("--outline-prob", type=float, default=0.0, help="share of the held-out outline style")
+    p.add_argument("--n", type=int, default=100, help="number of images (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed and arguments write the same files (default 0)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--shapes", nargs="+", choices=SHAPES, metavar="SHAPE",
+                       help=f"the shapes scenes draw from, of {', '.join(SHAPES)} "
+                            f"(default: the base shapes {', '.join(BASE_SHAPES)})")
+    which.add_argument("--held-out", action="store_true",
+                       help="draw from every shape, held-out ones included (as --shapes with all of them)")
+    p.add_argument("--two-object-prob", type=float, default=0.3, help="share of two-object scenes (default 0.3)")
+    p.add_argument("--outline-prob", type=float, default=0.0,
+                   help="share of objects in the held-out outline style (default 0)")
     args = p.parse_args(argv)
-    paths = build_dataset(args.out, args.n, args.seed, SHAPES if args.held_out else BASE_SHAPES,
-                          args.two_object_prob, args.outline_prob)
+    if args.n < 1:
+        raise StudioError(f"--n {args.n}: the number of images must be at least 1")
+    for option, value in (("--two-object-prob", args.two_object_prob), ("--outline-prob", args.outline_prob)):
+        if not 0.0 <= value <= 1.0:  # also refuses NaN
+            raise StudioError(f"{option} {value}: a share must lie in [0, 1]")
+    if args.out.exists() and not args.out.is_dir():
+        raise StudioError(f"--out {args.out} is a file; pass a new or empty folder")
+    shapes = SHAPES if args.held_out else tuple(dict.fromkeys(args.shapes or BASE_SHAPES))
+    try:
+        paths = build_dataset(args.out, args.n, args.seed, shapes, args.two_object_prob, args.outline_prob)
+    except FileExistsError as e:  # the folder holds other images or captions (the message says so)
+        raise StudioError(str(e)) from e
     print(f"wrote {len(paths)} images with captions to {args.out}")

@@ -60,7 +60,7 @@ def score_prompts(pipe, scenes: Sequence[Scene], seeds: Sequence[int], *, num_in
 def unnamed_content(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int = 25,
                     guidance_scale: float = 7.5) -> dict[str, float]:
     """Share of images in which the analyzer finds a held-out shape, an outlined object, or either: the
-    content base training never names (SHAPES.md, "Seen but unnamed"). Named prompts should give ~0; the
+    content base training shows only under the empty caption (studio/shapes/train.py). Named prompts should give ~0; the
     empty prompt at CFG 1 shows what the unconditional branch learned to draw."""
     found: dict[str, list[bool]] = {"held_out_shape": [], "outline": [], "either": []}
     for prompt in prompts:

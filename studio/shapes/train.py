@@ -32,8 +32,15 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .model import (LATENT_RESOLUTIONS, SCHEDULER_CONFIG, SHIPPED_CROSS_ATTENTION, TEXT_ENCODER_CONFIG, VAE_CONFIG,
-                    unet_config, write_tokenizer)
+from .model import (
+    LATENT_RESOLUTIONS,
+    SCHEDULER_CONFIG,
+    SHIPPED_CROSS_ATTENTION,
+    TEXT_ENCODER_CONFIG,
+    VAE_CONFIG,
+    unet_config,
+    write_tokenizer,
+)
 from .world import BASE_SHAPES, SHAPES, render, sample_scene
 
 

@@ -1,6 +1,6 @@
-"""The Shapes world (SHAPES.md): a seeded renderer, the caption grammar and scene sampling.
+"""The Shapes world: a seeded renderer, the caption grammar and scene sampling.
 
-Every value here is fixed by the spec: other tools score images against them.
+Every value here is fixed: the analyzer and the benchmarks score images against them.
 """
 
 from __future__ import annotations

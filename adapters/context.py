@@ -1,0 +1,130 @@
+"""The per-call context: what a pipeline tells every attached adapter and attention processor about the
+UNet batch it is about to denoise, and the one registry of what is attached to a UNet.
+
+Each pipeline encodes its prompts itself, so it knows which UNet batch row is which; before its denoising
+loop it builds one `CallContext` and runs the loop inside `call_context(unet, ctx)`. Adapters read it in
+`Adapter.prepare(ctx)` (called on entry and exit) or, like attention processors, at run time through
+`current_context(unet)`: a controller takes its hint from `ctx.hints`, uniform attention its rows from the
+branches, a regional method its boxes from `ctx.regions`, a membrane its per-row strength from the prompts.
+
+The registry (`attachments(unet)`) lives on the UNet object itself, so it goes away with the UNet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .base import Adapter
+
+# What a row of the UNet batch is: classifier-free guidance's unconditional and conditional branches, an
+# editing pipeline's source and target branches, UAM's uniform-attention reconstruction, a training example.
+BRANCHES = ("uncond", "cond", "source", "target", "uniform", "train")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the UNet batch: the prompt it is conditioned on and its branch (one of BRANCHES)."""
+
+    prompt: str
+    branch: str
+
+    def __post_init__(self) -> None:
+        if self.branch not in BRANCHES:
+            raise ValueError(f"Row.branch={self.branch!r} is not one of {BRANCHES}")
+
+
+@dataclass(frozen=True)
+class Region:
+    """A part of the image with its own prompt (LoRA-Composer): box = (x0, y0, x1, y1) as fractions of the
+    image's width and height, and the region prompt's text embeddings (1, L, D)."""
+
+    box: tuple[float, float, float, float]
+    prompt: str
+    text_embeds: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        x0, y0, x1, y1 = self.box
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError(f"Region.box={self.box!r} must be (x0, y0, x1, y1) with 0 <= x0 < x1 <= 1 and "
+                             "0 <= y0 < y1 <= 1 (fractions of the image)")
+
+
+@dataclass
+class CallContext:
+    """What one pipeline call runs: per UNet batch row its prompt and branch, and what every row shares."""
+
+    rows: list[Row]
+    text_embeds: torch.Tensor | None = None  # (B, L, D), row i conditioned on text_embeds[i]
+    token_ids: torch.Tensor | None = None  # (B, L), the tokens behind text_embeds
+    image_size: tuple[int, int] | None = None  # (width, height) in pixels
+    hints: Mapping[str, torch.Tensor] = field(default_factory=dict)  # condition -> (B_hint, 3, H, W) in [0, 1]
+    regions: Sequence[Region] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("text_embeds", "token_ids"):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != len(self.rows):
+                raise ValueError(f"CallContext.{name} has {value.shape[0]} rows but there are {len(self.rows)} rows")
+
+    @classmethod
+    def of_branches(cls, branches: Sequence[str], **shared) -> CallContext:
+        """A context whose rows are only branches (no prompts): tests and hand-made UNet calls."""
+        return cls(rows=[Row("", branch) for branch in branches], **shared)
+
+    def row_mask(self, *branches: str) -> torch.Tensor:
+        """(B,) bool on the CPU: the rows in any of `branches`."""
+        return torch.tensor([row.branch in branches for row in self.rows], dtype=torch.bool)
+
+
+class Attachments:
+    """What is attached to one UNet: its adapters in attach order, and the context of the call running now."""
+
+    def __init__(self) -> None:
+        self.adapters: list[Adapter] = []
+        self.context: CallContext | None = None
+
+
+_KEY = "studio_attachments"
+
+
+def attachments(unet: nn.Module) -> Attachments:
+    """The registry of `unet`, created on first use and kept on the UNet object."""
+    found = unet.__dict__.get(_KEY)
+    if found is None:
+        found = Attachments()
+        object.__setattr__(unet, _KEY, found)  # a plain attribute: not a submodule, not in the state dict
+    return found
+
+
+def attached_adapters(unet: nn.Module, kind: type | None = None) -> list[Adapter]:
+    """The adapters attached to `unet` (of class `kind` if given), in attach order."""
+    return [a for a in attachments(unet).adapters if kind is None or isinstance(a, kind)]
+
+
+def current_context(unet: nn.Module) -> CallContext | None:
+    """The context of the call `unet` is running, or None outside any pipeline call."""
+    return attachments(unet).context
+
+
+@contextmanager
+def call_context(unet: nn.Module, ctx: CallContext) -> Iterator[CallContext]:
+    """Within the block, `unet`'s adapters (also ones attached inside it) and processors see `ctx`; on exit the
+    previous context (None, or an enclosing call's) is back and the adapters are prepared for it again."""
+    state = attachments(unet)
+    previous = state.context
+    state.context = ctx
+    try:
+        for adapter in list(state.adapters):
+            adapter.prepare(ctx)
+        yield ctx
+    finally:
+        state.context = previous
+        for adapter in list(state.adapters):
+            adapter.prepare(previous)
