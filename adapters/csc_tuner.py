@@ -31,12 +31,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .base import Adapter, Recommendation, detect_family, device_of, option, register
+from .checks import is_int, is_number
 from .context import CallContext, current_context
 from .sc_tuner import check_hidden_ratio, module_name, skip_mlps, widths_from_shapes
 from .skips import Skip, SkipHandle, hook_skips, long_skips
 
 CONDITION_NAME = re.compile(r"[a-z][a-z0-9_]*")
-# The pre-encoder's six inner widths before width_mult; its seventh conv outputs C_pre (scedit.md sec. 5).
+# The pre-encoder's six inner widths before width_mult; its seventh conv outputs C_pre (SCEdit's released
+# code; docs/methods.md).
 PRE_ENCODER_WIDTHS = (16, 16, 32, 32, 96, 96)
 # The convs that stride in the reference (3rd, 5th, 7th): 8x from pixels to latents. A VAE that
 # downsamples by 2^n strides in the first n of them.
@@ -76,17 +78,17 @@ class CSCTunerConfig:
             raise ValueError(f"CSCTunerConfig.condition must be a lowercase name such as 'canny' (letters, digits, "
                              f"'_'), got {self.condition!r}")
         k = self.dense_kernel
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+        if not is_int(k, 1) or k % 2 == 0:
             raise ValueError(f"CSCTunerConfig.dense_kernel must be an odd integer >= 1 (3 as released, 1 for the "
                              f"light variant), got {k!r}")
         self.hidden_ratio = check_hidden_ratio("CSCTunerConfig", self.hidden_ratio)
         c = self.pre_channels
-        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+        if c is not None and not is_int(c, 1):
             raise ValueError(f"CSCTunerConfig.pre_channels must be an integer >= 1, or None to choose it from the "
                              f"model, got {c!r}")
         m = self.width_mult
         if m is not None:
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0:
+            if not is_number(m, 0, inclusive=False):
                 raise ValueError(f"CSCTunerConfig.width_mult must be a number > 0, or None to choose it from the "
                                  f"model, got {m!r}")
             if round(min(PRE_ENCODER_WIDTHS) * m) < 1:
@@ -94,7 +96,7 @@ class CSCTunerConfig:
                                  f"width_mult >= {1 / min(PRE_ENCODER_WIDTHS):.4g}")
             self.width_mult = float(m)
         f = self.vae_scale_factor
-        if isinstance(f, bool) or not isinstance(f, int) or f not in VAE_SCALE_FACTORS:
+        if not is_int(f) or f not in VAE_SCALE_FACTORS:
             raise ValueError(f"CSCTunerConfig.vae_scale_factor must be one of {VAE_SCALE_FACTORS} (the model's "
                              f"pipe.vae_scale_factor), got {self.vae_scale_factor!r}")
 
@@ -203,7 +205,7 @@ class CSCTuner(Adapter):
         return cls(config, skips_from_widths(widths_from_shapes(shapes)))
 
     def num_parameters(self) -> dict[str, int]:
-        """Parameter counts by part: pre_encoder, chain, tuners, and their total (scedit.md sec. 5)."""
+        """Parameter counts by part: pre_encoder, chain, tuners, and their total (docs/methods.md, CSC-Tuner)."""
         parts = {name: sum(p.numel() for p in getattr(self, name).parameters())
                  for name in ("pre_encoder", "chain", "tuners")}
         return {**parts, "total": sum(parts.values())}

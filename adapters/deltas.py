@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from .checks import is_int
+
 
 class LoraExport(NamedTuple):
     """`lora_from_deltas`' result; write `tensors` with lora_alpha = rank (alpha / r = 1)."""
@@ -37,7 +39,7 @@ def lora_from_deltas(deltas: dict[str, torch.Tensor], rank: int) -> LoraExport:
 
     A conv ΔW (out, in, k, k) is factored as (out, in·k·k): lora_A is a k×k conv, lora_B a 1×1 one, as
     peft builds them. Modules narrower than `rank` are zero-padded so one r (= lora_alpha) fits all."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not is_int(rank, 1):
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
     tensors, kept, total, dropped = {}, 0.0, 0.0, 0
     for name in sorted(deltas):

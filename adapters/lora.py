@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import re
 import warnings
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .base import Adapter, device_of, option, register
+from .checks import is_int, is_number
 
 ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TARGETS = {
@@ -48,11 +48,11 @@ class LoRAConfig:
     dropout: float = option(0.0, "dropout on the LoRA branch's input, training only", minimum=0.0, maximum=0.99)
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+        if not is_int(self.rank, 1):
             raise ValueError(f"LoRAConfig.rank must be an integer >= 1, got {self.rank!r}")
         if self.alpha is None:
             self.alpha = self.rank
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+        if not is_number(self.alpha):
             raise ValueError(f"LoRAConfig.alpha must be a finite number (or None for alpha = rank), got {self.alpha!r}")
         if self.target not in TARGETS:
             raise ValueError(f"LoRAConfig.target must be one of {sorted(TARGETS)}, got {self.target!r}")

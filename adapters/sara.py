@@ -4,22 +4,22 @@ M1 = (|P0| < θ) over every UNet tensor (Linear/Conv weights, biases, norm affin
 one global absolute θ. Only those entries train, as a sparse ΔP:
 
     P = P0 + s·ΔP    on M1 (s = scale),   P = P0 elsewhere, bit for bit
-    L = L_diffusion + λ_rank·‖P ⊙ M‖_*     one random eligible 2-D weight per step (§3)
+    L = L_diffusion + λ_rank·‖P ⊙ M‖_*     one random eligible 2-D weight per step (sec. 4)
 
 At T_p (half the run by default) M2 = M1 ∧ (|P| < θ) keeps training; the rest of M1 stays at its
-values (§4). Section numbers below refer to the paper's method (sec. 3) as summarised in docs/methods.md:
-§3 the nuclear norm, §4 progressive re-selection, §5 the memory design, §6 the learning rate, §7 the file.
+values (sec. 4, progressive re-selection). Sections are the paper's (SaRA, arXiv 2409.06633); the design
+choices below are summarised in docs/methods.md, SaRA.
 
-Memory (§5, the corrected design). Each target tensor W stays one frozen dense copy inside the
-UNet. The adapter holds, per target, the sorted flat indices of the entries that train (int32; 4 B
-each, cheaper than a bool mask below 25 % density) and their ΔP as one 1-D fp32 `nn.Parameter`: the
-optimizer, clipping and DDP see only those. A `torch.nn.utils.parametrize` parametrization makes
-`module.weight` W itself after writing P0 + s·ΔP into W's storage at the indices (in place, under
-no_grad, only when ΔP changed), and its backward hands ΔP the gathered dW[idx]. The dense dW thus
-lives one layer at a time inside autograd; W never gets a `.grad` or optimizer state, and no
-second dense copy (P0 + scatter(ΔP) out of place) is ever saved for backward.
+Memory (the paper's unstructured backpropagation, sec. 4, corrected: docs/methods.md). Each target tensor W
+stays one frozen dense copy inside the UNet. The adapter holds, per target, the sorted flat indices of the
+entries that train (int32; 4 B each, cheaper than a bool mask below 25 % density) and their ΔP as one 1-D
+fp32 `nn.Parameter`: the optimizer, clipping and DDP see only those. A `torch.nn.utils.parametrize`
+parametrization makes `module.weight` W itself after writing P0 + s·ΔP into W's storage at the indices (in
+place, under no_grad, only when ΔP changed), and its backward hands ΔP the gathered dW[idx]. The dense dW
+thus lives one layer at a time inside autograd; W never gets a `.grad` or optimizer state, and no second
+dense copy (P0 + scatter(ΔP) out of place) is ever saved for backward.
 
-The trained tensor is ΔP rather than P itself: the file stores ΔP (§7), and fp32 (P − P0) + P0
+The trained tensor is ΔP rather than P itself: the file stores ΔP, and fp32 (P − P0) + P0
 does not always give back P, so only this keeps a resumed run bit-identical. One consequence:
 AdamW's weight decay pulls ΔP towards 0 (towards the base), where the reference decays the
 absolute values of the selected weights.
@@ -41,6 +41,7 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from .base import Adapter, base_parameters, device_of, option, register
+from .checks import is_int, is_number
 from .deltas import LoraExport, lora_from_deltas
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ PARTS = ("idx", "delta", "shape", "trainable")
 
 
 def auto_learning_rate(threshold: float) -> float:
-    """lr(θ) = 1e-3·exp(−350·θ): the paper's fit of the best LR per threshold (Fig. 22; §6).
+    """lr(θ) = 1e-3·exp(−350·θ): the paper's fit of the best LR per threshold (Fig. 22).
 
     θ = 2e-4 / 8e-4 / 2e-3 gives 9.3e-4 / 7.6e-4 / 5.0e-4. An explicit learning rate always wins."""
     return 1e-3 * math.exp(-350.0 * threshold)
@@ -94,25 +95,20 @@ class SaRAConfig:
     seed: int = option(0, "seeds the nuclear norm's per-step choice of weight", minimum=0)
 
     def __post_init__(self) -> None:
-        def number(value: object) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        def integer(value: object) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-        if not number(self.threshold) or self.threshold <= 0:
+        if not is_number(self.threshold, 0, inclusive=False):
             raise ValueError(f"SaRAConfig.threshold must be a number > 0 (the paper uses 2e-4, 8e-4 or 2e-3), "
                              f"got {self.threshold!r}")
-        if self.reselect_at is not None and not (number(self.reselect_at) and 0 < self.reselect_at < 1):
+        reselect_at = self.reselect_at
+        if reselect_at is not None and not (is_number(reselect_at, 0, inclusive=False) and reselect_at < 1):
             raise ValueError(f"SaRAConfig.reselect_at must be a fraction in (0, 1) of the run's steps (0.5: halfway), "
                              f"or None to train M1 throughout; got {self.reselect_at!r}")
         if self.reselect_mode not in RESELECT_MODES:
             raise ValueError(f"SaRAConfig.reselect_mode must be one of {RESELECT_MODES}, got {self.reselect_mode!r}")
-        if not number(self.rank_weight) or self.rank_weight < 0:
+        if not is_number(self.rank_weight, 0):
             raise ValueError(f"SaRAConfig.rank_weight must be a number >= 0 (0: no nuclear norm), "
                              f"got {self.rank_weight!r}")
         for name in ("rank_min_dim", "min_selected", "seed"):
-            if not integer(getattr(self, name)):
+            if not is_int(getattr(self, name), 0):
                 raise ValueError(f"SaRAConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
 
 
@@ -437,7 +433,7 @@ class SaRA(Adapter):
 
     # -- training -----------------------------------------------------------------------
     def regularization_loss(self) -> torch.Tensor | None:
-        """λ_rank·‖P ⊙ M‖_* of one eligible 2-D weight drawn with the adapter's generator (§3)."""
+        """λ_rank·‖P ⊙ M‖_* of one eligible 2-D weight drawn with the adapter's generator (sec. 4)."""
         if self.config.rank_weight == 0:
             return None
         self._check_attached("compute the nuclear norm of")
@@ -460,7 +456,7 @@ class SaRA(Adapter):
             self.reselect(optimizer, step)
 
     def reselect(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """M2 = M1 ∧ (|P0 + ΔP| < θ) (§4); the rest of M1 freezes at its values.
+        """M2 = M1 ∧ (|P0 + ΔP| < θ) (sec. 4, progressive re-selection); the rest of M1 freezes at its values.
 
         Each ΔP becomes a new, smaller Parameter, put in the old one's place in `optimizer.param_groups`. In
         "gather" mode it takes the surviving entries of the old state (every state tensor shaped like ΔP: Adam's

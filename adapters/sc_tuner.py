@@ -10,7 +10,6 @@ autograd graph is recorded in the encoder or mid block (SCEdit sec. 3.2; docs/me
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, device_of, option, register
+from .checks import is_number
 from .skips import SkipHandle, hook_skips, long_skips
 
 
@@ -33,7 +33,7 @@ class SCTunerConfig:
 
 def check_hidden_ratio(owner: str, ratio: object) -> float:
     """`ratio` as a float, or a ValueError naming `owner`.hidden_ratio (shared by SC- and CSC-Tuner configs)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+    if not is_number(ratio, 0, inclusive=False):
         raise ValueError(f"{owner}.hidden_ratio must be a number > 0 (1.0 is the paper's), got {ratio!r}")
     return float(ratio)
 

@@ -7,7 +7,8 @@ lets the unmodified resnet run: no fork of the UNet. FreeU rescales the skip bef
 concatenation, so an editor sees the rescaled tensor.
 
 Several adapters may edit the same skips (an SC-Tuner and one CSC-Tuner per condition). SCEdit
-adds their terms, each computed from the *original* skip (scedit.md sec. 5):
+adds their terms, each computed from the *original* skip (SCEdit, Jiang et al., CVPR 2024,
+arXiv 2312.11392, sec. 3; docs/methods.md):
 
     x' = x + s_sc T_sc(x) + sigma sum_k s_k h_k(x)
 

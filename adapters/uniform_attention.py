@@ -1,4 +1,4 @@
-"""Uniform cross-attention maps (UAM; Mo et al., WACV 2025, arXiv 2411.19652, sec. 3.2).
+"""Uniform cross-attention maps (UAM; Mo et al., WACV 2025, arXiv 2411.19652, sec. 3.3.1).
 
 For the UNet batch rows whose branch is "uniform" in the call's context (adapters/context.py), every
 cross-attention (`attn2`) layer replaces softmax(QKᵀ/√d) by the uniform matrix 1/L (L context tokens:
@@ -88,8 +88,8 @@ class UniformCrossAttnProcessor(WrappingProcessor):
 
 def uniform_attention_output(attn: Attention, hidden_states: torch.Tensor,
                              encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-    """o = to_out(to_v(mean_j c_j)) at every query position (UAM §2), with the standard path's
-    norm_cross, dropout, residual and rescale semantics (cf. diffusers' `AttnProcessor2_0`).
+    """o = to_out(to_v(mean_j c_j)) at every query position (UAM, arXiv 2411.19652, sec. 3.3.1), with the
+    standard path's norm_cross, dropout, residual and rescale semantics (cf. diffusers' `AttnProcessor2_0`).
 
     hidden_states: (B, N, C) or (B, C, H, W) queries (only their shape and the residual are used);
     encoder_hidden_states: (B, L, D) context. Returns the shape of `hidden_states`.

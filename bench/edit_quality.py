@@ -4,9 +4,9 @@
 
 Cases: N rendered (not generated) single-object scenes, seeded: a random colour, base shape, position, size,
 background and jitter. Kinds alternate colour, shape, background edit (N = 60: 20 each); an edit changes that
-one attribute of the caption (source caption -> target caption). Each case is edited by `edit` (uam.md §4
-defaults) and by `edit_without_uniform` (DDIM inversion with the source prompt, then the target prompt: no
-auxiliary branch, no mask), both at CFG 7.5, and scored by the analyzer:
+one attribute of the caption (source caption -> target caption). Each case is edited by `edit` (its
+defaults: docs/methods.md, UAM) and by `edit_without_uniform` (DDIM inversion with the source prompt, then
+the target prompt: no auxiliary branch, no mask), both at CFG 7.5, and scored by the analyzer:
 
 - edit success: the target attribute is read, and the other two of colour/shape/background are kept;
 - position kept: the analyzer's position of the largest object equals the one on the source render;

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
+from adapters.checks import is_int
+
 from .errors import InputError
 from .filetypes import IMAGE_EXTENSIONS
 from .images import ImageInput, load_image, write_png
@@ -43,7 +45,7 @@ def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
 def color_map(image: Image.Image, cells: int = 8) -> Image.Image:
     """The coarse palette of `image`: `cells` cells along the longer side (aspect kept), each the mean
     colour of its pixels (box filter), upsampled nearest to the image's size."""
-    if isinstance(cells, bool) or not isinstance(cells, int) or cells < 1:
+    if not is_int(cells, 1):
         raise InputError(f"color_map cells={cells!r} must be an integer >= 1 (default 8)")
     image = image.convert("RGB")
     width, height = image.size
@@ -122,7 +124,7 @@ def build_control_pairs(image_dir: str | os.PathLike, condition: str, out_dir: s
     if out_dir.resolve() == image_dir.resolve() or image_dir.resolve() in out_dir.resolve().parents:
         raise InputError(f"out_dir={str(out_dir)!r} lies inside image_dir={str(image_dir)!r}, where the hints "
                          f"would be read as training images; use a sibling folder such as {image_dir}-{condition}")
-    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8):
+    if resolution is not None and not is_int(resolution, 8):
         raise InputError(f"resolution={resolution!r} must be an integer >= 8, or None for each image's own size")
     images = sorted(p for p in image_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                     and not any(part.startswith(".") for part in p.relative_to(image_dir).parts))

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from adapters import Adapter, load_adapter
+from adapters.checks import is_number
 
 from .errors import InputError
 from .loading import file_hash
@@ -59,7 +60,7 @@ def check_adapters(adapters: Sequence[AdapterUse]) -> None:
         if not isinstance(use, (list, tuple)) or len(use) != 2:
             raise InputError(f"adapters[{i}]={use!r} must be an (adapter file or Adapter, scale) pair")
         source, scale = use
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        if not is_number(scale):
             raise InputError(f"adapters[{i}]: scale={scale!r} must be a finite number (1.0 full strength, 0 off)")
         if isinstance(source, (str, os.PathLike)):
             if not Path(source).is_file():

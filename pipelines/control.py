@@ -14,7 +14,6 @@ others get their previous scale.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -25,7 +24,8 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from adapters import CSCTuner, CSCTunerConfig, attached_adapters, read_metadata
+from adapters import REGISTRY, CSCTuner, CSCTunerConfig, attached_adapters, read_metadata
+from adapters.checks import is_number
 from adapters.csc_tuner import CONDITION_NAME
 
 from .annotators import prepare_hint
@@ -72,8 +72,7 @@ def check_controls(control: Sequence[ControlSpec]) -> None:
         if not isinstance(spec.condition, str) or not CONDITION_NAME.fullmatch(spec.condition):
             raise InputError(f"control[{i}].condition={spec.condition!r} must be a lowercase name such as 'canny'")
         scale = spec.scale
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                                  or not math.isfinite(scale)):
+        if scale is not None and not is_number(scale):
             raise InputError(f"{what}: scale={scale!r} must be a finite number (1.0 full control, 0 off), or None "
                              "for the tuner's own")
         adapter = spec.adapter
@@ -100,6 +99,12 @@ def control_params(control: Sequence[ControlSpec]) -> dict[str, str]:
         return {}
     return {"Control": ", ".join(spec.condition + ("" if spec.scale is None else f" {spec.scale:g}")
                                  for spec in control)}
+
+
+def is_controller(method: str | None) -> bool:
+    """Whether adapters of this method (a library entry's, a file header's) are driven by control images."""
+    cls = REGISTRY.get(method)
+    return cls is not None and cls.needs_hints
 
 
 def controller_condition(path: str | os.PathLike) -> str:

@@ -1,6 +1,7 @@
 """Real-image editing with uniform attention maps (UAM; Mo et al., WACV 2025, arXiv 2411.19652).
 
-See papers/uam.md for the algorithm, its defaults and where the reference code departs from the paper.
+See docs/methods.md ("Uniform attention maps (UAM) for editing") for the algorithm, its defaults and where the
+reference code departs from the paper.
 
     image ─VAE─> z0 ─DDIM inversion, one 2-row batch─> z^u_T (uniform attention, "")
                                                       z_T   (normal attention, "" or the source prompt)
@@ -59,7 +60,7 @@ class DDIMSchedule:
     alphas_cumprod: torch.Tensor  # ᾱ for every training timestep, fp32
 
     def alpha_bar(self, t: int) -> torch.Tensor:
-        """ᾱ_t, and ᾱ_0 = alphas_cumprod[0] for t < 0 (the P2P/MasaCtrl convention, uam.md §3)."""
+        """ᾱ_t, and ᾱ_0 = alphas_cumprod[0] for t < 0 (the P2P/MasaCtrl convention of UAM's reference code)."""
         return self.alphas_cumprod[max(t, 0)]
 
     def previous(self, i: int) -> int:
@@ -76,7 +77,7 @@ def ddim_schedule(scheduler_config: dict, num_inference_steps: int) -> DDIMSched
 
 
 # ---------------------------------------------------------------------------------------------
-# Maths (uam.md §3-§5); tensors in, tensors out
+# Maths (UAM, arXiv 2411.19652, sec. 3.1 and 3.3; docs/methods.md); tensors in, tensors out
 # ---------------------------------------------------------------------------------------------
 def predict_x0(sample: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
     """x̂0 = (z_t − √(1−ᾱ_t)·ε) / √ᾱ_t, DDIM's predicted clean latent (Song et al. 2021, Eq. 12)."""
@@ -90,13 +91,13 @@ def ddim_renoise(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | 
 
 def ddim_denoising_step(sample: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor | float,
                         alpha_prev: torch.Tensor | float) -> torch.Tensor:
-    """z_{t_prev} = √ᾱ_{t_prev}·x̂0 + √(1−ᾱ_{t_prev})·ε with x̂0 from z_t (DDIM, η = 0; uam.md §3)."""
+    """z_{t_prev} = √ᾱ_{t_prev}·x̂0 + √(1−ᾱ_{t_prev})·ε with x̂0 from z_t (DDIM, η = 0; UAM sec. 3.1)."""
     return ddim_renoise(predict_x0(sample, eps, alpha_t), eps, alpha_prev)
 
 
 def ddim_inversion_step(sample: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor | float,
                         alpha_t: torch.Tensor | float) -> torch.Tensor:
-    """z_t = √ᾱ_t·x̂0 + √(1−ᾱ_t)·ε with x̂0 = (z_{t_prev} − √(1−ᾱ_{t_prev})·ε)/√ᾱ_{t_prev} (uam.md §3).
+    """z_t = √ᾱ_t·x̂0 + √(1−ᾱ_t)·ε with x̂0 = (z_{t_prev} − √(1−ᾱ_{t_prev})·ε)/√ᾱ_{t_prev} (UAM sec. 3.1).
 
     ε = ε_θ(z_{t_prev}, t) is predicted at the *destination* timestep (P2P/MasaCtrl convention), so
     for the same ε this is the exact inverse of `ddim_denoising_step`.
@@ -110,7 +111,7 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, g
 
 
 def quantile_levels(quantile: float, num_steps: int) -> torch.Tensor:
-    """q_i = linspace(0, q, steps)[i]: the threshold's quantile level ramps up towards q (uam.md §4.3)."""
+    """q_i = linspace(0, q, steps)[i]: the threshold's quantile level ramps up towards q (UAM sec. 3.3.2)."""
     return torch.linspace(0, quantile, num_steps)
 
 
@@ -122,7 +123,8 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
 def adaptive_keep_mask(x0_source: torch.Tensor, x0_target: torch.Tensor, level: float, *,
                        threshold_mode: ThresholdMode = "reference", dilation: int = 1,
                        mask_channels: MaskChannels = "per_channel") -> torch.Tensor:
-    """The keep mask M (1 = copy the auxiliary branch) from where the branches disagree (uam.md §4.2-4.4, §5).
+    """The keep mask M (1 = copy the auxiliary branch) from where the branches disagree (UAM sec. 3.3.2; the
+    reference code's variant: docs/methods.md, UAM).
 
     Δ = x̂0_src − x̂0_tgt element-wise; λ = quantile(|Δ|, level) per sample over all C·H·W elements.
 
@@ -152,7 +154,7 @@ def restrict_edit(keep: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 def blend_branches(x0_aux: torch.Tensor, x0_source: torch.Tensor, x0_target: torch.Tensor, keep: torch.Tensor,
                    source_blend: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x̂0_tgt <- M⊙x̂0_u + (1−M)⊙x̂0_tgt, and with `source_blend` x̂0_src <- (1−M)⊙x̂0_u + M⊙x̂0_src
-    (uam.md §4.5; the reference code copies the auxiliary branch into the source's *edit* region)."""
+    (UAM sec. 3.3.2; the reference code copies the auxiliary branch into the source's *edit* region)."""
     target = keep * x0_aux + (1 - keep) * x0_target
     source = (1 - keep) * x0_aux + keep * x0_source if source_blend else x0_source
     return source, target
@@ -167,7 +169,7 @@ class _Branches:
 
     An unguided branch takes one row with its embedding; a guided one an (uncond, cond) pair that
     classifier-free guidance combines. Rows are laid out [unguided..., uncond of guided..., cond of
-    guided...]: for the edit that is uam.md §7's [u, src_uncond, tgt_uncond, src_cond, tgt_cond].
+    guided...]: for the edit that is [u, src_uncond, tgt_uncond, src_cond, tgt_cond].
     """
 
     embeds: torch.Tensor  # (n, L, D) conditional embedding per branch
@@ -253,7 +255,7 @@ def _run_denoising(pipe: StableDiffusionPipeline, branches: _Branches, latents: 
             alpha_t, alpha_prev = schedule.alpha_bar(t), schedule.alpha_bar(schedule.previous(i))
             if guide is None:
                 latents = ddim_denoising_step(latents, eps, alpha_t, alpha_prev)
-            else:  # each branch is re-noised with its own, unmodified ε (uam.md §4.6)
+            else:  # each branch is re-noised with its own, unmodified ε (UAM sec. 3.3.2)
                 latents = ddim_renoise(guide(i, t, predict_x0(latents, eps, alpha_t)), eps, alpha_prev)
             _report(callback, i + 1, len(schedule.timesteps))
     return latents, branches.rows * len(schedule.timesteps)
@@ -342,7 +344,7 @@ class EditResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inversion cache (uam.md §7 "Caching"): editing an image again with another target reuses it
+# Inversion cache: editing an image again with another target reuses it
 # ---------------------------------------------------------------------------------------------
 class InversionCache:
     """LRU of inversions keyed by the image's pixels, the model's identity and the inversion settings."""
@@ -407,7 +409,7 @@ def invert(model: Model, image: ImageInput, prompt: str = "", num_inference_step
            height: int | None = None, width: int | None = None, use_cache: bool = True,
            callback: ProgressCallback | None = None) -> Inversion:
     """DDIM-invert `image` in one 2-row batch: row 0 with uniform attention and "", row 1 with normal
-    attention and `prompt` ("" for the MasaCtrl setup, the source prompt for P2P) (uam.md §3).
+    attention and `prompt` ("" for the MasaCtrl setup, the source prompt for P2P; the setups of UAM's reference code).
 
     The image is normalised by `load_image` to `width` x `height` (default: the model's native size).
     With `use_cache`, the same pixels, model and settings are inverted once (`INVERSION_CACHE`).
@@ -440,7 +442,7 @@ def invert(model: Model, image: ImageInput, prompt: str = "", num_inference_step
 
 @torch.no_grad()
 def reconstruct(model: Model, inversion: Inversion, *, callback: ProgressCallback | None = None) -> ImageResult:
-    """Denoise z^u_T with uniform attention, "" and no CFG: UAM's reconstruction (uam.md §3)."""
+    """Denoise z^u_T with uniform attention, "" and no CFG: UAM's reconstruction (UAM sec. 3.3.1)."""
     pipe = _check_model(model, len(inversion.schedule.timesteps))
     branches = _Branches(encode_prompts(pipe, [""]), names=(Row("", "uniform"),), guided=(False,))
     latents, rows = _run_denoising(pipe, branches, inversion.uniform_latents, inversion.schedule, callback=callback)
@@ -456,12 +458,12 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
          dilation: int = 1,  # radius of the mask's dilation (3x3 max-pool)
          threshold_mode: ThresholdMode = "reference",  # "reference": |Δ| > 2λ, dilate the edit region
          mask_channels: MaskChannels = "per_channel",  # one mask per latent channel, as the reference
-         source_blend: bool = True,  # also blend the source branch (better numbers, uam.md §6)
+         source_blend: bool = True,  # also blend the source branch (better numbers in UAM's ablation; docs/methods.md)
          user_mask: ImageInput | np.ndarray | None = None,  # edit only inside it; empty = no limit
          invert_with_source_prompt: bool = False,  # False: MasaCtrl setup (""), True: P2P setup
          height: int | None = None, width: int | None = None, use_cache: bool = True,
          callback: ProgressCallback | None = None) -> EditResult:
-    """Edit a real image from `source_prompt` to `target_prompt` with UAM's adaptive mask guidance (uam.md §4).
+    """Edit a real image from `source_prompt` to `target_prompt` with UAM's adaptive mask guidance (UAM sec. 3.3.2).
 
     Three branches share one UNet batch per step: the auxiliary reconstruction (uniform attention, "",
     no CFG), the source and the target (CFG). On 0 < t < T_mask the target's x̂0 takes the auxiliary
@@ -582,7 +584,7 @@ def ddim_reconstruct(model: Model, image: ImageInput, prompt: str = "", guidance
                      num_inference_steps: int = 50, *, height: int | None = None,
                      width: int | None = None) -> ImageResult:
     """DDIM inversion with `prompt` (no CFG), then reconstruction with `prompt` at `guidance_scale`:
-    "" at 1.0 is UAM's sanity baseline (uam.md §7), the source prompt at 7.5 the usual editing setup.
+    "" at 1.0 is UAM's sanity baseline (docs/methods.md, UAM), the source prompt at 7.5 the usual editing setup.
     UNet rows: 1 per step + 2 per step with CFG (1 without)."""
     return _ddim_invert_and_sample(model, image, prompt, prompt, guidance_scale, num_inference_steps, height, width)
 

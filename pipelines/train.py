@@ -51,6 +51,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from adapters import REGISTRY, Adapter, CallContext, Row, call_context, detect_family, save_adapter
+from adapters.checks import is_int, is_number
 from adapters.io import adapter_name_problem
 
 from .annotators import training_hints
@@ -59,7 +60,8 @@ from .datasets import EpochSampler, Example, images_in, load_images, scan_folder
 from .errors import StudioError
 from .generate import generate, save_png
 
-DEFAULT_LEARNING_RATE = 1e-4  # AdamW as SCEdit trains (scedit.md sec. 6): lr 1e-4, wd 1e-2, constant
+# AdamW as SCEdit trains (its released training configs; docs/methods.md): lr 1e-4, wd 1e-2, constant.
+DEFAULT_LEARNING_RATE = 1e-4
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")  # diffusers' get_scheduler names
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -102,16 +104,6 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise TrainConfigError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
     return values
-
-
-def _is_int(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _is_number(value: Any, minimum: float, *, inclusive: bool = True) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return False
-    return value >= minimum if inclusive else value > minimum
 
 
 @dataclass
@@ -184,47 +176,47 @@ class TrainConfig:
         problem = adapter_name_problem(self.adapter_name)
         check(problem is None, "name", f"the adapter file's name {self.adapter_name!r} {problem} (default: the "
               "trigger word); set a plain name")
-        check(_is_int(self.num_class_images, 0), "num_class_images", "must be an integer >= 0 (0: no prior loss)")
+        check(is_int(self.num_class_images, 0), "num_class_images", "must be an integer >= 0 (0: no prior loss)")
         check(self.num_class_images == 0 or bool(self.class_prompt), "class_prompt",
               f"is needed with num_class_images={self.num_class_images}: it prompts and captions the class images "
               "(e.g. 'star'); set it, or set num_class_images=0")
         check(self.class_dir is None or self.num_class_images > 0, "class_dir",
               "is set but num_class_images=0; set num_class_images to turn prior preservation on")
-        check(_is_number(self.prior_loss_weight, 0, inclusive=False), "prior_loss_weight", "must be a number > 0")
+        check(is_number(self.prior_loss_weight, 0, inclusive=False), "prior_loss_weight", "must be a number > 0")
         if self.caption_dropout is None:
             self.caption_dropout = method.caption_dropout
-        check(_is_number(self.caption_dropout, 0) and self.caption_dropout <= 1, "caption_dropout",
+        check(is_number(self.caption_dropout, 0, maximum=1), "caption_dropout",
               "must be a number in [0, 1] (0: always the caption; 0.5 as ControlNet trains)")
-        check(_is_int(self.steps, 1), "steps", "must be an integer >= 1")
-        check(_is_int(self.batch_size, 1), "batch_size", "must be an integer >= 1")
-        check(_is_int(self.gradient_accumulation_steps, 1), "gradient_accumulation_steps", "must be an integer >= 1")
+        check(is_int(self.steps, 1), "steps", "must be an integer >= 1")
+        check(is_int(self.batch_size, 1), "batch_size", "must be an integer >= 1")
+        check(is_int(self.gradient_accumulation_steps, 1), "gradient_accumulation_steps", "must be an integer >= 1")
         if self.learning_rate is None:
             self.learning_rate = (REGISTRY[self.method].default_learning_rate(self.adapter_config())
                                   or DEFAULT_LEARNING_RATE)
-        check(_is_number(self.learning_rate, 0, inclusive=False), "learning_rate", "must be a finite number > 0")
-        check(_is_number(self.weight_decay, 0), "weight_decay", "must be a finite number >= 0")
+        check(is_number(self.learning_rate, 0, inclusive=False), "learning_rate", "must be a finite number > 0")
+        check(is_number(self.weight_decay, 0), "weight_decay", "must be a finite number >= 0")
         check(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", f"must be one of {LR_SCHEDULERS}")
-        check(_is_int(self.warmup_steps, 0) and self.warmup_steps < self.steps, "warmup_steps",
+        check(is_int(self.warmup_steps, 0) and self.warmup_steps < self.steps, "warmup_steps",
               f"must be an integer in [0, steps={self.steps})")
         check(self.warmup_steps == 0 or self.lr_scheduler != "constant", "lr_scheduler",
               f"'constant' has no warm-up but warmup_steps={self.warmup_steps}; use 'constant_with_warmup'")
-        check(self.max_grad_norm is None or _is_number(self.max_grad_norm, 0, inclusive=False), "max_grad_norm",
+        check(self.max_grad_norm is None or is_number(self.max_grad_norm, 0, inclusive=False), "max_grad_norm",
               "must be a number > 0, or None for no clipping")
         check(self.mixed_precision is None or self.mixed_precision in MIXED_PRECISIONS, "mixed_precision",
               f"must be one of {MIXED_PRECISIONS}, or None to choose from the hardware")
         check(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "must be true or false")
-        check(_is_int(self.seed, 0), "seed", "must be an integer >= 0")
-        check(_is_int(self.checkpoint_every, 0), "checkpoint_every", "must be an integer >= 0 (0: only on cancel)")
-        check(_is_int(self.keep_last, 1), "keep_last", "must be an integer >= 1")
-        check(_is_int(self.sample_every, 0), "sample_every", "must be an integer >= 0")
+        check(is_int(self.seed, 0), "seed", "must be an integer >= 0")
+        check(is_int(self.checkpoint_every, 0), "checkpoint_every", "must be an integer >= 0 (0: only on cancel)")
+        check(is_int(self.keep_last, 1), "keep_last", "must be an integer >= 1")
+        check(is_int(self.sample_every, 0), "sample_every", "must be an integer >= 0")
         check(all(isinstance(p, str) and p.strip() for p in self.sample_prompts), "sample_prompts",
               "must be a list of non-empty prompts")
         check(self.sample_every == 0 or bool(self.sample_prompts), "sample_every",
               "is set but sample_prompts is empty; add prompts or set sample_every=0")
-        check(bool(self.sample_seeds) and all(_is_int(s, 0) for s in self.sample_seeds), "sample_seeds",
+        check(bool(self.sample_seeds) and all(is_int(s, 0) for s in self.sample_seeds), "sample_seeds",
               "must be a non-empty list of integers >= 0")
-        check(_is_int(self.sample_steps, 1), "sample_steps", "must be an integer >= 1")
-        check(_is_number(self.guidance_scale, 0), "guidance_scale", "must be a finite number >= 0")
+        check(is_int(self.sample_steps, 1), "sample_steps", "must be an integer >= 1")
+        check(is_number(self.guidance_scale, 0), "guidance_scale", "must be a finite number >= 0")
         check(self.resume is None or self.resume == "latest" or (Path(self.resume) / "state.pt").is_file(), "resume",
               "must be 'latest' or a checkpoint folder (output_dir/checkpoints/step-XXXXXX)")
 
@@ -386,7 +378,7 @@ def train(
         # diffusers checkpoints with use_reentrant=False by default. SC-Tuner needs that: its weights sit on
         # the skips inside the up-blocks, whose tensor inputs (frozen decoder features) need no grad, and
         # reentrant checkpointing then returns outputs without grad: the tuners would silently get none
-        # (scedit.md sec. 4; tests/test_train.py checks equal gradients with and without checkpointing).
+        # (docs/methods.md, SC-Tuner; tests/test_train.py checks equal gradients with and without checkpointing).
         pipe.unet.enable_gradient_checkpointing()
     try:
         # 4. Cache what the frozen encoders compute, once.

@@ -83,11 +83,11 @@ def _check_controllers(control: list, adapter_files: list) -> None:
     """Every --control has a readable image and a CSC-Tuner of its condition among the --adapter files."""
     from adapters import read_metadata
     from pipelines import InputError
-    from pipelines.control import controller_condition
+    from pipelines.control import controller_condition, is_controller
     from pipelines.images import load_image
 
     conditions = [controller_condition(path) for path in adapter_files
-                  if read_metadata(path).get("studio.method") == "csc_tuner"]
+                  if is_controller(read_metadata(path).get("studio.method"))]
     for spec in control:
         load_image(spec.image)  # a missing or unreadable file is refused now, not after the model load
         if spec.condition not in conditions:

@@ -14,6 +14,7 @@ same command with --resume latest to continue.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -26,9 +27,37 @@ import yaml
 _UNSET = argparse.SUPPRESS
 
 
+def method_options_help() -> str:
+    """Every method's --option keys, from the metadata of its config dataclass (help, choices, range, default)."""
+    from adapters import REGISTRY
+    from adapters.base import choice_values
+
+    lines = ["method options (--option KEY=VALUE, or method_options in a config file):"]
+    for method in sorted(REGISTRY):
+        cls = REGISTRY[method]
+        lines.append(f"  {method} ({cls.label}): {cls.summary}")
+        for field in dataclasses.fields(cls.config_class):
+            meta = field.metadata
+            if "help" not in meta:
+                continue
+            rules = []
+            if meta["choices"]:
+                rules.append("one of " + ", ".join(map(str, choice_values(meta["choices"]))))
+            if meta["minimum"] is not None:
+                rules.append(f">= {meta['minimum']:g}")
+            if meta["maximum"] is not None:
+                rules.append(f"<= {meta['maximum']:g}")
+            if meta["from_model"]:
+                rules.append("read from the model")
+            rules.append(f"default {field.default}")
+            lines.append(f"    {field.name}: {meta['help']} ({'; '.join(rules)})")
+    return "\n".join(lines)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="train an adapter (SC-Tuner, LoRA, ...) on a folder of images",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, epilog=method_options_help(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML or TOML file of training settings; flags override it")
     p.add_argument("--model", default=None,
                    help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
@@ -46,10 +75,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     data.add_argument("--num-class-images", type=int, default=_UNSET, help="> 0: prior preservation (default 0)")
     data.add_argument("--prior-loss-weight", type=float, default=_UNSET, help="default 1.0")
     data.add_argument("--caption-dropout", type=float, default=_UNSET,
-                      help="share of images trained with the empty caption (default 0; 0.5 for a controller)")
+                      help="share of images trained with the empty caption (default: the method's, 0.5 for a "
+                           "controller, else 0)")
 
     method = p.add_argument_group("method and optimisation")
-    method.add_argument("--method", default=_UNSET, help="adapter method: sc_tuner (default), lora, ...")
+    method.add_argument("--method", default=_UNSET,
+                        help="adapter method (default sc_tuner); its options are listed below")
     method.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option, e.g. --option rank=8 (repeatable; merged into the file's)")
     method.add_argument("--steps", type=int, default=_UNSET, help="optimizer steps (default 200)")

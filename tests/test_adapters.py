@@ -31,7 +31,9 @@ from adapters import (
     SCTuner,
     SCTunerConfig,
     call_context,
+    fuse_deltas,
     load_adapter,
+    lora_from_deltas,
     read_metadata,
     save_adapter,
 )
@@ -131,12 +133,17 @@ def test_identity_at_init_and_after_detach(case, unet, inputs):
     assert not hasattr(unet, "peft_config")
 
 
-def test_scale(case, unet, inputs):
+def attached_off_init(case, unet, inputs) -> tuple:
+    """(adapter attached and perturbed off its identity init, the base output, the tuned output)."""
     base = run(unet, inputs)
     adapter = make(case, unet)
     adapter.attach(unet)
     perturb(adapter)
-    tuned = run(unet, inputs)
+    return adapter, base, run(unet, inputs)
+
+
+def test_scale(case, unet, inputs):
+    adapter, base, tuned = attached_off_init(case, unet, inputs)
     adapter.set_scale(0.0)
     assert torch.equal(run(unet, inputs), base)
     adapter.set_scale(2.0)  # not clamped at 1 (the SCEdit reference clamps; we do not)
@@ -162,11 +169,7 @@ def test_only_adapter_parameters_get_gradients(case, unet, inputs):
 
 def test_a_scale_per_batch_row(case, unet, inputs):
     """Row factors (1, 0): row 0 as tuned, row 1 as the base; methods whose delta is in the weights refuse."""
-    base = run(unet, inputs)
-    adapter = make(case, unet)
-    adapter.attach(unet)
-    perturb(adapter)
-    tuned = run(unet, inputs)
+    adapter, base, tuned = attached_off_init(case, unet, inputs)
     if not case.row_scales:
         with pytest.raises(NotImplementedError, match="one scale per call"):
             adapter.set_row_scales(torch.tensor([1.0, 0.0]))
@@ -439,3 +442,26 @@ def test_lora_file_loads_in_diffusers_and_back(target, tmp_path):
     with_studio = tiny_sd15_pipeline(str(TOKENIZER))
     load_adapter(path, with_studio.unet)
     np.testing.assert_allclose(generate(with_studio), ours, atol=1e-5)
+
+
+def test_two_loras_fuse_into_one_exported_lora():
+    """Fusion on delta_weights: the weighted sum of two LoRAs' deltas, exported by SVD at full rank and loaded
+    as one plain LoRA file, computes what the two attached LoRAs at those scales compute."""
+    unet = build_unet("tiny-sd15")
+    inputs = unet_inputs(unet, batch=2)
+    first, second = LoRA.from_unet(unet, LoRAConfig(rank=2)), LoRA.from_unet(unet, LoRAConfig(rank=2, alpha=4))
+    perturb(first, seed=1)
+    perturb(second, seed=2)
+    fused = fuse_deltas([(first.delta_weights(scale=0.7), 1.0), (second.delta_weights(), 0.5)])
+    export = lora_from_deltas(fused, rank=4)  # rank 2 + 2: exact
+    assert export.energy_kept == pytest.approx(1.0) and export.dropped_entries == 0
+    for adapter, scale in ((first, 0.7), (second, 0.5)):
+        adapter.attach(unet)
+        adapter.set_scale(scale)
+    both = run(unet, inputs)
+    first.detach()
+    second.detach()
+    one = LoRA.from_shapes(LoRAConfig(rank=4), {k: tuple(v.shape) for k, v in export.tensors.items()})
+    one.load_tensors(export.tensors)
+    one.attach(unet)
+    torch.testing.assert_close(run(unet, inputs), both, atol=1e-5, rtol=0)

@@ -10,10 +10,12 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from adapter_helpers import perturb
 from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image, ImageFile
 
+from adapters import LoRA, LoRAConfig
 from adapters.context import Attachments, CallContext, call_context
 from adapters.processors import ProcessorSwap, WrappingProcessor, attention_layers
 from adapters.uniform_attention import UniformCrossAttnProcessor, attach_uniform_attention
@@ -323,6 +325,27 @@ def test_second_edit_reuses_the_inversion_and_matches_an_uncached_edit(tiny_pipe
     assert np.array_equal(pixels(second.mask), pixels(uncached.mask))
     # another inversion setting is another entry
     assert invert(tiny_pipe, image, "a red circle", num_inference_steps=STEPS).unet_rows == 2 * STEPS
+
+
+def test_the_cache_key_follows_attached_adapters_and_their_scale(tiny_pipe, image):
+    """An adapter attached to the UNet changes what inversion computes: a new scale (or new weights) must not be
+    served a stale inversion, and the same state again is a hit."""
+    lora = LoRA.from_unet(tiny_pipe.unet, LoRAConfig(rank=2))
+    perturb(lora)
+    lora.attach(tiny_pipe.unet)
+    try:
+        first = invert(tiny_pipe, image, "", num_inference_steps=STEPS)
+        assert first.unet_rows == 2 * STEPS
+        lora.set_scale(0.5)
+        rescaled = invert(tiny_pipe, image, "", num_inference_steps=STEPS)
+        assert rescaled.unet_rows == 2 * STEPS, "another scale: inverted again, not served from the cache"
+        assert not torch.equal(rescaled.uniform_latents, first.uniform_latents)
+        with torch.no_grad():
+            next(lora.parameters()).add_(0.01)  # trained further in place
+        assert invert(tiny_pipe, image, "", num_inference_steps=STEPS).unet_rows == 2 * STEPS
+        assert invert(tiny_pipe, image, "", num_inference_steps=STEPS).unet_rows == 0  # the same state: a hit
+    finally:
+        lora.detach()
 
 
 def test_without_blending_the_target_branch_is_plain_ddim_editing(tiny_pipe, image):

@@ -72,6 +72,18 @@ def test_a_failing_adapter_leaves_the_unet_as_it_was(embedded, sks_file, tmp_pat
     assert np.array_equal(image(generate(embedded, "a red star", **FAST)), before)
 
 
+def test_only_reading_an_adapter_file_is_a_user_error(embedded, sks_file, monkeypatch):
+    """A file that passes the header and base-model checks but then fails to attach is a bug: it propagates as
+    itself, not dressed as refused input."""
+    def broken(self, unet):
+        raise ValueError("internal wiring error")
+
+    monkeypatch.setattr(SCTuner, "_attach", broken)
+    with pytest.raises(ValueError, match="internal wiring error") as raised:
+        generate(embedded, "a red star", adapters=[(sks_file, 1.0)], **FAST)
+    assert not isinstance(raised.value, InputError)
+
+
 @pytest.mark.parametrize(
     ("adapters", "message"),
     [

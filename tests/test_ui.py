@@ -138,7 +138,8 @@ def test_train_api_adds_the_adapter_to_the_library_for_generate_and_the_adapters
 def test_train_tab_trains_a_lora_on_the_chosen_layers(app_url, stars, tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
     client = Client(app_url, verbose=False)
-    _, status = client.predict(stars, "", "sks", "lora", 1, None, "locon", "", 0, "canny", 2e-3, "attn_conv",
+    # The options follow the /train inputs' order: csc_tuner condition, lora rank and target, sara threshold.
+    _, status = client.predict(stars, "", "sks", "lora", 1, None, "locon", "", 0, "canny", 4, "attn_conv", 2e-3,
                                api_name="/train")
     assert "'locon' is in the adapter library" in status
     [entry] = AdapterLibrary().list()
@@ -151,7 +152,7 @@ def test_a_controller_trained_in_the_train_tab_steers_generate_and_previews_its_
         app_url, stars, tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
     client = Client(app_url, verbose=False)
-    _, status = client.predict(stars, "", "sks", "csc_tuner", 2, 1e-2, "canny-stars", "", 0, "canny", 2e-3,
+    _, status = client.predict(stars, "", "sks", "csc_tuner", 2, 1e-2, "canny-stars", "", 0, "canny",
                                api_name="/train")
     assert "'canny-stars' is in the adapter library" in status
     assert [e.method for e in AdapterLibrary().list()] == ["csc_tuner"]
@@ -255,15 +256,20 @@ def test_browser_shows_the_train_and_adapters_tabs(page):
 @pytest.mark.browser
 def test_browser_shows_method_options_for_the_chosen_method_and_the_control_panel(page):
     page.get_by_role("tab", name="Train").click()
-    expect(page.locator("#train-condition")).to_be_hidden()
-    page.locator("#train-method input").fill("csc_tuner")
+    expect(page.locator("#train-csc_tuner-condition")).to_be_hidden()
+    page.locator("#train-method input").fill("CSC-Tuner (controller)")
     page.locator("#train-method input").press("Enter")
-    expect(page.locator("#train-condition")).to_be_visible(timeout=10_000)
-    page.locator("#train-method input").fill("sara")
+    expect(page.locator("#train-csc_tuner-condition")).to_be_visible(timeout=10_000)
+    expect(page.locator("#train-method-help")).to_contain_text("controllable tuner", timeout=10_000)
+    page.locator("#train-method input").fill("SaRA")
     page.locator("#train-method input").press("Enter")
-    expect(page.locator("#train-condition")).to_be_hidden(timeout=10_000)
-    expect(page.locator("#train-threshold input")).to_have_value(re.compile(r"M trainable.*\(default\)"),
-                                                                 timeout=10_000)
+    expect(page.locator("#train-csc_tuner-condition")).to_be_hidden(timeout=10_000)
+    expect(page.locator("#train-sara-threshold input")).to_have_value(re.compile(r"M trainable.*\(default\)"),
+                                                                      timeout=10_000)
+    # The kind of concept picks the method measured to meet the targets on it, and says why.
+    page.locator("#train-concept").get_by_text("control").click()
+    expect(page.locator("#train-csc_tuner-condition")).to_be_visible(timeout=10_000)
+    expect(page.locator("#train-method-help")).to_contain_text("Recommended for a control", timeout=10_000)
     page.get_by_role("tab", name="Generate").click()
     page.get_by_text("Control (a CSC-Tuner").click()
     expect(page.locator("#gen-controller")).to_be_visible(timeout=10_000)

@@ -4,7 +4,7 @@
 
 The UNet learns the named world (base shapes, filled) from captions and, in its caption-dropout share,
 the whole world unnamed (held-out shapes and the outline style too), as a real checkpoint's unconditional
-branch has seen what its captions never named (SHAPES.md, "Seen but unnamed").
+branch has seen what its captions never named (docs/benchmarks.md, base model).
 
 `--unet-init MODEL` warm-starts the UNet (and takes the text encoder) from a trained model of the same
 widths, possibly with another `--cross-attention` layout: weights that fit are copied, attention blocks

@@ -9,7 +9,7 @@ import gradio as gr
 from PIL import Image
 
 from pipelines import SCHEDULERS, ControlSpec, InputError, LoadedModel, generate, prepare_hint, save_images
-from pipelines.control import controller_condition
+from pipelines.control import controller_condition, is_controller
 from studio.library import AdapterLibrary
 
 from .common import MODEL_QUEUE, OnShow, handler
@@ -25,7 +25,7 @@ def adapter_rows(current: list[list] | None = None) -> list[list]:
 
 def controller_choices() -> list[str]:
     """The library's CSC-Tuners, the adapters a control image drives."""
-    return [entry.name for entry in AdapterLibrary().list() if entry.method == "csc_tuner"]
+    return [entry.name for entry in AdapterLibrary().list() if is_controller(entry.method)]
 
 
 def editor_image(value: dict | Image.Image | None) -> Image.Image | None:

@@ -1,67 +1,103 @@
 """The Train tab: images (uploaded, or a folder), a trigger word and a method in; samples streamed while
-pipelines.train runs, and the finished adapter in the library (the Generate tab lists it)."""
+pipelines.train runs, and the finished adapter in the library (the Generate tab lists it).
+
+Every method's options are built from its config dataclass (the fields marked `ui` in their metadata:
+help, choices, range) and its defaults come from its class: adding a method adds its options here without
+touching this file. The kind of concept picked (subject, style, control) chooses the method measured to
+meet the customization targets on it, and says why."""
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
-from adapters import REGISTRY
-from adapters.lora import LoRAConfig
-from adapters.sara import SaRAConfig, auto_learning_rate, count_selected
-from pipelines import ANNOTATORS, InputError, LoadedModel
+from adapters import REGISTRY, Adapter
+from pipelines import InputError, LoadedModel
 from pipelines.train import TrainConfig, TrainProgress, TrainResult, train
 from studio.library import AdapterLibrary, LibraryError
 
 from .common import MODEL_QUEUE, handler
 
 TITLE = "Train"
-# SaRA's thresholds in the paper (sara.md): about 5 M / 20 M / 50 M trainable entries on SD 1.5.
-SARA_THRESHOLDS = (2e-4, 8e-4, 2e-3)
-LORA_TARGETS = [("attention (q, k, v, out)", "attn"), ("attention + feed-forward", "attn_ff"),
-                ("attention + resnet convolutions (LoCon)", "attn_conv")]
+CONCEPTS = ("subject", "style", "control")
 
 
-def sara_presets(unet) -> list[tuple[str, float]]:
-    """(label, θ) per preset, labelled by the trainable-parameter count it gives on this model."""
-    default = SaRAConfig().threshold
-    return [(f"θ = {t:g}: {count / 1e6:.2f} M trainable, lr {auto_learning_rate(t):.2g}"
-             + (" (default)" if t == default else ""), t) for t, count in count_selected(unet, SARA_THRESHOLDS).items()]
+def ui_fields(cls: type[Adapter]) -> list[dataclasses.Field]:
+    """The config fields of a method that the tab shows."""
+    return [f for f in dataclasses.fields(cls.config_class) if f.metadata.get("ui")]
 
 
-def method_options(method: str, condition: str, threshold: float, lora_target: str = LoRAConfig.target) -> dict:
-    """The options the tab sets for `method`: a controller's condition, SaRA's threshold, LoRA's layers."""
-    if method == "csc_tuner":
-        return {"condition": condition}
-    if method == "sara":
-        return {"threshold": float(threshold)}
-    if method == "lora":
-        return {"target": lora_target}
-    return {}
+def option_inputs() -> list[tuple[str, dataclasses.Field]]:
+    """(method, field) of every option component, in the order the /train API takes their values: every
+    registered method's (read when the tab is built, so a method registered before that appears)."""
+    return [(method, field) for method in sorted(REGISTRY) for field in ui_fields(REGISTRY[method])]
+
+
+def option_component(method: str, field: dataclasses.Field, unet, shown: bool, value: Any) -> gr.Component:
+    """The input for one option, from its metadata: a dropdown of its choices (labelled for the loaded model
+    where the method knows how), a checkbox, a number in its range, or a text box; `value` at start."""
+    meta, default = field.metadata, value
+    label, elem_id = f"{REGISTRY[method].label}: {meta['help']}", f"train-{method}-{field.name}"
+    if meta.get("labels_for_model") is not None:
+        choices = meta["labels_for_model"](unet)
+    else:
+        choices = [c if isinstance(c, tuple) else (str(c), c) for c in meta["choices"]]
+    if choices:
+        return gr.Dropdown(choices, value=default, label=label, elem_id=elem_id, visible=shown)
+    if isinstance(default, bool):
+        return gr.Checkbox(default, label=label, elem_id=elem_id, visible=shown)
+    if isinstance(default, (int, float)) or default is None:
+        return gr.Number(default, label=label, minimum=meta["minimum"], maximum=meta["maximum"], elem_id=elem_id,
+                         precision=0 if isinstance(default, int) else None, visible=shown)
+    return gr.Textbox(default, label=label, elem_id=elem_id, visible=shown)
+
+
+def method_options(inputs: list[tuple[str, dataclasses.Field]], method: str, values: list) -> dict[str, Any]:
+    """The chosen method's options from the values of every option component (blank ones left to the default)."""
+    return {field.name: value for (m, field), value in zip(inputs, values) if m == method and value is not None}
+
+
+def recommendation(concept: str) -> tuple[str, dict[str, Any], str]:
+    """(method, options, reason): the method whose class records it meets the targets on this kind of concept."""
+    for method in sorted(REGISTRY):
+        found = REGISTRY[method].recommended_for.get(concept)
+        if found is not None:
+            return method, found.options, found.reason
+    return "sc_tuner", {}, "no method records a measurement for this kind of concept"
+
+
+def method_help(method: str, concept: str) -> str:
+    cls = REGISTRY[method]
+    chosen, _, reason = recommendation(concept)
+    advice = f"Recommended for a {concept}: **{REGISTRY[chosen].label}**, {reason}."
+    return f"**{cls.label}**: {cls.summary}\n\n{advice}"
 
 
 def build(model: LoadedModel, out_dir: Path) -> None:
     """Lay out the tab inside the current gr.Blocks and bind its events to `model`."""
     # Set by Cancel, cleared when a run starts; one run at a time (the model queue), so one flag serves.
     stop = threading.Event()
+    inputs = option_inputs()
 
     @handler
     def run(files: list[str] | None, folder: str, trigger: str, method: str, steps: float,
             learning_rate: float | None, name: str, sample_prompt: str, sample_every: float,
-            condition: str = "canny", threshold: float = SaRAConfig().threshold,
-            lora_target: str = LoRAConfig.target, progress: gr.Progress = gr.Progress()) -> Iterator[tuple[list, str]]:
+            *options: Any) -> Iterator[tuple[list, str]]:
+        # No gr.Progress parameter: Gradio finds it only among positional parameters, and the options are
+        # variadic. The status line reports each step instead.
         run_dir = Path(tempfile.mkdtemp(prefix="train-", dir=out_dir))
         prompts = [p for p in [sample_prompt.strip() or trigger.strip()] if p]  # blank: the trigger word alone
-        config = TrainConfig(
+        config = TrainConfig(  # the method's own defaults for what is not set here (caption dropout, ...)
             data_dir=_data_dir(files, folder, run_dir), output_dir=run_dir, method=method,
-            method_options=method_options(method, condition, threshold, lora_target),
-            caption_dropout=0.5 if method == "csc_tuner" else 0.0,  # a controller must learn to read the hint
+            method_options=method_options(inputs, method, list(options)),
             trigger=trigger.strip() or None, name=name.strip() or None, steps=int(steps),
             learning_rate=learning_rate or None,  # blank (or 0): the method's default
             sample_prompts=prompts, sample_every=int(sample_every) if prompts else 0,
@@ -88,7 +124,6 @@ def build(model: LoadedModel, out_dir: Path) -> None:
         try:
             while isinstance(event := events.get(), TrainProgress):
                 samples += [(str(path), f"step {event.step}") for path in event.samples]
-                progress((event.step, event.total_steps), desc="training", unit="steps")
                 loss = "" if event.loss is None else f", loss {event.loss:.4f}"
                 yield samples, f"step {event.step}/{event.total_steps}{loss}"
         finally:  # the client went away (the generator is closed): stop the run cleanly, with a checkpoint
@@ -115,13 +150,15 @@ def build(model: LoadedModel, out_dir: Path) -> None:
                                 elem_id="train-folder")
             trigger = gr.Textbox(label="Trigger word (the caption of images without one)", placeholder="sks",
                                  elem_id="train-trigger")
-            method = gr.Dropdown(sorted(REGISTRY), value="sc_tuner", label="Method", elem_id="train-method")
-            condition = gr.Dropdown(list(ANNOTATORS), value="canny", visible=False, elem_id="train-condition",
-                                    label="Controller: the condition drawn from each image (csc_tuner)")
-            threshold = gr.Dropdown(sara_presets(model.pipe.unet), value=SaRAConfig().threshold, visible=False,
-                                    label="SaRA threshold: weights below it train", elem_id="train-threshold")
-            lora_target = gr.Dropdown(LORA_TARGETS, value=LoRAConfig.target, visible=False, elem_id="train-lora-target",
-                                      label="LoRA layers (convolutions: for shapes the base model never drew)")
+            concept = gr.Radio(list(CONCEPTS), value=CONCEPTS[0], label="What are you teaching?",
+                               elem_id="train-concept")
+            first, first_options, _ = recommendation(CONCEPTS[0])
+            method = gr.Dropdown([(REGISTRY[m].label, m) for m in sorted(REGISTRY)], value=first, label="Method",
+                                 elem_id="train-method")
+            about = gr.Markdown(method_help(first, CONCEPTS[0]), elem_id="train-method-help")
+            options = [option_component(m, field, model.pipe.unet, shown=m == first,
+                                        value=(first_options if m == first else {}).get(field.name, field.default))
+                       for m, field in inputs]
             steps = gr.Slider(1, 2000, value=200, step=1, label="Steps", elem_id="train-steps")
             learning_rate = gr.Number(None, label="Learning rate (blank: the method's default)", minimum=0,
                                       elem_id="train-lr")
@@ -137,10 +174,21 @@ def build(model: LoadedModel, out_dir: Path) -> None:
         with gr.Column(scale=1):
             status = gr.Textbox(label="Status", interactive=False, elem_id="train-status")
             gallery = gr.Gallery(label="Samples", columns=4, format="png", elem_id="train-samples")
-    method.change(lambda m: tuple(gr.Dropdown(visible=m == shown) for shown in ("csc_tuner", "sara", "lora")), method,
-                  [condition, threshold, lora_target], api_visibility="private")
+    def show_method(chosen: str, kind: str) -> list:
+        """The chosen method's options shown, the others hidden; its description and the advice."""
+        return [gr.update(visible=m == chosen) for m, _ in inputs] + [method_help(chosen, kind)]
+
+    def follow_concept(kind: str) -> list:
+        """The method recommended for this kind of concept, with its recommended options."""
+        chosen, recommended, _ = recommendation(kind)
+        values = [gr.update(value=recommended.get(field.name, field.default)) if m == chosen else gr.update()
+                  for m, field in inputs]
+        return [gr.update(value=chosen), *values]
+
+    method.change(show_method, [method, concept], [*options, about], api_visibility="private")
+    concept.change(follow_concept, concept, [method, *options], api_visibility="private")
     button.click(run, inputs=[files, folder, trigger, method, steps, learning_rate, name, sample_prompt, sample_every,
-                              condition, threshold, lora_target],
+                              *options],
                  outputs=[gallery, status], api_name="train", concurrency_id=MODEL_QUEUE)
     # Not through the model queue (the run holds it), and not `cancels=[train event]`: cancelling the event
     # would free the queue while the training thread still holds the pipeline for its last step. The run
