@@ -161,7 +161,8 @@ class Adapter(nn.Module):
         ready for `load_tensors`; no UNet needed."""
         raise NotImplementedError
 
-    def _record_base(self, unet: nn.Module) -> None:
+    def record_base(self, unet: nn.Module) -> None:
+        """Remember the family and fingerprint of the UNet this adapter is built for (`from_unet` calls it)."""
         self.base_family = detect_family(unet)
         self.base_fingerprint = unet_fingerprint(unet)
 

@@ -196,7 +196,7 @@ class CSCTuner(Adapter):
     def from_unet(cls, unet: nn.Module, config: CSCTunerConfig | None = None) -> CSCTuner:
         with torch.device(device_of(unet)):
             adapter = cls((config or CSCTunerConfig()).for_unet(unet), long_skips(unet))
-        adapter._record_base(unet)
+        adapter.record_base(unet)
         return adapter
 
     @classmethod

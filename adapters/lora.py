@@ -165,7 +165,7 @@ class LoRA(Adapter):
             raise ValueError(f"no {TARGETS[config.target]} layers found in this UNet")
         with torch.device(device_of(unet)):
             adapter = cls(config, {path: layer_shape(m) for path, m in layers.items()})
-        adapter._record_base(unet)
+        adapter.record_base(unet)
         return adapter
 
     @classmethod

@@ -341,7 +341,7 @@ class SaRA(Adapter):
         logger.info("SaRA: θ=%g selects %d of %d UNet entries (%.2f %%) in %d tensors", adapter.config.threshold,
                     adapter.num_selected, total, 100 * adapter.num_selected / max(total, 1), len(adapter.targets))
         adapter.base_checksums = {key: _sha256(base, dtype) for key, dtype in CHECKSUM_DTYPES.items()}
-        adapter._record_base(unet)
+        adapter.record_base(unet)
         return adapter
 
     @classmethod

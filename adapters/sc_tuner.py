@@ -111,7 +111,7 @@ class SCTuner(Adapter):
     def from_unet(cls, unet: nn.Module, config: SCTunerConfig | None = None) -> SCTuner:
         with torch.device(device_of(unet)):
             adapter = cls(config or SCTunerConfig(), {skip.key: skip.channels for skip in long_skips(unet)})
-        adapter._record_base(unet)
+        adapter.record_base(unet)
         return adapter
 
     @classmethod

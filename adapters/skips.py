@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -93,9 +92,10 @@ def hook_skips(unet: nn.Module, skips: list[Skip], delta: SkipDelta) -> list[Ski
     handles = []
     for skip in skips:
         resnet = unet.up_blocks[skip.block].resnets[skip.resnet]
-        editors = _EDITORS.get(resnet)
+        editors = resnet.__dict__.get(_EDITORS_KEY)
         if editors is None:
-            editors = _EDITORS[resnet] = _SkipEditors(skip)
+            editors = _SkipEditors(skip)
+            object.__setattr__(resnet, _EDITORS_KEY, editors)  # kept on the resnet: it goes with the UNet
             editors.handle = resnet.register_forward_pre_hook(editors, with_kwargs=True)
         elif editors.skip != skip:
             raise ValueError(f"up_blocks.{skip.block}.resnets.{skip.resnet} is already edited as {editors.skip}, "
@@ -138,11 +138,11 @@ class SkipHandle:
     def remove(self) -> None:
         editors = self._editors
         editors.deltas.pop(self.id, None)
-        if not editors.deltas and _EDITORS.get(self._resnet) is editors:
+        if not editors.deltas and self._resnet.__dict__.get(_EDITORS_KEY) is editors:
             editors.handle.remove()
-            del _EDITORS[self._resnet]
+            del self._resnet.__dict__[_EDITORS_KEY]
 
 
-# resnet -> its shared hook. Weak keys: a UNet that is garbage-collected takes its entries along.
-_EDITORS: weakref.WeakKeyDictionary[nn.Module, _SkipEditors] = weakref.WeakKeyDictionary()
+# The attribute of a decoder resnet that holds its shared hook (a plain attribute: not a submodule).
+_EDITORS_KEY = "studio_skip_editors"
 _handle_ids = itertools.count()

@@ -4,7 +4,13 @@ A broken or untrained model (or a broken loader, scheduler or VAE) fails here. T
 the issue's targets are in bench/base_quality.py; these floors sit well below what it measures.
 """
 
-from studio.shapes.quality import score_prompts, single_object_grid, two_object_scenes, vae_reconstruction
+from studio.shapes.quality import (
+    score_prompts,
+    single_object_grid,
+    two_object_scenes,
+    unnamed_content,
+    vae_reconstruction,
+)
 
 
 def test_generations_score_above_floors(embedded):
@@ -28,3 +34,12 @@ def test_vae_reconstructs_renders(embedded):
     result = vae_reconstruction(embedded.pipe.vae, n=24)
     assert result["psnr_all"] >= 28.0, result
     assert result["analyzer_kept"] >= 0.85, result
+
+
+def test_named_prompts_draw_no_held_out_shape(embedded):
+    """Held-out shapes are seen in base training only under the empty caption: a named prompt never draws one."""
+    pipe = embedded.pipe
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [scene.caption() for scene in single_object_grid(positions=("center", "right"))[::3]]
+    found = unnamed_content(pipe, prompts, seeds=[0, 1], num_inference_steps=20)
+    assert found["held_out_shape"] == 0.0, found

@@ -41,7 +41,7 @@ class ChannelShift(Adapter):
     @classmethod
     def from_unet(cls, unet, config=None):
         adapter = cls(config or ChannelShiftConfig(), unet.conv_in.out_channels)
-        adapter._record_base(unet)
+        adapter.record_base(unet)
         return adapter
 
     @classmethod
