@@ -103,6 +103,8 @@ class Recommendation:
 
     options: dict[str, Any]
     reason: str
+    learning_rate: float | None = None  # None: the method's default
+    steps: int | None = None  # None: the training loop's default
 
 
 class Adapter(nn.Module):

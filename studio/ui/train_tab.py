@@ -19,7 +19,7 @@ from typing import Any
 
 import gradio as gr
 
-from adapters import REGISTRY, Adapter
+from adapters import REGISTRY, Adapter, Recommendation
 from pipelines import InputError, LoadedModel
 from pipelines.train import TrainConfig, TrainProgress, TrainResult, train
 from studio.library import AdapterLibrary, LibraryError
@@ -65,19 +65,29 @@ def method_options(inputs: list[tuple[str, dataclasses.Field]], method: str, val
     return {field.name: value for (m, field), value in zip(inputs, values) if m == method and value is not None}
 
 
-def recommendation(concept: str) -> tuple[str, dict[str, Any], str]:
-    """(method, options, reason): the method whose class records it meets the targets on this kind of concept."""
+DEFAULT_STEPS = 200
+
+
+def recommendation(concept: str) -> tuple[str, Recommendation | None]:
+    """The method whose class records that it meets the targets on this kind of concept, with its settings."""
     for method in sorted(REGISTRY):
         found = REGISTRY[method].recommended_for.get(concept)
         if found is not None:
-            return method, found.options, found.reason
-    return "sc_tuner", {}, "no method records a measurement for this kind of concept"
+            return method, found
+    return "sc_tuner", None
 
 
 def method_help(method: str, concept: str) -> str:
     cls = REGISTRY[method]
-    chosen, _, reason = recommendation(concept)
-    advice = f"Recommended for a {concept}: **{REGISTRY[chosen].label}**, {reason}."
+    chosen, found = recommendation(concept)
+    if found is None:
+        advice = f"No method records a measurement that meets the targets on a {concept}."
+    else:
+        settings = ", ".join([f"{k} {v}" for k, v in found.options.items()]
+                             + ([f"{found.steps} steps"] if found.steps else [])
+                             + ([f"learning rate {found.learning_rate:g}"] if found.learning_rate else []))
+        advice = (f"Recommended for a {concept}: **{REGISTRY[chosen].label}**"
+                  f"{f' ({settings})' if settings else ''}: {found.reason}.")
     return f"**{cls.label}**: {cls.summary}\n\n{advice}"
 
 
@@ -152,16 +162,18 @@ def build(model: LoadedModel, out_dir: Path) -> None:
                                  elem_id="train-trigger")
             concept = gr.Radio(list(CONCEPTS), value=CONCEPTS[0], label="What are you teaching?",
                                elem_id="train-concept")
-            first, first_options, _ = recommendation(CONCEPTS[0])
+            first, advised = recommendation(CONCEPTS[0])
+            first_options = advised.options if advised else {}
             method = gr.Dropdown([(REGISTRY[m].label, m) for m in sorted(REGISTRY)], value=first, label="Method",
                                  elem_id="train-method")
             about = gr.Markdown(method_help(first, CONCEPTS[0]), elem_id="train-method-help")
             options = [option_component(m, field, model.pipe.unet, shown=m == first,
                                         value=(first_options if m == first else {}).get(field.name, field.default))
                        for m, field in inputs]
-            steps = gr.Slider(1, 2000, value=200, step=1, label="Steps", elem_id="train-steps")
-            learning_rate = gr.Number(None, label="Learning rate (blank: the method's default)", minimum=0,
-                                      elem_id="train-lr")
+            steps = gr.Slider(1, 2000, value=advised.steps if advised and advised.steps else DEFAULT_STEPS, step=1,
+                              label="Steps", elem_id="train-steps")
+            learning_rate = gr.Number(advised.learning_rate if advised else None, minimum=0, elem_id="train-lr",
+                                      label="Learning rate (blank: the method's default)")
             name = gr.Textbox(label="Adapter name (blank: the trigger word)", elem_id="train-name")
             with gr.Accordion("Samples", open=False):
                 sample_prompt = gr.Textbox(label="Sample prompt (blank: the trigger word)",
@@ -179,14 +191,16 @@ def build(model: LoadedModel, out_dir: Path) -> None:
         return [gr.update(visible=m == chosen) for m, _ in inputs] + [method_help(chosen, kind)]
 
     def follow_concept(kind: str) -> list:
-        """The method recommended for this kind of concept, with its recommended options."""
-        chosen, recommended, _ = recommendation(kind)
-        values = [gr.update(value=recommended.get(field.name, field.default)) if m == chosen else gr.update()
+        """The method recommended for this kind of concept, with its recommended options, steps and rate."""
+        chosen, found = recommendation(kind)
+        options = found.options if found else {}
+        values = [gr.update(value=options.get(field.name, field.default)) if m == chosen else gr.update()
                   for m, field in inputs]
-        return [gr.update(value=chosen), *values]
+        return [gr.update(value=chosen), gr.update(value=found.steps if found and found.steps else DEFAULT_STEPS),
+                gr.update(value=found.learning_rate if found else None), *values]
 
     method.change(show_method, [method, concept], [*options, about], api_visibility="private")
-    concept.change(follow_concept, concept, [method, *options], api_visibility="private")
+    concept.change(follow_concept, concept, [method, steps, learning_rate, *options], api_visibility="private")
     button.click(run, inputs=[files, folder, trigger, method, steps, learning_rate, name, sample_prompt, sample_every,
                               *options],
                  outputs=[gallery, status], api_name="train", concurrency_id=MODEL_QUEUE)
