@@ -99,7 +99,8 @@ def choice_values(choices: tuple) -> list:
 
 @dataclass(frozen=True)
 class Recommendation:
-    """A method's settings measured to meet the customization targets on a kind of concept (docs/benchmarks.md)."""
+    """A method's best measured settings on a kind of concept (docs/benchmarks.md); `reason` says what they
+    reach, including when no method meets the customization targets."""
 
     options: dict[str, Any]
     reason: str
@@ -129,7 +130,7 @@ class Adapter(nn.Module):
     is_weight_delta: ClassVar[bool] = False
     needs_hints: ClassVar[bool] = False  # trained and run with control images (ctx.hints)
     caption_dropout: ClassVar[float] = 0.0  # the training loop's default share of empty captions
-    # concept kind ("subject", "style") -> settings measured to meet the customization targets on it
+    # concept kind ("subject", "style", "control") -> the best measured settings on it, and what they reach
     recommended_for: ClassVar[dict[str, Recommendation]] = {}
 
     def __init__(self, config: Any):

@@ -70,3 +70,18 @@ def test_a_unet_init_folder_without_a_model_is_refused_before_any_work(tmp_path,
     assert exit_info.value.code == 2
     assert "no unet/config.json there" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_named_captions_never_name_held_out_content_and_the_unnamed_pool_shows_it():
+    """What `train_unet` draws from: captions only ever name base shapes, filled; the pool behind the
+    caption-dropout rows is a uniform draw over every shape and both styles."""
+    from studio.shapes.train import render_pool
+    from studio.shapes.world import BASE_SHAPES, HELD_OUT_SHAPES, SHAPES
+
+    _, captions = render_pool(300, seed=200, shapes=BASE_SHAPES, outline_prob=0.0)
+    words = {word for caption in captions for word in caption.split()}
+    assert not words & {*HELD_OUT_SHAPES, "outline"} and {*BASE_SHAPES} <= words
+    _, unnamed = render_pool(300, seed=400, shapes=SHAPES, outline_prob=0.5)
+    held_out = sum(any(shape in caption for shape in HELD_OUT_SHAPES) for caption in unnamed) / len(unnamed)
+    outlined = sum("outline" in caption for caption in unnamed) / len(unnamed)
+    assert 0.4 < held_out < 0.75 and 0.4 < outlined < 0.75, (held_out, outlined)  # about half of each
