@@ -89,7 +89,8 @@ def check_controls(control: Sequence[ControlSpec]) -> None:
     conditions = [spec.condition for spec in control]
     repeated = sorted({c for c in conditions if conditions.count(c) > 1})
     if repeated:
-        raise InputError(f"control gives several {repeated} images; a call takes one control image per condition")
+        raise InputError(f"control gives several {', '.join(repeated)} images; a call takes one control image per "
+                         "condition: keep one of them")
 
 
 def control_params(control: Sequence[ControlSpec]) -> dict[str, str]:
@@ -158,7 +159,7 @@ def controlled(unet: nn.Module, control: Sequence[ControlSpec],
         yield hints
 
 
-def _tuner_of(i: int, spec: ControlSpec, attached: list) -> CSCTuner | Path:
+def _tuner_of(i: int, spec: ControlSpec, attached: list[CSCTuner]) -> CSCTuner | Path:
     """The tuner (or the file to load it from) that `spec` drives: its own, else the attached one of its condition."""
     if spec.adapter is None:
         found = [t for t in attached if t.config.condition == spec.condition]
