@@ -7,15 +7,18 @@ from .base import REGISTRY, Adapter, Recommendation, detect_family, option, regi
 from .context import CallContext, Region, Row, attached_adapters, call_context, current_context
 from .csc_tuner import CSCTuner, CSCTunerConfig
 from .deltas import LoraExport, fuse_deltas, lora_from_deltas
+from .fusion import MergedWeights, fused_lora, merge_into
 from .io import load_adapter, read_metadata, save_adapter
 from .lora import LoRA, LoRAConfig
+from .ortho_lora import OrthoLoRA, OrthoLoRAConfig
 from .processors import ProcessorSwap, WrappingProcessor
 from .sara import SaRA, SaRAConfig
 from .sc_tuner import SCTuner, SCTunerConfig
 
 __all__ = [
     "REGISTRY", "Adapter", "CSCTuner", "CSCTunerConfig", "CallContext", "LoRA", "LoRAConfig", "LoraExport",
-    "ProcessorSwap", "Recommendation", "Region", "Row", "SCTuner", "SCTunerConfig", "SaRA", "SaRAConfig",
-    "WrappingProcessor", "attached_adapters", "call_context", "current_context", "detect_family", "fuse_deltas",
-    "load_adapter", "lora_from_deltas", "option", "read_metadata", "register", "save_adapter", "unet_fingerprint",
+    "MergedWeights", "OrthoLoRA", "OrthoLoRAConfig", "ProcessorSwap", "Recommendation", "Region", "Row", "SCTuner",
+    "SCTunerConfig", "SaRA", "SaRAConfig", "WrappingProcessor", "attached_adapters", "call_context", "current_context",
+    "detect_family", "fuse_deltas", "fused_lora", "load_adapter", "lora_from_deltas", "merge_into", "option",
+    "read_metadata", "register", "save_adapter", "unet_fingerprint",
 ]

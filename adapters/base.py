@@ -19,6 +19,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -128,6 +129,7 @@ class Adapter(nn.Module):
     label: ClassVar[str]  # the name users read ("SC-Tuner")
     summary: ClassVar[str] = ""  # one line for the Train tab: what it is good for, what it cannot do
     is_weight_delta: ClassVar[bool] = False
+    default_merge_weight: ClassVar[float] = 1.0  # a weight delta's weight in adapters/fusion.py's merges
     needs_hints: ClassVar[bool] = False  # trained and run with control images (ctx.hints)
     caption_dropout: ClassVar[float] = 0.0  # the training loop's default share of empty captions
     # concept kind ("subject", "style", "control") -> the best measured settings on it, and what they reach
@@ -221,6 +223,13 @@ class Adapter(nn.Module):
         return None
 
     @classmethod
+    def config_for_run(cls, config: Any, *, owner: str, library: Path) -> Any:
+        """The config a training run builds its adapter from, given the run's `owner` (stable across resumes of
+        one run, different for another concept) and the adapter `library` folder, where a method may keep state
+        shared between runs (orthogonal LoRA claims its basis slot there). Default: `config` unchanged."""
+        return config
+
+    @classmethod
     def hint_condition(cls, config: Any) -> str | None:
         """What the control images show, for a method that `needs_hints` (None otherwise)."""
         return None
@@ -304,6 +313,10 @@ class Adapter(nn.Module):
         """Method-specific header entries besides our `studio.*` ones (LoRA: diffusers'
         `lora_adapter_metadata`, so diffusers can load the file too)."""
         return {}
+
+    def read_header(self, header: dict[str, str]) -> None:
+        """Take back what `header_metadata` wrote, after `load_tensors` (adapters/io.py's `load_adapter`);
+        the default reads nothing."""
 
 
 def base_parameters(unet: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

@@ -42,12 +42,18 @@ class Row:
 
 @dataclass(frozen=True)
 class Region:
-    """A part of the image with its own prompt (LoRA-Composer): box = (x0, y0, x1, y1) as fractions of the
-    image's width and height, and the region prompt's text embeddings (1, L, D)."""
+    """A part of the image with its own prompt (LoRA-Composer, adapters/composer.py).
+
+    box: (x0, y0, x1, y1) as fractions of the image's width and height; text_embeds: (B, L, D), row i's
+    region prompt embedded (the region's negative prompt on unconditional rows); adapter: the concept whose
+    weight deltas act inside the box (None: the base weights); token_indices: the positions of the concept's
+    tokens in the region prompt, whose attention maps the composer's losses steer."""
 
     box: tuple[float, float, float, float]
     prompt: str
     text_embeds: torch.Tensor | None = None
+    adapter: Adapter | None = None
+    token_indices: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         x0, y0, x1, y1 = self.box
@@ -72,6 +78,10 @@ class CallContext:
             value = getattr(self, name)
             if value is not None and value.shape[0] != len(self.rows):
                 raise ValueError(f"CallContext.{name} has {value.shape[0]} rows but there are {len(self.rows)} rows")
+        for i, region in enumerate(self.regions):
+            if region.text_embeds is not None and region.text_embeds.shape[0] != len(self.rows):
+                raise ValueError(f"CallContext.regions[{i}].text_embeds has {region.text_embeds.shape[0]} rows but "
+                                 f"there are {len(self.rows)} rows")
 
     @classmethod
     def of_branches(cls, branches: Sequence[str], **shared) -> CallContext:

@@ -25,7 +25,7 @@ class LoraExport(NamedTuple):
 
 def fuse_deltas(weighted: Iterable[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
     """Σ_k w_k ΔW_k per parameter: several adapters' deltas as one (in fp32). Orthogonal adaptation
-    (Po et al., CVPR 2024, arXiv 2311.16630, sec. 3) makes this sum lose nothing of each concept."""
+    (Po et al., CVPR 2024, arXiv 2312.02432, sec. 3) makes this sum lose nothing of each concept."""
     fused: dict[str, torch.Tensor] = {}
     for deltas, weight in weighted:
         for name, delta in deltas.items():

@@ -26,6 +26,14 @@ from .base import FORMAT_VERSION, REGISTRY, Adapter, detect_family, unet_fingerp
 MODELSPEC_ARCHITECTURE = {
     "SD1": "stable-diffusion-v1", "SD2": "stable-diffusion-v2", "SDXL": "stable-diffusion-xl-v1-base",
 }
+# The adapter library's folder (studio/library.py); adapters keep shared state there too (orthogonal LoRA's slots).
+ENV_VAR = "STUDIO_ADAPTER_DIR"
+DEFAULT_ROOT = Path("~/.cache/sd-studio/adapters")
+
+
+def default_library_root() -> Path:
+    """The adapter library's folder: $STUDIO_ADAPTER_DIR, else ~/.cache/sd-studio/adapters."""
+    return Path(os.environ.get(ENV_VAR) or DEFAULT_ROOT).expanduser()
 
 
 def adapter_name_problem(name: str) -> str | None:
@@ -127,6 +135,7 @@ def load_adapter(
     tensors = load_file(str(path))
     adapter = cls.from_shapes(config, {key: tuple(t.shape) for key, t in tensors.items()})
     adapter.load_tensors(tensors)
+    adapter.read_header(meta)
     adapter.base_family, adapter.base_fingerprint = meta["studio.base_family"], meta["studio.base_fingerprint"]
     if unet is not None and attach:
         adapter.attach(unet)

@@ -28,11 +28,11 @@ class WrappingProcessor:
 
 
 class ProcessorSwap:
-    """Processors made by `make(previous_processor)` installed on `layers` (module path -> Attention)."""
+    """Processors made by `make(path, previous_processor)` installed on `layers` (module path -> Attention)."""
 
-    def __init__(self, layers: dict[str, Attention], make: Callable[[object], WrappingProcessor]):
+    def __init__(self, layers: dict[str, Attention], make: Callable[[str, object], WrappingProcessor]):
         self._layers = dict(layers)
-        self._installed = {name: make(layer.processor) for name, layer in self._layers.items()}
+        self._installed = {name: make(name, layer.processor) for name, layer in self._layers.items()}
         for name, layer in self._layers.items():
             layer.set_processor(self._installed[name])
 

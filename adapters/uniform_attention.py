@@ -130,4 +130,4 @@ def attach_uniform_attention(unet: nn.Module) -> ProcessorSwap:
                 raise RuntimeError(f"uniform attention is already attached ({name}); detach the first swap first")
             processor = processor.base_processor
     state = attachments(unet)
-    return ProcessorSwap(layers, lambda previous: UniformCrossAttnProcessor(previous, state))
+    return ProcessorSwap(layers, lambda path, previous: UniformCrossAttnProcessor(previous, state))

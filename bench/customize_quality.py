@@ -54,10 +54,11 @@ def write_captioned(out: Path, scenes: list[Scene], captions: list[str]) -> None
         write_atomic(out / f"{i:06d}.txt", text.encode())
 
 
-def subject_set(out: Path, seed: int = 0) -> None:
-    """5 renders of the orange star at the five positions, varied size/background; the trigger replaces
-    "orange star" in the world caption, so the rest of the caption still teaches the context words."""
-    color, shape, trigger = SUBJECT
+def subject_set(out: Path, seed: int = 0, subject: tuple[str, str, str] = SUBJECT) -> None:
+    """5 renders of the subject (colour, shape, trigger; default the orange star) at the five positions, varied
+    size/background; the trigger replaces "orange star" in the world caption, so the rest of the caption still
+    teaches the context words."""
+    color, shape, trigger = subject
     rng = random.Random(seed)
     positions = rng.sample(list(POSITIONS), 5)
     scenes = [Scene((ShapeObject(color, shape, p, rng.choice((None, "small", "large"))),),

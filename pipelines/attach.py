@@ -106,15 +106,21 @@ def attach_for_call(what: str, source: Adapter | str | os.PathLike, unet: nn.Mod
             return source
         if source.unet is not None:
             raise InputError(f"{what}: the {source.method} adapter is attached to another UNet; detach it")
-        source.attach(unet)
-    else:
-        try:  # only reading the file is the user's pick: a failure to attach after these checks is a bug
-            source = load_adapter(source, unet, attach=False)  # checks the header and the base model
-        except (ValueError, SafetensorError) as e:  # not an adapter file, or not one for this model
-            raise InputError(f"{what}: {e}") from e
-        source.attach(unet)
-    restore.callback(source.detach)
-    return source
+    adapter = read_adapter(what, source, unet)
+    adapter.attach(unet)
+    restore.callback(adapter.detach)
+    return adapter
+
+
+def read_adapter(what: str, source: Adapter | str | os.PathLike, unet: nn.Module) -> Adapter:
+    """The adapter of `source` (an object as it is, a file read but not attached) once it is known to be an
+    adapter for `unet`'s base model; errors start with `what`, e.g. "adapters[0]"."""
+    if isinstance(source, Adapter):
+        return source
+    try:  # only reading the file is the user's pick: a failure to attach after these checks is a bug
+        return load_adapter(source, unet, attach=False)  # checks the header and the base model
+    except (ValueError, SafetensorError) as e:  # not an adapter file, or not one for this model
+        raise InputError(f"{what}: {e}") from e
 
 
 def _name(source: Adapter | str | os.PathLike) -> str:

@@ -134,12 +134,7 @@ def generate(
         _warn_if_truncated(pipe.tokenizer, name, text)
 
     # 2. Seeds: one CPU generator per image, so noise is identical on any device.
-    if generator is None:
-        seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
-        generator = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images_per_prompt)]
-        seeds = [seed + i for i in range(num_images_per_prompt)]
-    else:
-        seeds = [None] * num_images_per_prompt
+    generator, seeds = image_generators(seed, generator, num_images_per_prompt)
 
     # 3. Sampler: built from the model's scheduler config, swapped in for this call only.
     scheduler_cls, overrides = SCHEDULERS[scheduler]
@@ -185,6 +180,16 @@ def generate(
         for s in seeds
     ]
     return GenerationResult(images=images, settings=settings)
+
+
+def image_generators(seed: int | None, generator: torch.Generator | list[torch.Generator] | None,
+                     n: int) -> tuple[torch.Generator | list[torch.Generator], list[int | None]]:
+    """The generators of n images and their seeds: image i from seed + i on its own CPU generator (noise identical
+    on any device; a random seed when None), or the caller's generator(s), whose seeds are unknown (None)."""
+    if generator is not None:
+        return generator, [None] * n
+    seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)], [seed + i for i in range(n)]
 
 
 def encode_call(pipe: DiffusionPipeline, prompt: str, negative_prompt: str, num_images_per_prompt: int,

@@ -33,6 +33,7 @@ import math
 import os
 import random
 import shutil
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from PIL import Image
@@ -52,7 +53,7 @@ from torch import nn
 
 from adapters import REGISTRY, Adapter, CallContext, Row, call_context, detect_family, save_adapter
 from adapters.checks import is_int, is_number
-from adapters.io import adapter_name_problem
+from adapters.io import adapter_name_problem, default_library_root
 
 from .annotators import training_hints
 from .control import ControlSpec
@@ -145,12 +146,16 @@ class TrainConfig:
     sample_steps: int = 20  # DDIM steps for samples and generated class images
     guidance_scale: float = 7.5  # CFG for samples and generated class images
     resume: str | None = None  # "latest" (a fresh start when there is no checkpoint) or a checkpoint folder
+    # The adapter library, where a method may keep state shared between runs (orthogonal LoRA's basis slots).
+    # None: adapters.io.default_library_root() ($STUDIO_ADAPTER_DIR, else ~/.cache/sd-studio/adapters).
+    library_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
         self.output_dir = Path(self.output_dir).expanduser()
         self.class_dir = Path(self.class_dir).expanduser() if self.class_dir is not None else None
         self.hint_dir = Path(self.hint_dir).expanduser() if self.hint_dir is not None else None
+        self.library_dir = Path(self.library_dir).expanduser() if self.library_dir is not None else None
         self.method_options = dict(self.method_options or {})
         self.sample_prompts, self.sample_seeds = list(self.sample_prompts), list(self.sample_seeds)
 
@@ -263,7 +268,8 @@ class TrainConfig:
 
     def training_metadata(self) -> dict[str, Any]:
         """The settings recorded in the adapter file (local paths and run control left out)."""
-        skip = {"data_dir", "output_dir", "class_dir", "hint_dir", "resume", "checkpoint_every", "keep_last"}
+        skip = {"data_dir", "output_dir", "class_dir", "hint_dir", "resume", "checkpoint_every", "keep_last",
+                "library_dir"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -369,7 +375,8 @@ def train(
     for component in pipe.components.values():
         if isinstance(component, nn.Module):
             component.requires_grad_(False)
-    adapter = REGISTRY[config.method].from_unet(pipe.unet, adapter_config)  # fp32 master weights
+    adapter_config = _config_for_run(method, adapter_config, config, run_key["data"], accelerator)
+    adapter = method.from_unet(pipe.unet, adapter_config)  # fp32 master weights
     if state is not None:
         adapter.load_tensors(load_file(resume_from / "adapter.safetensors"))
     adapter.attach(pipe.unet)
@@ -628,6 +635,18 @@ def _adapter_config_for(pipe, config: TrainConfig) -> Any:
                                    "leave it unset (it is read from the model)")
         filled[f.name] = value
     return dataclasses.replace(adapter_config, **filled)
+
+
+def _config_for_run(method: type[Adapter], adapter_config: Any, config: TrainConfig, data: str,
+                    accelerator: Accelerator) -> Any:
+    """The method's `config_for_run` (e.g. an orthogonal LoRA's slot claim), asked by the main process and shared
+    with the others. The owner names this run: the same host, adapter file and data when it resumes, another
+    data fingerprint for another concept."""
+    if accelerator.is_main_process:
+        owner = f"{socket.gethostname()}:{config.output_dir.resolve()}/{config.adapter_name}:{data}"
+        library = config.library_dir if config.library_dir is not None else default_library_root()
+        adapter_config = method.config_for_run(adapter_config, owner=owner, library=library)
+    return broadcast_object_list([adapter_config])[0]
 
 
 def _target(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,

@@ -6,6 +6,7 @@
     studio generate "sks star" --adapter sks:0.8          # an adapter of the library (or a file), scale 0.8
     studio generate "a red star" --adapter star-canny --control canny:photo.png:0.8   # a CSC-Tuner's control
     studio annotate data/stars --condition canny --out data/stars-canny              # hints for training
+    studio compose "a sks and a zkz" --adapter sks --adapter zkz --region "0,0,32,64:a sks" --region "32,0,64,64:a zkz"
     studio adapters list
     studio shapes dataset --out data/shapes --n 100 --seed 0         # renders + captions to train on
     studio shapes train --out runs/shapes
@@ -26,21 +27,14 @@ from collections.abc import Callable, Iterator
 
 from pipelines import ANNOTATORS, SCHEDULERS, StudioError
 
-from . import adapters_cli, train_cli
+from . import adapters_cli, compose_cli, train_cli
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="text-to-image; saves PNGs with their settings",
                        description="Generate images and save them as PNGs carrying their settings (A1111 style).")
     p.add_argument("prompt")
-    p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--seed", type=int, default=None, help="seed of image 1; image i uses seed+i-1 (default random)")
-    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--n", type=int, default=1, help="number of images (default 1)")
-    p.add_argument("--scheduler", default="DDIM", choices=list(SCHEDULERS), help="sampler (default DDIM)")
+    add_sampling_options(p)
     p.add_argument("--adapter", action="append", default=[], metavar="NAME_OR_FILE[:SCALE]",
                    help="an adapter of the library (or an adapter file) at SCALE (default 1); repeatable")
     p.add_argument("--control", action="append", default=[], metavar="CONDITION:IMAGE[:SCALE]",
@@ -54,6 +48,18 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--out", default="out", help="output folder (default out/)")
     p.set_defaults(run=_generate)
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """The options of a text-to-image job, as `generate` names them (also `studio compose`'s)."""
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=None, help="seed of image 1; image i uses seed+i-1 (default random)")
+    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--n", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--scheduler", default="DDIM", choices=list(SCHEDULERS), help="sampler (default DDIM)")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -216,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit(sub)
     _add_annotate(sub)
     train_cli.add_parser(sub)
+    compose_cli.add_parser(sub)
     adapters_cli.add_parser(sub)
     _add_shapes(sub)
     return parser

@@ -24,11 +24,9 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from adapters import read_metadata
-from adapters.io import adapter_name_problem
+from adapters.io import adapter_name_problem, default_library_root
 from pipelines.errors import StudioError
 
-ENV_VAR = "STUDIO_ADAPTER_DIR"
-DEFAULT_ROOT = Path("~/.cache/sd-studio/adapters")
 SUFFIX = ".safetensors"
 
 
@@ -72,7 +70,7 @@ def read_entry(path: Path) -> AdapterEntry:
 
 class AdapterLibrary:
     def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root or os.environ.get(ENV_VAR) or DEFAULT_ROOT).expanduser()
+        self.root = Path(root).expanduser() if root else default_library_root()
 
     def list(self) -> list[AdapterEntry]:
         """Every adapter in the folder, by name; other files are skipped with a warning naming them."""

@@ -10,7 +10,7 @@ import pytest
 from adapter_helpers import perturb
 from PIL import Image
 
-from adapters import CSCTuner, CSCTunerConfig, save_adapter
+from adapters import CSCTuner, CSCTunerConfig, LoRA, LoRAConfig, save_adapter
 from pipelines import parse_infotext
 from studio.cli import main
 from studio.shapes.world import Scene, ShapeObject, render
@@ -81,6 +81,27 @@ def test_generate_with_a_controller_and_annotate(embedded, tmp_path, capsys):
     assert set(np.unique(np.asarray(Image.open(hint[0])))) <= {0, 255}  # Canny: white edges on black
 
 
+def test_compose_writes_both_modes_with_the_same_seed_and_refuses_a_bad_region(embedded, tmp_path, capsys):
+    files = []
+    for seed, trigger in ((0, "sks"), (1, "zkz")):
+        lora = LoRA.from_unet(embedded.pipe.unet, LoRAConfig(rank=2))
+        perturb(lora, seed)
+        files.append(str(save_adapter(lora, tmp_path / f"{trigger}.safetensors", trigger_words=[trigger])))
+    common = ["compose", "a sks and a zkz", "--adapter", files[0], "--adapter", f"{files[1]}:0.5"]
+    regions = ["--region", "0,0,32,64:a sks", "--region", "32,0,64,64:a zkz"]
+    code = main([*common, *regions, "--mode", "both", "--steps", "2", "--out", str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out.split()
+    assert [Path(p).parent.name for p in printed] == ["composer", "merge"]
+    params = [parse_infotext(Image.open(p).text["parameters"]) for p in printed]
+    assert [p["Compose"] for p in params] == ["composer", "merge"]
+    assert params[0]["Seed"] == params[1]["Seed"] and params[0]["Adapters"] == "sks:1, zkz:0.5"
+    assert main([*common, "--region", "0,0,32:a sks"]) == 2
+    assert "expected X0,Y0,X1,Y1:PROMPT" in capsys.readouterr().err
+    assert main([*common, *regions[:2], "--steps", "2"]) == 2
+    assert "2 concepts but 1 regions" in capsys.readouterr().err
+
+
 def test_shapes_train_passes_its_arguments_through(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["shapes", "train", "--help"])
@@ -144,6 +165,7 @@ def test_shapes_dataset_refuses_a_folder_of_other_images_and_an_unknown_shape(tm
         (["generate", "x", "--control", "canny:/no/such.png"], "error: /no/such.png cannot be opened as an image"),
         (["annotate", "/no/such/folder", "--condition", "canny", "--out", "hints"],
          "error: image_dir='/no/such/folder' is not a folder"),
+        (["compose", "x", "--adapter", "/no/such.safetensors"], "error: adapter file /no/such.safetensors does not"),
     ],
 )
 def test_bad_input_exits_2_with_one_error_line(argv, message, capsys):

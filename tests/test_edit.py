@@ -180,13 +180,13 @@ def test_processor_swaps_detach_in_either_order(first_out):
         before = unet(**inputs).sample
         uniform = attach_uniform_attention(unet)
         only_uniform = unet(**inputs).sample
-        doubling = ProcessorSwap(attention_layers(unet, "cross"), _Doubling)
+        doubling = ProcessorSwap(attention_layers(unet, "cross"), lambda path, previous: _Doubling(previous))
         both = unet(**inputs).sample
         assert not torch.allclose(both, only_uniform, atol=1e-4)
         if first_out == "uniform":
             uniform.detach()
             reference = build_unet("tiny-sd15")  # the same weights, with only the doubling swap
-            with ProcessorSwap(attention_layers(reference, "cross"), _Doubling):
+            with ProcessorSwap(attention_layers(reference, "cross"), lambda path, previous: _Doubling(previous)):
                 assert torch.equal(unet(**inputs).sample, reference(**inputs).sample)
             doubling.detach()
         else:

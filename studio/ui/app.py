@@ -14,9 +14,9 @@ import gradio as gr
 
 from pipelines import LoadedModel
 
-from . import adapters_tab, edit_tab, generate_tab, train_tab
+from . import adapters_tab, compose_tab, edit_tab, generate_tab, train_tab
 
-TABS = [generate_tab, edit_tab, train_tab, adapters_tab]
+TABS = [generate_tab, compose_tab, edit_tab, train_tab, adapters_tab]
 
 
 def build_app(model: LoadedModel, out_dir: str | Path | None = None) -> gr.Blocks:

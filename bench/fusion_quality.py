@@ -1,0 +1,227 @@
+"""Multi-concept fusion on the Shapes model (issue #17): two subjects trained apart, then shown together.
+
+    python bench/fusion_quality.py [--steps 600] [--seeds 4] [--guidance 3 7.5] [--work runs/fusion]
+    python bench/fusion_quality.py --only merge_time     # 5 orthogonal LoRAs merged on the full SD 1.5 layout
+    python bench/fusion_quality.py --only memory         # LoRA-Composer's peak memory with 1, 2 and 4 concepts
+
+Subjects: an orange star ("sks") and a purple cross ("zkz"), shapes the base model draws only unnamed
+(SHAPES.md, "Seen but unnamed"). Each is trained alone on 5 renders with prior preservation, as a plain LoRA and
+as an orthogonal LoRA (attention layers, rank 4, the same steps and learning rate; the orthogonal ones take slots
+0 and 1 of one registry). The Shapes analyzer scores, at each CFG scale:
+- single: each concept's own prompts ("a sks on the left", ... at three positions), colour and shape right,
+  with its adapter alone (weight 1), then with both merged (each method's default weight: 1 for LoRA, the naive
+  sum; 0.6 for orthogonal LoRA, as published): the drop is the crosstalk;
+- both present: "a sks on the left and a zkz on the right", both right on their own sides, with the merged
+  weights and with LoRA-Composer (two boxes, halves of the canvas, each with its concept's region prompt);
+- the identity-swap matrix: what each side shows (sks, zkz, or something else) in those images.
+Targets: orthogonal drop <= 5 points and smaller than LoRA's; both-present >= 70 % with LoRA-Composer and above
+the merged weights'; merging 5 concepts < 1 s; LoRA-Composer's peak memory with 4 concepts <= 1.15x with 1.
+Adapters are kept in --work: a second run skips their training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from customize_quality import regularisation_set, subject_set
+from tuner_cost import peak_memory_bytes, reset_peak_memory
+
+from adapters import LoRA, LoRAConfig, OrthoLoRA, OrthoLoRAConfig, merge_into
+from pipelines import generate, load_model
+from pipelines.architectures import build_unet
+from pipelines.compose import ComposeRegion, ComposerSettings, compose
+from pipelines.train import TrainConfig, train
+from studio.shapes.analyzer import analyze
+from studio.shapes.world import Scene, ShapeObject
+
+SUBJECTS = (("orange", "star", "sks"), ("purple", "cross", "zkz"))
+METHODS = {"lora": {"rank": 4}, "ortho_lora": {"rank": 4}}
+SIDES = ("left", "right")
+
+
+def caption(objects: list[tuple[tuple[str, str, str], str]]) -> str:
+    """The world's caption of the subjects at those positions, each "colour shape" replaced by its trigger."""
+    text = Scene(tuple(ShapeObject(color, shape, position) for (color, shape, _), position in objects)).caption()
+    for color, shape, trigger in (subject for subject, _ in objects):
+        text = text.replace(f"{color} {shape}", trigger)
+    return text
+
+
+def train_concepts(pipe, work: Path, steps: int, lr: float) -> dict[str, list[Path]]:
+    """method -> the two subjects' adapter files, trained unless already in `work`."""
+    regularisation_set(work / "data" / "reg")
+    files: dict[str, list[Path]] = {}
+    for method, options in METHODS.items():
+        for subject in SUBJECTS:
+            trigger = subject[2]
+            name = f"{method}-{trigger}"
+            path = work / "runs" / name / f"{name}.safetensors"
+            if not path.exists():
+                subject_set(work / "data" / trigger, subject=subject)
+                t0 = time.time()
+                train(pipe, TrainConfig(
+                    data_dir=work / "data" / trigger, output_dir=path.parent, method=method, method_options=options,
+                    name=name, trigger=trigger, class_prompt="a shape", class_dir=work / "data" / "reg",
+                    num_class_images=64, steps=steps, batch_size=4, learning_rate=lr, checkpoint_every=0, seed=0,
+                    library_dir=work / "library"))
+                print(f"trained {name}: {time.time() - t0:.0f}s", flush=True)
+            files.setdefault(method, []).append(path)
+    return files
+
+
+def _is(obj, subject: tuple[str, str, str]) -> bool:
+    return (obj.color, obj.shape) == subject[:2]
+
+
+def single_rate(images: list, subject: tuple[str, str, str]) -> list[bool]:
+    """Each image's largest object is the subject (colour and shape)."""
+    found = [analyze(image).objects for image in images]
+    return [bool(objects) and _is(objects[0], subject) for objects in found]
+
+
+def side_identity(image) -> tuple[str, str]:
+    """What each half shows: the trigger of the subject its largest object is, "other", or "none"."""
+    out = []
+    for side in SIDES:
+        objects = [o for o in analyze(image).objects if (o.center[0] < 32) == (side == "left")]
+        match = [s[2] for s in SUBJECTS if objects and _is(objects[0], s)]
+        out.append(match[0] if match else ("other" if objects else "none"))
+    return out[0], out[1]
+
+
+def evaluate(model, files: dict[str, list[Path]], seeds: int, guidance: float, steps: int,
+             settings: ComposerSettings) -> dict[str, dict]:
+    results = {}
+    common = dict(seed=0, num_images_per_prompt=seeds, num_inference_steps=steps, guidance_scale=guidance)
+    for method, paths in files.items():
+        row: dict = {"single": [], "merged": []}
+        for subject, path in zip(SUBJECTS, paths):
+            prompts = [caption([(subject, p)]) for p in ("left", "right", "center")]
+            for prompt in prompts:
+                row["single"] += single_rate(generate(model, prompt, adapters=[(path, 1.0)], **common).images, subject)
+                merged = compose(model, prompt, adapters=[(p, None) for p in paths], mode="merge", **common)
+                row["merged"] += single_rate(merged.images, subject)
+        both = caption([(SUBJECTS[0], "left"), (SUBJECTS[1], "right")])
+        regions = [ComposeRegion((0, 0, 32, 64), caption([(SUBJECTS[0], "left")])),
+                   ComposeRegion((32, 0, 64, 64), caption([(SUBJECTS[1], "right")]))]
+        for mode in ("merge", "composer"):
+            result = compose(model, both, adapters=[(p, None) for p in paths], regions=regions, mode=mode,
+                             composer=settings, **common)
+            row[mode] = [side_identity(image) for image in result.images]
+        results[method] = row
+    return results
+
+
+def _pct(hits: list[bool]) -> float:
+    return 100.0 * sum(hits) / max(len(hits), 1)
+
+
+def report(results: dict[str, dict], guidance: float) -> None:
+    print(f"\nCFG {guidance:g}")
+    print(f"{'method':11s} {'single':>7s} {'merged':>7s} {'drop':>6s} {'both (merge)':>13s} {'both (composer)':>16s}")
+    for method, row in results.items():
+        single, merged = _pct(row["single"]), _pct(row["merged"])
+        both = {mode: _pct([sides == ("sks", "zkz") for sides in row[mode]]) for mode in ("merge", "composer")}
+        print(f"{method:11s} {single:6.1f}% {merged:6.1f}% {single - merged:+6.1f} {both['merge']:12.1f}% "
+              f"{both['composer']:15.1f}%")
+    print("identity-swap matrix (rows: what the left | right half shows; counts over the two-subject images)")
+    for method, row in results.items():
+        for mode in ("merge", "composer"):
+            cells = []
+            for i, side in enumerate(SIDES):
+                shown = [sides[i] for sides in row[mode]]
+                cells.append(f"{side}: " + " ".join(f"{k}={shown.count(k)}" for k in ("sks", "zkz", "other", "none")))
+            print(f"  {method:11s} {mode:9s} " + " | ".join(cells))
+
+
+def merge_time(n: int = 5, rank: int = 20) -> None:
+    """Seconds to merge (and restore) n rank-`rank` adapters into a random full-size SD 1.5 UNet, orthogonal
+    LoRAs (slots 0..n-1) and plain LoRAs side by side."""
+    unet = build_unet("sd15")
+    g = torch.Generator().manual_seed(0)
+    for label, make in (("ortho_lora", lambda k: OrthoLoRA.from_unet(unet, OrthoLoRAConfig(rank=rank, slot=k))),
+                        ("lora", lambda k: LoRA.from_unet(unet, LoRAConfig(rank=rank)))):
+        adapters = [make(k) for k in range(n)]
+        with torch.no_grad():
+            for adapter in adapters:
+                for b in adapter.lora_B.values():
+                    b.weight.normal_(0, 0.01, generator=g)
+        t0 = time.perf_counter()
+        merged = merge_into(unet, [(a, None) for a in adapters])
+        t1 = time.perf_counter()
+        merged.restore()
+        t2 = time.perf_counter()
+        print(f"merge {n} {label} (rank {rank}) into SD 1.5 (random weights, fp32, {torch.get_num_threads()} "
+              f"threads): {t1 - t0:.3f}s, restore {t2 - t1:.3f}s", flush=True)
+
+
+def composer_memory_child(work: Path, count: int, steps: int) -> None:
+    """One composer call with `count` concepts (the trained LoRAs, then random ones): its peak memory above the
+    loaded model and adapters, printed as bytes."""
+    model = load_model("assets/shapes-sd", device="cpu")
+    pipe = model.pipe
+    trained = sorted((work / "runs").glob("lora-*/*.safetensors"))
+    adapters = []
+    for k in range(count):
+        if k < len(trained):
+            adapters.append((trained[k], None))
+        else:
+            lora = LoRA.from_unet(pipe.unet, LoRAConfig(rank=4))
+            torch.nn.init.normal_(lora.lora_B[next(iter(lora.lora_B))].weight, 0, 0.01)
+            adapters.append((lora, None))
+    quadrants = [(0, 0, 32, 32), (32, 0, 64, 32), (0, 32, 32, 64), (32, 32, 64, 64)]
+    boxes = [(0, 0, 32, 64)] if count == 1 else [(0, 0, 32, 64), (32, 0, 64, 64)] if count == 2 else quadrants
+    regions = [ComposeRegion(box, f"a shape {k}") for k, box in enumerate(boxes[:count])]
+    base = reset_peak_memory(torch.device("cpu"))
+    compose(model, "shapes", adapters=adapters, regions=regions, seed=0, num_inference_steps=steps)
+    print(peak_memory_bytes(torch.device("cpu")) - base)
+
+
+def composer_memory(work: Path, steps: int) -> None:
+    figures = {}
+    for count in (1, 2, 4):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(count), "--work", str(work),
+                              "--sample-steps", str(steps)], capture_output=True, text=True, check=True)
+        figures[count] = int(out.stdout.strip().splitlines()[-1])
+    line = ", ".join(f"{c} concepts {b / 2**20:.1f} MiB ({b / figures[1]:.2f}x)" for c, b in figures.items())
+    print(f"LoRA-Composer peak memory above the loaded model (CPU RSS, fresh process each): {line}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=600, help="training steps of every adapter")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt")
+    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the evaluation images")
+    p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 7.5])
+    p.add_argument("--step-size", type=float, default=ComposerSettings().step_size, help="the composer's latent step")
+    p.add_argument("--work", type=Path, default=Path("runs/fusion"))
+    p.add_argument("--only", choices=["quality", "merge_time", "memory"], default=None)
+    p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child is not None:
+        composer_memory_child(args.work, args.memory_child, args.sample_steps)
+        return
+    if args.only in (None, "quality"):
+        model = load_model("assets/shapes-sd")
+        model.pipe.set_progress_bar_config(disable=True)
+        files = train_concepts(model.pipe, args.work, args.steps, args.lr)
+        settings = ComposerSettings(step_size=args.step_size)
+        for guidance in args.guidance:
+            report(evaluate(model, files, args.seeds, guidance, args.sample_steps, settings), guidance)
+        print(f"\n{args.steps} steps x batch 4 (+ prior batch), lr {args.lr:g}, rank 4 on attention; {args.seeds} "
+              f"seeds, {args.sample_steps} DDIM steps; composer: {settings.params()}; "
+              f"{torch.get_num_threads()} threads")
+    if args.only in (None, "merge_time"):
+        merge_time()
+    if args.only in (None, "memory"):
+        composer_memory(args.work, args.sample_steps)
+
+
+if __name__ == "__main__":
+    main()

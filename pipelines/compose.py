@@ -1,0 +1,294 @@
+"""Several concepts in one image: their adapters merged into the weights, or composed by region (LoRA-Composer).
+
+    result = compose(model, "a sks on the left and a zkz on the right",
+                     adapters=[("sks.safetensors", None), ("zkz.safetensors", None)],
+                     regions=[ComposeRegion((0, 0, 32, 64), "a sks"), ComposeRegion((32, 0, 64, 64), "a zkz")],
+                     mode="composer", seed=0)
+    save_images(result, "out")   # each PNG's settings name the mode, the adapters and the regions
+
+- mode "merge": Σ w_k ΔW_k summed into the UNet for the call (adapters/fusion.py; default weight per method:
+  0.6 for orthogonal LoRAs, as published), then an ordinary generation on the global prompt; restored after.
+- mode "composer": training-free, one UNet (adapters/composer.py). Adapter k acts only inside regions[k]'s box,
+  on that region's prompt; regions beyond the adapters are plain regional prompts. The loop is written out
+  below: latent re-initialisation at the first step, then per step a loss-guided update of the latent (a
+  conditional pass with gradients, until the early stop) and the classifier-free guided step.
+
+Boxes are (x0, y0, x1, y1) in pixels, as PIL crops. Bad input (overlapping boxes, a box outside the canvas or
+smaller than one attention cell, more concepts than regions, an adapter for another base) raises InputError
+before any model work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from diffusers import DiffusionPipeline
+
+from adapters import Adapter, CallContext, Region, call_context, detect_family, read_metadata, unet_fingerprint
+from adapters.composer import Composer, ComposerLossWeights, composer_loss, map_size, reinitialise_latents
+from adapters.fusion import merge_into
+
+from .attach import AdapterUse, adapter_params, check_adapters, read_adapter
+from .edit import classifier_free_guidance, decode_latents
+from .errors import GenerationInterrupted, InputError
+from .generate import (
+    SCHEDULERS,
+    GenerationResult,
+    GenerationSettings,
+    ProgressCallback,
+    check_inputs,
+    encode_call,
+    generate,
+    image_generators,
+    model_identity,
+)
+from .loading import LoadedModel
+
+Mode = Literal["merge", "composer"]
+MODES = ("merge", "composer")
+COMPOSER_FAMILIES = ("SD1", "SD2")  # SDXL's added conditions are not threaded through the composer's loop yet
+
+
+@dataclass(frozen=True)
+class ComposeRegion:
+    """A box of the image, in pixels (x0, y0, x1, y1), with the prompt of what goes there."""
+
+    box: tuple[int, int, int, int]
+    prompt: str
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class ComposerSettings:
+    """LoRA-Composer's knobs (arXiv 2403.11627, sec. 3.4-3.5; defaults from the reference code)."""
+
+    loss_weights: ComposerLossWeights = ComposerLossWeights()
+    step_size: float = 20.0  # φ_i = step_size · √s_i, s = linspace(1, 0.5, steps)
+    refine_until: int = 25  # no latent update from this step on
+    min_refine_steps: int = 5  # before this step the update never stops early
+    reinitialise: bool = True  # sec. 3.5: move each concept's strongest latent patch into its box at step 0
+    isolation: bool = True  # sec. 3.3: self-attention from a box does not see the other boxes
+
+    def params(self) -> str:
+        w = self.loss_weights
+        return (f"concept {w.concept:g}, fill {w.fill:g}, region {w.region:g}, step {self.step_size:g}, "
+                f"refine {self.refine_until}, reinit {'on' if self.reinitialise else 'off'}, "
+                f"isolation {'on' if self.isolation else 'off'}")
+
+
+def compose(
+    model: LoadedModel | DiffusionPipeline,
+    prompt: str,
+    *,
+    adapters: Sequence[tuple[Adapter | str, float | None]],
+    regions: Sequence[ComposeRegion] = (),
+    mode: Mode = "composer",
+    negative_prompt: str = "",
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    seed: int | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_images_per_prompt: int = 1,
+    scheduler: str = "DDIM",
+    composer: ComposerSettings = ComposerSettings(),
+    callback: ProgressCallback | None = None,
+) -> GenerationResult:
+    """Images of `prompt` with every adapter's concept; see the module docstring. adapters: (file or Adapter,
+    weight) pairs, weight None for the method's default (merge: the adapter's `default_merge_weight`;
+    composer: 1). The other arguments are `generate`'s."""
+    pipe = model.pipe if isinstance(model, LoadedModel) else model
+
+    # 1. Check everything before any model work.
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height = native if height is None else height
+    width = native if width is None else width
+    check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                 num_images_per_prompt, scheduler, seed, generator)
+    size = map_size(pipe.unet, (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
+    check_compose_inputs(adapters, regions, mode, (width, height), size)
+    if mode == "composer" and detect_family(pipe.unet) not in COMPOSER_FAMILIES:
+        raise InputError(f"mode='composer' supports {', '.join(COMPOSER_FAMILIES)} models; this one is "
+                         f"{detect_family(pipe.unet)}: use mode='merge'")
+    loaded = [read_adapter(f"adapters[{i}]", source, pipe.unet) for i, (source, _) in enumerate(adapters)]
+    for i, adapter in enumerate(loaded):
+        check_composable(f"adapters[{i}]", adapter, pipe.unet)
+    weights = [(1.0 if mode == "composer" else type(a).default_merge_weight) if w is None else float(w)
+               for a, (_, w) in zip(loaded, adapters)]
+
+    # 2. Generate.
+    params = {"Compose": mode, **adapter_params([(s, w) for (s, _), w in zip(adapters, weights)])}
+    if regions:
+        params["Regions"] = json.dumps([[*r.box, r.prompt] for r in regions])
+    if mode == "merge":
+        with merge_into(pipe.unet, list(zip(loaded, weights))):
+            result = generate(model, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, seed=seed, generator=generator, height=height,
+                              width=width, num_images_per_prompt=num_images_per_prompt, scheduler=scheduler,
+                              callback=callback)
+        return GenerationResult(result.images, [replace(s, extra_params={**s.extra_params, **params})
+                                                for s in result.settings])
+    generator, seeds = image_generators(seed, generator, num_images_per_prompt)
+    triggers = [_trigger_words(source) for source, _ in adapters]
+    images, refined = _compose_by_region(pipe, prompt, negative_prompt, loaded, weights, triggers, regions, size,
+                                         num_inference_steps, guidance_scale, generator, (width, height),
+                                         num_images_per_prompt, scheduler, composer, callback)
+    params.update({"Composer": composer.params(), "Refined steps": refined})
+    name, model_hash, family = model_identity(model)
+    settings = [GenerationSettings(prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
+                                   sampler=scheduler, guidance_scale=float(guidance_scale), seed=s, width=width,
+                                   height=height, model_name=name, model_hash=model_hash, model_family=family,
+                                   extra_params=params)
+                for s in seeds]
+    return GenerationResult(images, settings)
+
+
+def check_compose_inputs(adapters: Sequence[AdapterUse], regions: Sequence[ComposeRegion], mode: str,
+                         image_size: tuple[int, int], cells: tuple[int, int]) -> None:
+    """Refuse what cannot compose, naming the argument and the fix. image_size: (width, height) in pixels;
+    cells: (h, w) of the attention grid the composer reads (a box must hold one cell)."""
+    if mode not in MODES:
+        raise InputError(f"mode={mode!r} is unknown: use 'merge' (weights summed) or 'composer' (by region)")
+    if not isinstance(adapters, (list, tuple)) or not adapters:
+        raise InputError("adapters is empty: give the concepts to compose as (adapter file or Adapter, weight) pairs")
+    check_adapters([(source, 1.0 if weight is None else weight) for source, weight in adapters])
+    if mode == "composer" and len(adapters) > len(regions):
+        raise InputError(f"{len(adapters)} concepts but {len(regions)} regions: the composer puts adapters[k] in "
+                         "regions[k]; give each concept a region (a box and a prompt)")
+    width, height = image_size
+    cell_w, cell_h = width / cells[1], height / cells[0]
+    for i, region in enumerate(regions):
+        if not isinstance(region, ComposeRegion):
+            raise InputError(f"regions[{i}] must be a ComposeRegion(box, prompt), got {type(region).__name__}")
+        box = region.box
+        if len(box) != 4 or not all(isinstance(v, int) for v in box):
+            raise InputError(f"regions[{i}].box={box!r} must be four integers (x0, y0, x1, y1) in pixels")
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise InputError(f"regions[{i}].box={box!r} is not inside the {width}x{height} canvas: use "
+                             f"0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}")
+        if x1 - x0 < cell_w or y1 - y0 < cell_h:
+            raise InputError(f"regions[{i}].box={box!r} is {x1 - x0}x{y1 - y0} px, smaller than one attention cell "
+                             f"({cell_w:g}x{cell_h:g} px) where the composer places concepts: make it larger")
+        if not region.prompt.strip():
+            raise InputError(f"regions[{i}].prompt is empty: say what goes in the box, with the concept's trigger")
+        for j in range(i):
+            a0, b0, a1, b1 = regions[j].box
+            if min(x1, a1) > max(x0, a0) and min(y1, b1) > max(y0, b0):
+                raise InputError(f"regions[{j}] {regions[j].box} and regions[{i}] {box} overlap: the composer "
+                                 "isolates concepts by box; make the boxes disjoint")
+
+
+def check_composable(what: str, adapter: Adapter, unet: torch.nn.Module) -> None:
+    """A concept to compose must change the weights (its deltas are what act) and belong to this base."""
+    if not adapter.is_weight_delta:
+        raise InputError(f"{what}: a {adapter.method} adapter is not a weight delta and cannot be merged or composed; "
+                         "use LoRA, orthogonal LoRA or SaRA concepts")
+    if adapter.base_fingerprint is not None and adapter.base_fingerprint != unet_fingerprint(unet):
+        raise InputError(f"{what}: the {adapter.method} adapter was made for another base model (UNet fingerprint "
+                         f"{adapter.base_fingerprint}, this one is {unet_fingerprint(unet)}); load its base model")
+
+
+def concept_tokens(tokenizer, prompt: str, words: Sequence[str]) -> tuple[int, ...]:
+    """Positions (with the start token at 0) of the tokens of `words` in `prompt`, found by matching token
+    sequences (a word spelled by several tokens is found whole); without words found, every token of the prompt."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    found: list[int] = []
+    for word in words:
+        target = tokenizer(word, add_special_tokens=False).input_ids
+        for start in range(1, len(ids) - len(target)):
+            if target and ids[start:start + len(target)] == target:
+                found.extend(range(start, start + len(target)))
+    return tuple(sorted(set(found))) or tuple(range(1, len(ids) - 1))
+
+
+def _trigger_words(source: Adapter | str) -> list[str]:
+    if isinstance(source, Adapter):
+        return []
+    return json.loads(read_metadata(source).get("studio.trigger_words", "[]"))
+
+
+def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[Adapter], weights: list[float],
+                       triggers: list[list[str]], regions: Sequence[ComposeRegion], size: tuple[int, int],
+                       num_inference_steps: int, guidance_scale: float, generator, image_size: tuple[int, int],
+                       n: int, scheduler_name: str, settings: ComposerSettings,
+                       callback: ProgressCallback | None) -> tuple[list, int]:
+    """LoRA-Composer's loop; returns the images and the number of steps whose latent was refined."""
+    unet, device = pipe.unet, pipe._execution_device
+    width, height = image_size
+    # 1. Prompts: the global one as `generate` encodes it (rows: n unconditional, then n conditional), and
+    #    each region's prompt (its negative prompt on the unconditional rows).
+    embeds, context = encode_call(pipe, prompt, negative_prompt, n, guidance_scale)
+    cfg = "negative_prompt_embeds" in embeds
+    cond_rows = context.row_mask("cond")
+    concept_regions = []
+    for i, region in enumerate(regions):
+        positive, negative = pipe.encode_prompt(region.prompt, device, 1, cfg, region.negative_prompt)[:2]
+        rows = torch.cat([negative] * n + [positive] * n) if cfg else torch.cat([positive] * n)
+        # A concept's tokens are steered into its box; a plain regional prompt (no adapter) is only isolated.
+        adapter = adapters[i] if i < len(adapters) else None
+        tokens = concept_tokens(pipe.tokenizer, region.prompt, triggers[i]) if adapter is not None else ()
+        x0, y0, x1, y1 = region.box
+        concept_regions.append(Region((x0 / width, y0 / height, x1 / width, y1 / height), region.prompt, rows,
+                                      adapter, tokens))
+    full = replace(context, image_size=image_size, regions=concept_regions)
+    conditional = CallContext(rows=[row for row in context.rows if row.branch == "cond"],
+                              text_embeds=context.text_embeds[cond_rows], image_size=image_size,
+                              regions=[replace(r, text_embeds=r.text_embeds[cond_rows]) for r in concept_regions])
+    cond_embeds = embeds["prompt_embeds"].repeat(n, 1, 1)
+    text = torch.cat([embeds["negative_prompt_embeds"].repeat(n, 1, 1), cond_embeds]) if cfg else cond_embeds
+
+    # 2. Sampler and initial noise, as `generate` draws them (the same seed gives the same starting noise).
+    scheduler_cls, overrides = SCHEDULERS[scheduler_name]
+    scheduler = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    latents = pipe.prepare_latents(n, unet.config.in_channels, height, width, text.dtype, device, generator)
+    step_sizes = settings.step_size * torch.linspace(1, 0.5, num_inference_steps).sqrt()
+
+    def conditional_pass(z: torch.Tensor, t: torch.Tensor) -> None:
+        with call_context(unet, conditional):
+            unet(scheduler.scale_model_input(z, t), t, encoder_hidden_states=cond_embeds)
+
+    refined, previous_loss, refining = 0, math.inf, True
+    with ExitStack() as restore:
+        for adapter, weight in zip(adapters, weights):
+            restore.callback(adapter.set_scale, adapter.scale)
+            adapter.set_scale(weight)  # the scale its deltas are read at
+            adapter.to(device)
+        composer = restore.enter_context(Composer(unet, size, isolation=settings.isolation))
+        # 3. Sec. 3.5: each concept's strongest patch of the initial noise goes into its box.
+        if settings.reinitialise:
+            with torch.no_grad(), composer.recording(len(concept_regions)) as maps:
+                conditional_pass(latents, scheduler.timesteps[0])
+            latents = reinitialise_latents(latents, maps, concept_regions, size)
+        for i, t in enumerate(scheduler.timesteps):
+            # 4. Sec. 3.4: z_t <- z_t - φ_i ∇L until step `refine_until`, or for good once the loss rises.
+            if refining and i < settings.refine_until:
+                with torch.enable_grad(), composer.recording(len(concept_regions)) as maps:
+                    z = latents.detach().requires_grad_(True)
+                    conditional_pass(z, t)
+                    loss = composer_loss(maps, concept_regions, size, settings.loss_weights)
+                    grad = torch.autograd.grad(loss, z)[0] if loss.requires_grad else torch.zeros_like(z)
+                if i >= settings.min_refine_steps and loss.item() > previous_loss:
+                    refining = False
+                else:
+                    latents = (latents - step_sizes[i].item() * grad).detach()
+                    refined, previous_loss = refined + 1, loss.item()
+            # 5. The guided denoising step, every concept in its box.
+            with torch.no_grad(), call_context(unet, full):
+                batch = torch.cat([latents] * 2) if cfg else latents
+                eps = unet(scheduler.scale_model_input(batch, t), t, encoder_hidden_states=text).sample
+                if cfg:
+                    eps = classifier_free_guidance(*eps.chunk(2), guidance_scale)
+                latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
+            if callback is not None and callback(i + 1, num_inference_steps):
+                raise GenerationInterrupted("composition stopped by the callback")
+    with torch.no_grad():
+        return decode_latents(pipe, latents), refined

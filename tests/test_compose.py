@@ -1,0 +1,97 @@
+"""`compose` (pipelines/compose.py): merged weights and LoRA-Composer on a tiny SD 1.5-layout pipeline."""
+
+import numpy as np
+import pytest
+
+from adapters import LoRA, LoRAConfig, save_adapter
+from pipelines import InputError, generate
+from pipelines.architectures import build_unet
+from pipelines.compose import ComposeRegion, ComposerSettings, compose, concept_tokens
+from tests.adapter_helpers import perturb
+
+LEFT, RIGHT = ComposeRegion((0, 0, 32, 64), "a sks"), ComposeRegion((32, 0, 64, 64), "a zkz dog")
+
+
+@pytest.fixture
+def concepts(tiny_sd15, tmp_path):
+    paths = []
+    for seed, trigger in ((0, "sks"), (1, "zkz")):
+        lora = LoRA.from_unet(tiny_sd15.unet, LoRAConfig(rank=2))
+        perturb(lora, seed)
+        paths.append(save_adapter(lora, tmp_path / f"{trigger}.safetensors", trigger_words=[trigger]))
+    return paths
+
+
+def _pixels(result) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.float32) for image in result.images])
+
+
+def test_composer_is_seeded_records_its_settings_and_leaves_the_pipeline_as_it_was(tiny_sd15, concepts):
+    before = _pixels(generate(tiny_sd15, "a sks and a zkz dog", seed=3, num_inference_steps=4))
+    processors = dict(tiny_sd15.unet.attn_processors)
+    kwargs = dict(adapters=[(p, None) for p in concepts], regions=[LEFT, RIGHT], seed=3, num_inference_steps=4)
+    first = compose(tiny_sd15, "a sks and a zkz dog", **kwargs)
+    again = compose(tiny_sd15, "a sks and a zkz dog", **kwargs)
+    assert np.array_equal(_pixels(first), _pixels(again))
+    assert not np.allclose(_pixels(first), before, atol=1)
+    params = first.settings[0].extra_params
+    assert params["Compose"] == "composer" and params["Adapters"] == "sks:1, zkz:1"
+    assert params["Refined steps"] >= 1 and "concept 8, fill 2, region 10" in params["Composer"]
+    assert '"a zkz dog"' in params["Regions"]
+    assert all(tiny_sd15.unet.attn_processors[k] is v for k, v in processors.items())
+    after = _pixels(generate(tiny_sd15, "a sks and a zkz dog", seed=3, num_inference_steps=4))
+    assert np.array_equal(after, before)
+
+
+def test_without_guidance_or_reinitialisation_the_composer_is_regional_prompting(tiny_sd15, concepts):
+    """The loss-guided update and the re-initialisation change the image; with both off it still runs."""
+    off = ComposerSettings(refine_until=0, reinitialise=False)
+    kwargs = dict(adapters=[(p, None) for p in concepts], regions=[LEFT, RIGHT], seed=0, num_inference_steps=3)
+    plain = compose(tiny_sd15, "two things", composer=off, **kwargs)
+    guided = compose(tiny_sd15, "two things", **kwargs)
+    assert plain.settings[0].extra_params["Refined steps"] == 0
+    assert not np.array_equal(_pixels(plain), _pixels(guided))
+
+
+def test_merge_mode_equals_the_adapters_attached_at_their_weights(tiny_sd15, concepts):
+    merged = compose(tiny_sd15, "a sks and a zkz dog", adapters=[(concepts[0], 0.7), (concepts[1], 0.4)],
+                     mode="merge", seed=1, num_inference_steps=4)
+    attached = generate(tiny_sd15, "a sks and a zkz dog", adapters=[(concepts[0], 0.7), (concepts[1], 0.4)], seed=1,
+                        num_inference_steps=4)
+    assert np.abs(_pixels(merged) - _pixels(attached)).max() <= 1  # 8-bit rounding of fp32-equal images
+    assert merged.settings[0].extra_params["Compose"] == "merge"
+
+
+@pytest.mark.parametrize("regions, message", [
+    ([ComposeRegion((0, 0, 40, 64), "a sks"), ComposeRegion((32, 0, 64, 64), "a zkz")], "overlap"),
+    ([ComposeRegion((0, 0, 32, 64), "a sks"), ComposeRegion((32, 0, 96, 64), "a zkz")], "not inside the 64x64"),
+    ([ComposeRegion((0, 0, 16, 16), "a sks"), ComposeRegion((32, 0, 64, 64), "a zkz")], "smaller than one"),
+    ([ComposeRegion((0, 0, 32, 64), "a sks")], "2 concepts but 1 regions"),
+    ([ComposeRegion((0, 0, 32, 64), " "), ComposeRegion((32, 0, 64, 64), "a zkz")], "prompt is empty"),
+])
+def test_bad_regions_are_refused_before_the_model_runs(tiny_sd15, concepts, regions, message):
+    calls = []
+    handle = tiny_sd15.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(InputError, match=message):
+        compose(tiny_sd15, "two things", adapters=[(p, None) for p in concepts], regions=regions, seed=0)
+    handle.remove()
+    assert not calls
+
+
+def test_an_adapter_for_another_base_is_refused(tiny_sd15, concepts, tmp_path):
+    other = LoRA.from_unet(build_unet("tiny-sdxl"), LoRAConfig(rank=2))
+    other_file = save_adapter(other, tmp_path / "other.safetensors")
+    with pytest.raises(InputError, match="adapters\\[1\\].*SDXL"):
+        compose(tiny_sd15, "two things", adapters=[(concepts[0], None), (other_file, None)], regions=[LEFT, RIGHT])
+
+
+def test_concept_tokens_are_found_whole_even_when_a_word_takes_several_tokens(tiny_sd15):
+    tokenizer = tiny_sd15.tokenizer
+    word = "zkzqv"
+    pieces = tokenizer(word, add_special_tokens=False).input_ids
+    assert len(pieces) > 1
+    found = concept_tokens(tokenizer, f"a photo of a red {word} dog", [word])
+    ids = tokenizer(f"a photo of a red {word} dog").input_ids
+    assert [ids[i] for i in found] == pieces
+    n = len(tokenizer("a dog").input_ids)  # start, the prompt's tokens, end
+    assert concept_tokens(tokenizer, "a dog", ["cat"]) == tuple(range(1, n - 1))  # no trigger: the whole prompt
