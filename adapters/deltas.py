@@ -29,7 +29,7 @@ def fuse_deltas(weighted: Iterable[tuple[dict[str, torch.Tensor], float]]) -> di
     fused: dict[str, torch.Tensor] = {}
     for deltas, weight in weighted:
         for name, delta in deltas.items():
-            term = weight * delta.float()
+            term = delta.float() if weight == 1 else weight * delta.float()  # no copy for the common weight 1
             fused[name] = fused[name] + term if name in fused else term
     return fused
 

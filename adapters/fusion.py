@@ -106,7 +106,11 @@ def merge_into(unet: nn.Module, adapters: Iterable[Weighted], *, tolerance: floa
         for name, delta in fused.items():
             weight = params[name]
             originals[name] = (weight, weight.detach().clone())
-            weight.copy_(weight.float() + delta.to(weight.device))  # summed in fp32, rounded once to W's dtype
+            delta = delta.to(weight.device)
+            if weight.dtype == torch.float32:
+                weight.add_(delta)  # in place: no temporary the size of W
+            else:
+                weight.copy_(weight.float() + delta)  # summed in fp32, rounded once to W's dtype
     return MergedWeights(unet, weighted, report, originals)
 
 
