@@ -4,7 +4,7 @@ Importing the method modules (below) registers them: `REGISTRY[name]` is the onl
 What is attached to a UNet, and the per-call context pipelines give it, live in adapters/context.py."""
 
 from .base import REGISTRY, Adapter, Recommendation, detect_family, option, register, unet_fingerprint
-from .context import CallContext, Region, Row, attached_adapters, call_context, current_context
+from .context import CallContext, Region, Row, TextEncoding, attached_adapters, call_context, current_context
 from .csc_tuner import CSCTuner, CSCTunerConfig
 from .deltas import LoraExport, fuse_deltas, lora_from_deltas
 from .fusion import MergedWeights, fused_lora, merge_into
@@ -14,11 +14,12 @@ from .ortho_lora import OrthoLoRA, OrthoLoRAConfig
 from .processors import ProcessorSwap, WrappingProcessor
 from .sara import SaRA, SaRAConfig
 from .sc_tuner import SCTuner, SCTunerConfig
+from .spm import SPM, SPMConfig
 
 __all__ = [
-    "REGISTRY", "Adapter", "CSCTuner", "CSCTunerConfig", "CallContext", "LoRA", "LoRAConfig", "LoraExport",
+    "REGISTRY", "SPM", "Adapter", "CSCTuner", "CSCTunerConfig", "CallContext", "LoRA", "LoRAConfig", "LoraExport",
     "MergedWeights", "OrthoLoRA", "OrthoLoRAConfig", "ProcessorSwap", "Recommendation", "Region", "Row", "SCTuner",
-    "SCTunerConfig", "SaRA", "SaRAConfig", "WrappingProcessor", "attached_adapters", "call_context", "current_context",
-    "detect_family", "fuse_deltas", "fused_lora", "load_adapter", "lora_from_deltas", "merge_into", "option",
-    "read_metadata", "register", "save_adapter", "unet_fingerprint",
+    "SCTunerConfig", "SPMConfig", "SaRA", "SaRAConfig", "TextEncoding", "WrappingProcessor", "attached_adapters",
+    "call_context", "current_context", "detect_family", "fuse_deltas", "fused_lora", "load_adapter",
+    "lora_from_deltas", "merge_into", "option", "read_metadata", "register", "save_adapter", "unet_fingerprint",
 ]

@@ -132,6 +132,9 @@ class Adapter(nn.Module):
     default_merge_weight: ClassVar[float] = 1.0  # a weight delta's weight in adapters/fusion.py's merges
     needs_hints: ClassVar[bool] = False  # trained and run with control images (ctx.hints)
     caption_dropout: ClassVar[float] = 0.0  # the training loop's default share of empty captions
+    # What the training loop minimises (a key of pipelines.train.OBJECTIVES): "denoise" learns from a folder of
+    # images, "erase" (SPM membranes) from concept names alone.
+    objective: ClassVar[str] = "denoise"
     # concept kind ("subject", "style", "control") -> the best measured settings on it, and what they reach
     recommended_for: ClassVar[dict[str, Recommendation]] = {}
 
@@ -240,6 +243,11 @@ class Adapter(nn.Module):
 
     def on_step_end(self, step: int, total_steps: int, optimizer: torch.optim.Optimizer) -> None:
         """Called by the training loop after each optimizer step (e.g. SaRA's re-selection)."""
+
+    def infotext_params(self) -> dict[str, str]:
+        """After a pipeline call, entries this adapter adds to the images' settings (A1111's extra generation
+        parameters), e.g. the permeability a membrane computed for the prompt; none by default."""
+        return {}
 
     def set_scale(self, scale: float) -> None:
         self.scale = float(scale)

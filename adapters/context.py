@@ -12,7 +12,7 @@ The registry (`attachments(unet)`) lives on the UNet object itself, so it goes a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -62,6 +62,17 @@ class Region:
                              "0 <= y0 < y1 <= 1 (fractions of the image)")
 
 
+@dataclass(frozen=True)
+class TextEncoding:
+    """The call's own text encoding, for adapters that compare other texts with the rows' prompts (a membrane
+    measures each prompt against its erased concepts, adapters/spm.py): `encode(texts)` gives what `text_embeds`
+    and `token_ids` hold for the rows, (N, L, D) and (N, L); `special_ids` are the ids that are no word (BOS, EOS,
+    padding)."""
+
+    encode: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]
+    special_ids: frozenset[int]
+
+
 @dataclass
 class CallContext:
     """What one pipeline call runs: per UNet batch row its prompt and branch, and what every row shares."""
@@ -72,6 +83,7 @@ class CallContext:
     image_size: tuple[int, int] | None = None  # (width, height) in pixels
     hints: Mapping[str, torch.Tensor] = field(default_factory=dict)  # condition -> (B_hint, 3, H, W) in [0, 1]
     regions: Sequence[Region] = ()
+    text_encoding: TextEncoding | None = None  # None: the pipeline encodes no other texts for its adapters
 
     def __post_init__(self) -> None:
         for name in ("text_embeds", "token_ids"):

@@ -164,11 +164,17 @@ class LoRA(Adapter):
         self.adapter_name = f"studio_lora_{next(_names)}"
 
     @classmethod
-    def from_unet(cls, unet: nn.Module, config: LoRAConfig | None = None) -> LoRA:
-        config = config or LoRAConfig()
+    def targets(cls, unet: nn.Module, config: LoRAConfig) -> dict[str, nn.Module]:
+        """Module path -> the Linear or Conv2d this method adapts in `unet` (refused when there is none)."""
         layers = target_layers(unet, config.target)
         if not layers:
             raise ValueError(f"no {TARGETS[config.target]} layers found in this UNet")
+        return layers
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module, config: LoRAConfig | None = None) -> LoRA:
+        config = config if config is not None else cls.config_class()
+        layers = cls.targets(unet, config)
         with torch.device(device_of(unet)):
             adapter = cls(config, {path: layer_shape(m) for path, m in layers.items()})
         adapter.record_base(unet)
@@ -241,8 +247,8 @@ class LoRA(Adapter):
                 problems.append(f"{path} is {found}, expected {'Linear' if len(want) == 2 else 'Conv2d'}{tuple(want)}")
         if problems:
             raise ValueError(
-                f"this LoRA does not fit the UNet ({len(problems)} of {len(self.paths)} targets differ: "
-                f"{'; '.join(problems[:3])}); build one for this model with LoRA.from_unet(unet)"
+                f"this {self.label} does not fit the UNet ({len(problems)} of {len(self.paths)} targets differ: "
+                f"{'; '.join(problems[:3])}); build one for this model with {type(self).__name__}.from_unet(unet)"
             )
         if any(m.merged for m in unet.modules() if isinstance(m, BaseTunerLayer)):
             # peft's injection would silently unmerge them.

@@ -125,7 +125,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, nargs="+", default=[7.5, 1.5],
                    help="CFG scales to evaluate at (the Shapes base model is 100 %% right from 1.5 up)")
     p.add_argument("--model", default=None)
-    p.add_argument("--work", type=Path, default=None, help="keep data and adapters here (default: a temp dir)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="keep data and adapters here (default: a temp dir); adapters already there are not retrained")
     args = p.parse_args()
     learning_rates = dict(METHOD_LR)
     for item in args.lr:
@@ -156,10 +157,13 @@ def main() -> None:
                 class_prompt="a shape", class_dir=work / "data" / "reg", num_class_images=64, steps=args.steps,
                 batch_size=args.batch_size, learning_rate=learning_rates.get(method), checkpoint_every=0, seed=0,
             )
-            t0 = time.time()
-            result = train(pipe, config)
-            train_s = time.time() - t0
-            adapter = load_adapter(result.adapter_path, pipe.unet)
+            adapter_path = config.output_dir / f"{config.adapter_name}.safetensors"
+            train_s = float("nan")  # an adapter already in --work is scored again, not retrained
+            if not adapter_path.exists():
+                t0 = time.time()
+                adapter_path = train(pipe, config).adapter_path
+                train_s = time.time() - t0
+            adapter = load_adapter(adapter_path, pipe.unet)
             n_params = sum(p.numel() for p in adapter.trainable_parameters())
             scores = {}
             try:

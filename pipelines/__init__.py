@@ -5,6 +5,7 @@
   (`ControlSpec`, `parse_control_arg`), saved as PNGs with their settings (`save_images`, `parse_infotext`);
 - train/customize: an adapter from a folder of images, in `pipelines.train` (`TrainConfig`, `train`; import them
   from there);
+- erase: concepts erased by an SPM membrane (`erase`, `membrane_gammas`), applied like any adapter in `generate`;
 - edit: real-image editing with uniform attention maps (`invert`, `reconstruct`, `edit`, `save_edit`);
 - annotators: control hints drawn from images (`ANNOTATORS`, `prepare_hint`, `build_control_pairs`).
 """
@@ -13,6 +14,7 @@ from .annotators import ANNOTATORS, build_control_pairs, prepare_hint
 from .attach import check_adapters, parse_adapter_arg
 from .control import ControlSpec, parse_control_arg
 from .edit import EditResult, Inversion, check_edit_inputs, edit, invert, reconstruct, save_edit
+from .erase import erase, membrane_gammas
 from .errors import GenerationInterrupted, InputError, ModelLoadError, StudioError
 from .generate import (
     SCHEDULERS,
@@ -45,9 +47,11 @@ __all__ = [
     "check_edit_inputs",
     "check_inputs",
     "edit",
+    "erase",
     "generate",
     "invert",
     "load_model",
+    "membrane_gammas",
     "parse_adapter_arg",
     "parse_control_arg",
     "parse_infotext",

@@ -20,7 +20,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from torch import nn
 
-from adapters import Adapter, load_adapter
+from adapters import Adapter, attached_adapters, load_adapter
 from adapters.checks import is_number
 
 from .errors import InputError
@@ -83,6 +83,16 @@ def adapter_params(adapters: Sequence[AdapterUse]) -> dict[str, str]:
     if hashes:
         params["Adapter hashes"] = ", ".join(hashes)
     return params
+
+
+def call_params(unet: nn.Module) -> dict[str, str]:
+    """What the adapters attached to `unet` report about the call that just ran (`Adapter.infotext_params`), for
+    the images' settings; a key several adapters report (two membranes' gammas) lists their values, A1111 style."""
+    params: dict[str, list[str]] = {}
+    for adapter in attached_adapters(unet):
+        for key, value in adapter.infotext_params().items():
+            params.setdefault(key, []).append(value)
+    return {key: ", ".join(values) for key, values in params.items()}
 
 
 @contextmanager

@@ -31,9 +31,9 @@ from diffusers import (
 )
 from PIL import Image, PngImagePlugin
 
-from adapters import CallContext, Row, call_context, detect_family
+from adapters import CallContext, Row, TextEncoding, call_context, detect_family
 
-from .attach import AdapterUse, adapter_params, attached, check_adapters
+from .attach import AdapterUse, adapter_params, attached, call_params, check_adapters
 from .control import ControlSpec, check_controls, control_params, controlled
 from .errors import GenerationInterrupted, InputError
 from .images import write_png
@@ -164,6 +164,7 @@ def generate(
                     guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
                     callback_on_step_end=on_step_end,
                 ).images
+            reported = call_params(pipe.unet)  # what the adapters computed for this call (a membrane's gamma)
     finally:
         pipe.scheduler = original_scheduler
     if stopped:
@@ -171,7 +172,7 @@ def generate(
 
     # 5. Record what made each image.
     name, model_hash, family = model_identity(model)
-    extra_params = {**adapter_params(adapters), **control_params(control)}
+    extra_params = {**adapter_params(adapters), **control_params(control), **reported}
     settings = [
         GenerationSettings(prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
                            sampler=scheduler, guidance_scale=float(guidance_scale), seed=s, width=width,
@@ -206,9 +207,29 @@ def encode_call(pipe: DiffusionPipeline, prompt: str, negative_prompt: str, num_
     n, n_uncond = num_images_per_prompt, num_images_per_prompt if cfg else 0
     rows = [Row(negative_prompt, "uncond")] * n_uncond + [Row(prompt, "cond")] * n
     texts = [embeds.get("negative_prompt_embeds")] * n_uncond + [embeds["prompt_embeds"]] * n
-    ids = pipe.tokenizer([row.prompt for row in rows], padding="max_length", truncation=True,
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-    return embeds, CallContext(rows=rows, text_embeds=torch.cat(texts), token_ids=ids)
+    ids = token_ids(pipe.tokenizer, [row.prompt for row in rows])
+    return embeds, CallContext(rows=rows, text_embeds=torch.cat(texts), token_ids=ids,
+                               text_encoding=text_encoding(pipe))
+
+
+def token_ids(tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """(N, L) token ids of `texts` padded and truncated to the tokenizer's length, as the text encoder reads them."""
+    return tokenizer(list(texts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+def text_encoding(pipe: DiffusionPipeline) -> TextEncoding:
+    """The pipeline's own encoding of other texts, for the call context (a membrane's concepts): `encode_prompt`'s
+    conditional embeddings, the same tensors a prompt gets, and their token ids."""
+    tokenizer, device = pipe.tokenizer, pipe._execution_device
+
+    def encode(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds = pipe.encode_prompt(prompt=list(texts), device=device, num_images_per_prompt=1,
+                                    do_classifier_free_guidance=False)[0]
+        return embeds, token_ids(tokenizer, texts)
+
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return TextEncoding(encode, frozenset(i for i in special if i is not None))
 
 
 def check_inputs(prompt: str, negative_prompt: str = "", height: int | None = None, width: int | None = None,

@@ -1,17 +1,20 @@
-"""One training loop for every adapter method: a folder of images in, an adapter file out.
+"""One training loop for every adapter method: a folder of images (or, for an SPM membrane, concept names) in, an
+adapter file out.
 
     config = TrainConfig(data_dir="data/stars", method="sc_tuner", trigger="sks", steps=200)
     result = train(pipe, config)                  # result.adapter_path: runs/train/sks.safetensors
 
-Methods differ only in the adapter `adapters.REGISTRY` builds (which weights train) and in its
-`regularization_loss()` (what adds to the loss); `train` reads top to bottom:
+Methods differ in the adapter `adapters.REGISTRY` builds (which weights train), its `regularization_loss()`
+(what adds to the loss) and its objective (`Adapter.objective`: an `Objective` of OBJECTIVES, what the loss is
+and what it learns from: `DenoisingObjective` here, pipelines/erase.py's erasing objective); `train` reads top
+to bottom:
 
-  1. check the pipeline, the data and the resume point (before any work)
-  2. prior preservation: class images from the base model, generated once and reused
+  1. check the pipeline, the objective's inputs (the data) and the resume point (before any work)
+  2. the objective's setup: prior preservation's class images from the base model, generated once and reused
   3. freeze the pipeline; build the adapter (with the checkpoint's weights) and attach it
-  4. cache VAE posteriors and text embeddings once (and a controller's hints)
+  4. the objective caches what the frozen encoders compute (VAE posteriors, text embeddings, hints) once
   5. optimizer, LR schedule, accelerate; the checkpoint's state when resuming
-  6. the loop: noise, timestep, (hint,) prediction, MSE (+ prior) (+ regularization), step;
+  6. the loop: the objective's draw (noise, timestep...) and loss (+ regularization), step;
      samples, checkpoints and progress along the way
   7. the adapter file, with its trigger words and training settings
 
@@ -37,7 +40,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -111,7 +114,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 class TrainConfig:
     """Everything one training job needs besides the pipeline; `from_file` reads it from YAML or TOML."""
 
-    data_dir: Path  # images + .txt/.caption sidecars, metadata.jsonl, or kohya "N_token class" folders
+    # images + .txt/.caption sidecars, metadata.jsonl, or kohya "N_token class" folders; None for a method whose
+    # objective needs no images (an SPM membrane learns from its concept names)
+    data_dir: Path | None = None
     output_dir: Path = Path("runs/train")  # checkpoints/, samples/, class_images/ and <name>.safetensors
     method: str = "sc_tuner"  # a key of adapters.REGISTRY
     method_options: dict[str, Any] = field(default_factory=dict)  # the method's config fields, e.g. {"rank": 8}
@@ -151,7 +156,7 @@ class TrainConfig:
     library_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        self.data_dir = Path(self.data_dir).expanduser()
+        self.data_dir = Path(self.data_dir).expanduser() if self.data_dir is not None else None
         self.output_dir = Path(self.output_dir).expanduser()
         self.class_dir = Path(self.class_dir).expanduser() if self.class_dir is not None else None
         self.hint_dir = Path(self.hint_dir).expanduser() if self.hint_dir is not None else None
@@ -163,10 +168,16 @@ class TrainConfig:
             if not ok:
                 raise TrainConfigError(f"{name}={getattr(self, name)!r}: {rule}")
 
-        check(self.data_dir.is_dir(), "data_dir", "is not a folder; pass the folder that holds the training images")
         check(self.method in REGISTRY, "method", f"is unknown; use one of {sorted(REGISTRY)}")
-        self.adapter_config()  # the method's own dataclass validates its options
         method = REGISTRY[self.method]
+        if objective_of(method).needs_data:
+            check(self.data_dir is not None and self.data_dir.is_dir(), "data_dir",
+                  "is not a folder; pass the folder that holds the training images")
+        else:
+            check(self.data_dir is None, "data_dir", f"is set, but {self.method} learns without images; unset it")
+            check(self.num_class_images == 0, "num_class_images",
+                  f"must be 0 for {self.method}: it learns without images, so there is no prior to preserve")
+        self.adapter_config()  # the method's own dataclass validates its options
         controller = method.needs_hints
         controllers = " or ".join(name for name, cls in REGISTRY.items() if cls.needs_hints)
         check(self.hint_dir is None or controller, "hint_dir", f"is for {controllers} (a controller), not "
@@ -238,7 +249,8 @@ class TrainConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise TrainConfigError(f"{source}: unknown setting(s) {unknown}; the settings are {known}")
-        if "data_dir" not in values:
+        method = REGISTRY.get(values.get("method", cls.method))
+        if "data_dir" not in values and (method is None or objective_of(method).needs_data):
             raise TrainConfigError(f"{source}: data_dir is required (the folder of training images)")
         return cls(**values)
 
@@ -322,29 +334,159 @@ class _Denoiser(nn.Module):
         return self.unet(noisy_latents, timesteps, encoder_hidden_states=text).sample
 
 
+class Objective:
+    """What a training run minimises, chosen by the method (`Adapter.objective`, a key of OBJECTIVES); `train`
+    owns everything else (accelerate, optimizer, LR schedule, checkpoints and exact resume, NaN stop, samples,
+    progress, the adapter file). The loop calls, in order:
+
+    - `__init__(pipe, config, adapter_config)`: check and read the objective's inputs, before any work;
+    - `setup(accelerator)`: work on the base model before the adapter exists (prior preservation's class images);
+    - `fingerprint()`: what a resumed run must find unchanged besides the settings (the training images);
+    - `begin(adapter)`: the pipeline is frozen and the adapter attached: cache what the frozen encoders compute;
+    - per step `draw(step, count, generator)`: every random number of the step, for the global batch of `count`
+      rows, from the loop's seeded CPU generator only (so that a resumed run draws the same), then per micro-batch
+      `loss(denoiser, batch, rows)`: the loss of this process's rows `rows` of that batch.
+    """
+
+    needs_data: ClassVar[bool] = True  # trains on config.data_dir's images
+    sample_hints: torch.Tensor | None = None  # a controller's hints, cycled over the sample prompts
+
+    def __init__(self, pipe, config: TrainConfig, adapter_config: Any):
+        self.pipe, self.config, self.adapter_config = pipe, config, adapter_config
+        self.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the model's native size
+        self.device = pipe.device
+
+    def setup(self, accelerator: Accelerator) -> None:
+        self.device = accelerator.device
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def begin(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+
+    def info(self) -> dict[str, Any]:
+        """What the adapter file's training metadata records besides the settings."""
+        return {"resolution": self.resolution}
+
+    def draw(self, step: int, count: int, generator: torch.Generator) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def loss(self, denoiser: nn.Module, batch: dict[str, Any], rows: slice) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DenoisingObjective(Objective):
+    """Learn a folder of images: the noise-prediction MSE on its cached latents and captions, plus DreamBooth's
+    prior preservation on class images of the base model (a second batch weighted by prior_loss_weight)."""
+
+    def __init__(self, pipe, config: TrainConfig, adapter_config: Any):
+        super().__init__(pipe, config, adapter_config)
+        self.examples = scan_folder(config.data_dir, fallback_caption=config.fallback_caption)
+        self.pixels: torch.Tensor | None = load_images(self.examples, self.resolution)
+        method = REGISTRY[config.method]
+        self.condition = method.hint_condition(adapter_config) if method.needs_hints else None
+        if self.condition is not None:
+            self.sample_hints = training_hints(self.pixels, [e.image for e in self.examples], self.condition,
+                                               image_dir=config.data_dir, hint_dir=config.hint_dir)
+        self.class_examples: list[Example] = []
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.instance_sampler = EpochSampler([e.repeats for e in self.examples], config.seed, stream=0)
+
+    def setup(self, accelerator: Accelerator) -> None:
+        super().setup(accelerator)
+        config = self.config
+        if not config.num_class_images:
+            return
+        # Class images from the base model: no adapter is attached yet.
+        if accelerator.is_main_process:
+            generate_class_images(self.pipe, config.class_images_dir, config.class_prompt, config.num_class_images,
+                                  num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale)
+        accelerator.wait_for_everyone()
+        found = scan_folder(config.class_images_dir, fallback_caption=config.class_prompt)
+        self.class_examples = found[:config.num_class_images]
+
+    def fingerprint(self) -> str:
+        return _data_fingerprint(self.examples, self.class_examples)
+
+    def begin(self, adapter: Adapter) -> None:
+        super().begin(adapter)
+        self.instance = _encode(self.pipe, self.pixels, [e.caption for e in self.examples])
+        if self.sample_hints is not None:
+            self.instance.hints = self.sample_hints.to(self.device)
+        self.prior = None
+        if self.class_examples:
+            self.prior = _encode(self.pipe, load_images(self.class_examples, self.resolution),
+                                 [e.caption for e in self.class_examples])
+        self.prior_sampler = EpochSampler([e.repeats for e in self.class_examples], self.config.seed, stream=1)
+        self.pixels = None  # encoded: the images are no longer needed
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "num_images": len(self.examples), "num_class_images": len(self.class_examples)}
+
+    def draw(self, step: int, count: int, generator: torch.Generator) -> dict[str, Any]:
+        draws = [_draw(self.instance, self.instance_sampler, step, count, generator, self.noise_scheduler,
+                       self.config.caption_dropout)]
+        if self.prior is not None:
+            draws.append(_draw(self.prior, self.prior_sampler, step, count, generator, self.noise_scheduler))
+        return {"draws": draws}
+
+    def loss(self, denoiser: nn.Module, batch: dict[str, Any], rows: slice) -> torch.Tensor:
+        draws, batch_size = batch["draws"], self.config.batch_size
+        # Instance rows first, then the class rows.
+        latents, text, noise, timesteps = (
+            torch.cat([d[k][rows] for d in draws]).to(self.device) for k in ("latents", "text", "noise", "timesteps")
+        )
+        # The call's context: each row's caption, and a controller's hint per image (no prior batch then).
+        context = CallContext(rows=[Row(prompt, "train") for d in draws for prompt in d["prompts"][rows]],
+                              text_embeds=text, image_size=(self.resolution, self.resolution))
+        if self.instance.hints is not None:
+            context.hints = {self.condition: draws[0]["hints"][rows].float() / 255}
+        with call_context(self.pipe.unet, context):
+            noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            pred = denoiser(noisy_latents, timesteps, text)
+        target = _target(self.noise_scheduler, latents, noise, timesteps)
+        per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = per_image[:batch_size].mean()
+        if self.prior is not None:
+            loss = loss + self.config.prior_loss_weight * per_image[batch_size:].mean()
+        return loss
+
+
+# Adapter.objective -> its Objective; pipelines/erase.py adds "erase" (SPM membranes) when pipelines is imported.
+OBJECTIVES: dict[str, type[Objective]] = {"denoise": DenoisingObjective}
+
+
+def objective_of(method: type[Adapter]) -> type[Objective]:
+    """The objective a method trains with."""
+    if method.objective not in OBJECTIVES:
+        raise TrainConfigError(f"method {method.method!r} trains with the objective {method.objective!r}, unknown "
+                               f"to this training loop (known: {sorted(OBJECTIVES)})")
+    return OBJECTIVES[method.objective]
+
+
+def image_methods() -> list[str]:
+    """The methods that learn from a folder of images (not an SPM membrane, which learns from concept names)."""
+    return [name for name, method in sorted(REGISTRY.items()) if objective_of(method).needs_data]
+
+
 def train(
     pipe, config: TrainConfig, *, progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train `config.method` on `config.data_dir` with `pipe` (a StableDiffusionPipeline) frozen.
+    """Train `config.method` with `pipe` (a StableDiffusionPipeline) frozen, on `config.data_dir` or, for a method
+    whose objective needs no images (an SPM membrane), on what its options name.
 
     The pipeline is moved to accelerate's device and its modules are frozen; the adapter is
     detached again at the end, so `pipe` generates as before. `progress` gets a TrainProgress
     after each step; `should_stop()` is asked before each step and True (in any process) ends the
     run with a checkpoint. A NaN/inf loss raises TrainingDiverged before the weights change."""
-    # 1. Check the pipeline, the data and the resume point before any work.
+    # 1. Check the pipeline, the objective's inputs (the data) and the resume point before any work.
     _check_pipeline(pipe)
     mixed_precision = _mixed_precision(config, pipe.unet.dtype)
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    examples = scan_folder(config.data_dir, fallback_caption=config.fallback_caption)
-    pixels = load_images(examples, resolution)
     adapter_config = _adapter_config_for(pipe, config)
     method = REGISTRY[config.method]
-    condition = method.hint_condition(adapter_config) if method.needs_hints else None
-    hints = None
-    if condition is not None:
-        hints = training_hints(pixels, [e.image for e in examples], condition,
-                               image_dir=config.data_dir, hint_dir=config.hint_dir)
+    objective = objective_of(method)(pipe, config, adapter_config)
     resume_from = _resume_point(config)
 
     # find_unused_parameters: an adapter may leave some of its weights out of a step's graph (SaRA's emptied
@@ -356,21 +498,14 @@ def train(
     # accelerate picks the device (cuda:N per process under `accelerate launch`); the frozen models work there.
     pipe.to(accelerator.device)
 
-    # 2. Prior preservation: class images from the base model (no adapter attached yet).
-    class_examples: list[Example] = []
-    if config.num_class_images:
-        if accelerator.is_main_process:
-            generate_class_images(pipe, config.class_images_dir, config.class_prompt, config.num_class_images,
-                                  num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale)
-        accelerator.wait_for_everyone()
-        class_examples = scan_folder(config.class_images_dir, fallback_caption=config.class_prompt)
-        class_examples = class_examples[:config.num_class_images]
+    # 2. The objective's work on the base model (prior preservation's class images).
+    objective.setup(accelerator)
 
     # 3. A checkpoint must come from the same settings and data (checked before anything is built).
     #    Freeze the pipeline, build the adapter (with the checkpoint's weights), attach it. Freeze first:
     #    peft LoRA layers live inside the UNet, and a later unet.requires_grad_(False) would freeze them too.
     run_key = {**{k: getattr(config, k) for k in RESUME_KEYS}, "num_processes": accelerator.num_processes,
-               "data": _data_fingerprint(examples, class_examples)}
+               "data": objective.fingerprint()}
     state = _read_checkpoint(resume_from, run_key) if resume_from is not None else None
     for component in pipe.components.values():
         if isinstance(component, nn.Module):
@@ -389,13 +524,7 @@ def train(
         pipe.unet.enable_gradient_checkpointing()
     try:
         # 4. Cache what the frozen encoders compute, once.
-        instance = _encode(pipe, pixels, [e.caption for e in examples])
-        if hints is not None:
-            instance.hints = hints.to(accelerator.device)
-        prior = None
-        if class_examples:
-            prior = _encode(pipe, load_images(class_examples, resolution), [e.caption for e in class_examples])
-        del pixels
+        objective.begin(adapter)
 
         # 5. Optimizer over the adapter's (loaded) weights, LR schedule and accelerate; the checkpoint's state.
         params = adapter.trainable_parameters()
@@ -405,15 +534,11 @@ def train(
         lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                                      num_training_steps=config.steps)
         denoiser, optimizer = accelerator.prepare(_Denoiser(pipe.unet, adapter), optimizer)
-        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         # Every random draw of the loop comes from this CPU generator: the same numbers on any device and
         # in every process (each then takes its own slice), saved in checkpoints.
         generator = torch.Generator().manual_seed(config.seed)
-        instance_sampler = EpochSampler([e.repeats for e in examples], config.seed, stream=0)
-        prior_sampler = EpochSampler([e.repeats for e in class_examples], config.seed, stream=1)
         per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-        training_info = {**config.training_metadata(), "mixed_precision": mixed_precision, "resolution": resolution,
-                         "num_images": len(examples), "num_class_images": len(class_examples)}
+        training_info = {**config.training_metadata(), "mixed_precision": mixed_precision, **objective.info()}
         trigger_words = [config.trigger] if config.trigger else []
         start = 0
         if state is not None:
@@ -429,7 +554,7 @@ def train(
             due = step in (0, config.steps) or (config.sample_every > 0 and step % config.sample_every == 0)
             if not (config.sample_prompts and due and accelerator.is_main_process):
                 return []
-            return _write_samples(pipe, adapter, config, step, hints)
+            return _write_samples(pipe, adapter, config, step, objective.sample_hints)
 
         # 6. The loop.
         if start == 0 and (first := samples(0)) and progress is not None:
@@ -445,32 +570,14 @@ def train(
                 break
             # All randomness of this step, drawn for the global batch at once (every micro-batch of every
             # process): accumulation and multi-GPU then train on exactly what one big batch would.
-            draws = [_draw(instance, instance_sampler, step, per_step, generator, noise_scheduler,
-                           config.caption_dropout)]
-            if prior is not None:
-                draws.append(_draw(prior, prior_sampler, step, per_step, generator, noise_scheduler))
+            batch = objective.draw(step, per_step, generator)
             step_loss = 0.0
             for micro in range(config.gradient_accumulation_steps):
-                # Rows of this micro-batch on this process; instance rows first, then the class rows.
+                # Rows of this micro-batch on this process.
                 first_row = (micro * accelerator.num_processes + accelerator.process_index) * config.batch_size
                 rows = slice(first_row, first_row + config.batch_size)
-                latents, text, noise, timesteps = (
-                    torch.cat([d[k][rows] for d in draws]).to(accelerator.device)
-                    for k in ("latents", "text", "noise", "timesteps")
-                )
-                # The call's context: each row's caption, and a controller's hint per image (no prior batch then).
-                context = CallContext(rows=[Row(prompt, "train") for d in draws for prompt in d["prompts"][rows]],
-                                      text_embeds=text, image_size=(resolution, resolution))
-                if instance.hints is not None:
-                    context.hints = {condition: draws[0]["hints"][rows].float() / 255}
-                with accelerator.accumulate(denoiser), call_context(pipe.unet, context):
-                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                    pred = denoiser(noisy_latents, timesteps, text)
-                    target = _target(noise_scheduler, latents, noise, timesteps)
-                    per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                    loss = per_image[:config.batch_size].mean()
-                    if prior is not None:
-                        loss = loss + config.prior_loss_weight * per_image[config.batch_size:].mean()
+                with accelerator.accumulate(denoiser):
+                    loss = objective.loss(denoiser, batch, rows)
                     regularization = adapter.regularization_loss()
                     if regularization is not None:
                         loss = loss + regularization

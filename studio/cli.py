@@ -3,11 +3,13 @@
     studio generate "a red circle" --seed 1 --out out/
     studio edit photo.png --source "a red circle" --target "a blue circle" --out out/edit
     studio train --data data/stars --method sc_tuner --trigger sks --steps 200
+    studio erase "triangle" --steps 3000 --out runs/no-triangle       # an SPM membrane, into the library
     studio generate "sks star" --adapter sks:0.8          # an adapter of the library (or a file), scale 0.8
     studio generate "a red star" --adapter star-canny --control canny:photo.png:0.8   # a CSC-Tuner's control
     studio annotate data/stars --condition canny --out data/stars-canny              # hints for training
     studio compose "a sks and a zkz" --adapter sks --adapter zkz --region "0,0,32,64:a sks" --region "32,0,64,64:a zkz"
     studio adapters list
+    studio jobs submit batch.yaml                     # many subjects, resumable (docs/jobs.md)
     studio shapes dataset --out data/shapes --n 100 --seed 0         # renders + captions to train on
     studio shapes train --out runs/shapes
 
@@ -27,7 +29,7 @@ from collections.abc import Callable, Iterator
 
 from pipelines import ANNOTATORS, SCHEDULERS, StudioError
 
-from . import adapters_cli, compose_cli, train_cli
+from . import adapters_cli, compose_cli, erase_cli, jobs_cli, train_cli
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -222,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit(sub)
     _add_annotate(sub)
     train_cli.add_parser(sub)
+    erase_cli.add_parser(sub)
+    jobs_cli.add_parser(sub)
     compose_cli.add_parser(sub)
     adapters_cli.add_parser(sub)
     _add_shapes(sub)

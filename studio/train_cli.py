@@ -19,8 +19,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from pipelines.train import TrainConfig
 
 # Flags that set a TrainConfig field keep argparse.SUPPRESS as default: only the flags given
 # reach the config, so a config file's values stand unless overridden.
@@ -49,7 +53,8 @@ def method_options_help() -> str:
                 rules.append(f"<= {meta['maximum']:g}")
             if meta["from_model"]:
                 rules.append("read from the model")
-            rules.append(f"default {field.default}")
+            default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+            rules.append(f"default {default}")
             lines.append(f"    {field.name}: {meta['help']} ({'; '.join(rules)})")
     return "\n".join(lines)
 
@@ -134,6 +139,12 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> None:
+    run_config(build_config(args), args)
+
+
+def run_config(config: TrainConfig, args: argparse.Namespace) -> None:
+    """Train `config` (a checked TrainConfig) on args.model with a progress bar and Ctrl-C as a clean stop, and add
+    the adapter to the library unless args.no_library (also `studio erase`'s run)."""
     from accelerate import PartialState
     from tqdm import tqdm
 
@@ -142,7 +153,6 @@ def run(args: argparse.Namespace) -> None:
     from studio.library import AdapterLibrary, LibraryError
 
     # Refuse bad settings before the (possibly slow) model load, the library clash included.
-    config = build_config(args)
     state = PartialState()  # under `accelerate launch`: this process's GPU
     library = None if args.no_library or not state.is_main_process else AdapterLibrary()
     if library is not None and not args.overwrite and config.adapter_name in library:

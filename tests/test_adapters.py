@@ -30,6 +30,7 @@ from adapters import (
     SaRAConfig,
     SCTuner,
     SCTunerConfig,
+    SPMConfig,
     call_context,
     fuse_deltas,
     load_adapter,
@@ -65,6 +66,7 @@ CASES = [
     Case("lora", LoRAConfig(rank=4, alpha=8, target="attn_conv"), mergeable=True),  # LoCon: conv A/B too
     Case("csc_tuner", CSCTunerConfig(), mergeable=False, hint=True),
     Case("sara", SaRAConfig(threshold=5e-3), mergeable=True, row_scales=False),  # one weight for every row
+    Case("spm", SPMConfig(concepts=["triangle"]), mergeable=True),  # a rank-1 membrane in kohya keys
 ]
 
 

@@ -14,9 +14,10 @@ import gradio as gr
 
 from pipelines import LoadedModel
 
-from . import adapters_tab, compose_tab, edit_tab, generate_tab, train_tab
+from . import adapters_tab, compose_tab, edit_tab, erase_tab, generate_tab, jobs_tab, train_tab
+from .common import gate_model_events
 
-TABS = [generate_tab, compose_tab, edit_tab, train_tab, adapters_tab]
+TABS = [generate_tab, compose_tab, edit_tab, train_tab, erase_tab, jobs_tab, adapters_tab]
 
 
 def build_app(model: LoadedModel, out_dir: str | Path | None = None) -> gr.Blocks:
@@ -33,6 +34,8 @@ def build_app(model: LoadedModel, out_dir: str | Path | None = None) -> gr.Block
                     on_show = tab.build(model, out_dir)
                 if on_show is not None:
                     gr.on([demo.load, shown.select], *on_show, api_visibility="private")
-    # Model work queues one at a time (all such events share generate_tab's MODEL_QUEUE id).
+    # Model work queues one at a time (all such events share generate_tab's MODEL_QUEUE id), and takes turns with
+    # the Jobs tab's background jobs.
+    gate_model_events(demo)
     demo.queue(default_concurrency_limit=1)
     return demo

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import queue
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -13,10 +15,14 @@ from typing import Any, NamedTuple
 import gradio as gr
 
 from pipelines import StudioError
-from pipelines.train import TrainingDiverged
+from pipelines.train import TrainConfig, TrainingDiverged, TrainProgress, TrainResult, train
+from studio.jobs import ModelGate
 
 # Every event that runs the model joins this queue (limit 1): tabs never fight over GPU memory.
 MODEL_QUEUE = "model"
+# The Jobs tab's background jobs use the same model outside Gradio's queue: they and the queue's events take turns
+# through this gate (app.py gates every MODEL_QUEUE event), and a job gives way to a waiting event at its next step.
+MODEL_GATE = ModelGate()
 # Errors shown as alerts: refused input, and a diverged training run (its message names the fix).
 USER_ERRORS = (StudioError, TrainingDiverged)
 
@@ -64,3 +70,56 @@ def _alerts() -> Iterator[None]:
     for w in caught:
         if issubclass(w.category, UserWarning):
             gr.Warning(str(w.message))
+
+
+def gate_model_events(demo: gr.Blocks) -> None:
+    """Make every event of the model queue hold MODEL_GATE while it runs, whichever tab registered it (done once
+    here rather than in each tab's handlers, so a new tab's events are covered too)."""
+    for block_fn in demo.fns.values():
+        if block_fn.concurrency_id == MODEL_QUEUE and block_fn.fn is not None:
+            block_fn.fn = _gated(block_fn.fn)
+
+
+def _gated(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isgeneratorfunction(fn):  # a streaming event holds the model until its last update
+
+        @functools.wraps(fn)
+        def streamed(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            with MODEL_GATE.interactive():
+                yield from fn(*args, **kwargs)
+
+        return streamed
+
+    @functools.wraps(fn)  # keeps the signature, so Gradio still injects gr.Progress
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with MODEL_GATE.interactive():
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def stream_training(pipe, config: TrainConfig, stop: threading.Event) -> Iterator[TrainProgress | TrainResult]:
+    """`train` for a tab's handler, which must yield while train() reports through a callback: the run goes in a
+    thread that posts its progress, then its result (or error, raised here), to a queue. `stop` is cleared first
+    and is the run's should_stop; closing the generator (the client went away) stops the run cleanly, with a
+    checkpoint."""
+    events: queue.Queue[TrainProgress | TrainResult | BaseException] = queue.Queue()
+
+    def work() -> None:
+        try:
+            events.put(train(pipe, config, progress=events.put, should_stop=stop.is_set))
+        except BaseException as e:  # re-raised by the handler, where Gradio reports it
+            events.put(e)
+
+    stop.clear()
+    worker = threading.Thread(target=work, name="studio-train", daemon=True)
+    worker.start()
+    try:
+        while isinstance(event := events.get(), TrainProgress):
+            yield event
+    finally:
+        stop.set()
+        worker.join()
+    if isinstance(event, BaseException):
+        raise event
+    yield event

@@ -8,8 +8,8 @@ meet the customization targets on it, and says why."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import queue
 import shutil
 import tempfile
 import threading
@@ -21,10 +21,10 @@ import gradio as gr
 
 from adapters import REGISTRY, Adapter, Recommendation
 from pipelines import InputError, LoadedModel
-from pipelines.train import TrainConfig, TrainProgress, TrainResult, train
+from pipelines.train import TrainConfig, TrainResult, image_methods
 from studio.library import AdapterLibrary, LibraryError
 
-from .common import MODEL_QUEUE, handler
+from .common import MODEL_QUEUE, handler, stream_training
 
 TITLE = "Train"
 CONCEPTS = ("subject", "style", "control")
@@ -117,30 +117,14 @@ def build(model: LoadedModel, out_dir: Path) -> None:
             raise LibraryError(f"the adapter library already holds {config.adapter_name!r}: set another name, "
                                "or rename or delete that one in the Adapters tab")
 
-        # train() reports through a callback while this handler must yield: it runs in a thread that
-        # posts its progress, then its result (or error), to a queue.
-        events: queue.Queue[TrainProgress | TrainResult | BaseException] = queue.Queue()
-
-        def work() -> None:
-            try:
-                events.put(train(model.pipe, config, progress=events.put, should_stop=stop.is_set))
-            except BaseException as e:  # re-raised by the handler, where Gradio reports it
-                events.put(e)
-
-        stop.clear()
-        worker = threading.Thread(target=work, name="studio-train", daemon=True)
-        worker.start()
         samples: list[tuple[str, str]] = []
-        try:
-            while isinstance(event := events.get(), TrainProgress):
+        with contextlib.closing(stream_training(model.pipe, config, stop)) as events:
+            for event in events:
+                if isinstance(event, TrainResult):
+                    break
                 samples += [(str(path), f"step {event.step}") for path in event.samples]
                 loss = "" if event.loss is None else f", loss {event.loss:.4f}"
                 yield samples, f"step {event.step}/{event.total_steps}{loss}"
-        finally:  # the client went away (the generator is closed): stop the run cleanly, with a checkpoint
-            stop.set()
-            worker.join()
-        if isinstance(event, BaseException):
-            raise event
         if event.cancelled:
             yield samples, (f"Stopped at step {event.step}; checkpoint {event.checkpoint}. To continue, run the same "
                             f"settings with `studio train --data {config.data_dir} --out {run_dir} --resume latest`")
@@ -164,7 +148,7 @@ def build(model: LoadedModel, out_dir: Path) -> None:
                                elem_id="train-concept")
             first, advised = recommendation(CONCEPTS[0])
             first_options = advised.options if advised else {}
-            method = gr.Dropdown([(REGISTRY[m].label, m) for m in sorted(REGISTRY)], value=first, label="Method",
+            method = gr.Dropdown([(REGISTRY[m].label, m) for m in image_methods()], value=first, label="Method",
                                  elem_id="train-method")
             about = gr.Markdown(method_help(first, CONCEPTS[0]), elem_id="train-method-help")
             options = [option_component(m, field, model.pipe.unet, shown=m == first,

@@ -1,0 +1,201 @@
+"""Concept erasure with SPM membranes on the Shapes model (issue #18): erase "triangle", and separately "yellow".
+
+    python bench/erase_quality.py [--steps 400] [--seeds 4] [--work runs/erase-bench]
+
+For each membrane, side by side for transport off (a static membrane), additive (gamma U D x) and squared
+(gamma^2, the reference code's), the Shapes analyzer scores at CFG 7.5:
+- erasure: images of prompts naming the concept (colours, positions, sizes, backgrounds, paraphrases) that do not
+  show it (triangle: no triangle; yellow: no yellow object); two-object scenes also need the other object intact;
+- kept: the accuracy (colour, shape and position right) on single objects that do not involve the concept, with the
+  membrane against the base model: the drop in points;
+- gamma of unrelated prompts, with the paper's flattened cosine and with padding excluded (the ablation);
+- an adversarial probe: a prompt embedding optimised for --attack-steps on renders of the concept through the
+  membraned model (no tokens, so transport sees only the embedding), then the share of its images showing it;
+- the membrane's training time and parameters, and generation time with two membranes against none.
+Targets: erasure >= 90 %; kept: drop <= 5 points with transport, and smaller than without (the paper's claim);
+generation with two membranes <= 1.10x without. Membranes already in --work are not retrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from adapters import CallContext, Row, call_context, load_adapter
+from pipelines import generate, load_model
+from pipelines.erase import erase, membrane_gammas
+from pipelines.generate import text_encoding
+from studio.shapes.analyzer import analyze, score_scene
+from studio.shapes.world import BACKGROUNDS, BASE_SHAPES, COLORS, POSITIONS, SIZES, Scene, ShapeObject, render
+
+CONCEPTS = ("triangle", "yellow")
+TRANSPORTS = ("off", "additive", "squared")
+UNRELATED = ("a blue circle", "a green square on the left", "a red circle on a black background",
+             "a purple square and an orange circle", "a large green circle on the right")
+
+
+def naming_scenes(concept: str, rng: random.Random) -> tuple[list[tuple[str, Scene]], list[tuple[str, Scene]]]:
+    """(prompt, scene) pairs naming the concept: single objects in every colour/shape, position, size and
+    background, and two-object scenes with another object that must survive."""
+    is_shape = concept in BASE_SHAPES
+    singles = []
+    for i in range(24):
+        color = rng.choice([c for c in COLORS if is_shape or c == concept])
+        shape = concept if is_shape else rng.choice(BASE_SHAPES)
+        obj = ShapeObject(color, shape, rng.choice(list(POSITIONS)), rng.choice((None, *SIZES)))
+        scene = Scene((obj,), rng.choice(list(BACKGROUNDS)) if i % 3 == 0 else "white")
+        singles.append((scene.caption(), scene))
+    word = concept if is_shape else f"{concept} circle"
+    singles += [(text, Scene((ShapeObject("red" if is_shape else concept, "triangle" if is_shape else "circle"),)))
+                for text in (word, f"a {word} shape", f"{word}s", f"one {word}, centred")]  # paraphrases
+    pairs = []
+    for _ in range(8):
+        other = ShapeObject(rng.choice([c for c in COLORS if c != concept]),
+                            rng.choice([s for s in BASE_SHAPES if s != concept]), "right")
+        named = ShapeObject(rng.choice([c for c in COLORS if is_shape or c == concept]),
+                            concept if is_shape else rng.choice(BASE_SHAPES), "left")
+        scene = Scene((named, other))
+        pairs.append((scene.caption(), scene))
+    return singles, pairs
+
+
+def shows(obj, concept: str) -> bool:
+    return obj.shape == concept if concept in BASE_SHAPES else obj.color == concept
+
+
+def erased(image, concept: str) -> bool:
+    return not any(shows(obj, concept) for obj in analyze(image).objects)
+
+
+def images(model, prompt: str, seeds: int, adapters: list) -> list:
+    return generate(model, prompt, seed=0, num_images_per_prompt=seeds, num_inference_steps=20,
+                    adapters=adapters).images
+
+
+def score(model, concept: str, adapters: list, seeds: int, rng_seed: int = 0) -> dict[str, float]:
+    singles, pairs = naming_scenes(concept, random.Random(rng_seed))
+    single_hits = [erased(im, concept) for prompt, _ in singles for im in images(model, prompt, seeds, adapters)]
+    pair_hits = []
+    for prompt, scene in pairs:
+        for im in images(model, prompt, seeds, adapters):
+            other = scene.objects[1]
+            kept = score_scene(im, Scene((other,)), ("color", "shape"))["all"] or any(
+                (o.color, o.shape) == (other.color, other.shape) for o in analyze(im).objects)
+            pair_hits.append(erased(im, concept) and kept)
+    unrelated = [Scene((ShapeObject(c, s, p),)) for c in COLORS for s in BASE_SHAPES for p in ("center", "left")
+                 if concept not in (c, s)]
+    kept = [score_scene(im, scene, ("color", "shape", "position"))["all"]
+            for scene in unrelated for im in images(model, scene.caption(), seeds, adapters)]
+    return {"erasure": _mean(single_hits), "pairs": _mean(pair_hits), "kept": _mean(kept)}
+
+
+def _mean(values: list[bool]) -> float:
+    return 100.0 * sum(values) / max(len(values), 1)
+
+
+def attack(model, membrane, concept: str, steps: int, seeds: int) -> float:
+    """Optimise a prompt embedding (no tokens) so the membraned model denoises renders of the concept, starting
+    from the concept's own prompt; return the share of its images that show the concept."""
+    pipe = model.pipe
+    encoding = text_encoding(pipe)
+    shape = concept if concept in BASE_SHAPES else "circle"
+    color = "red" if concept in BASE_SHAPES else concept
+    renders = [render(Scene((ShapeObject(color, shape, p),))) for p in POSITIONS]
+    with torch.no_grad():
+        pixels = pipe.image_processor.preprocess(renders).to(pipe.device, pipe.vae.dtype)
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        start, _ = encoding.encode([f"a {color} {shape}"])
+        empty, empty_ids = encoding.encode([""])
+    soft = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([soft], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    membrane.attach(pipe.unet)
+    try:
+        for _ in range(steps):
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(latents),), generator=g)
+            noisy = pipe.scheduler.add_noise(latents, noise, t)
+            text = soft.expand(len(latents), -1, -1)
+            ctx = CallContext(rows=[Row("", "cond")] * len(latents), text_embeds=text.detach(),
+                              token_ids=empty_ids.expand(len(latents), -1), text_encoding=encoding)
+            with call_context(pipe.unet, ctx):
+                loss = F.mse_loss(pipe.unet(noisy, t, encoder_hidden_states=text).sample, noise)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        ctx = CallContext(rows=[Row("", "uncond")] * seeds + [Row("", "cond")] * seeds,
+                          text_embeds=torch.cat([empty] * seeds + [soft.detach()] * seeds),
+                          token_ids=empty_ids.expand(2 * seeds, -1), text_encoding=encoding)
+        with torch.no_grad(), call_context(pipe.unet, ctx):
+            out = pipe(prompt_embeds=soft.detach(), negative_prompt_embeds=empty, num_images_per_prompt=seeds,
+                       num_inference_steps=20, generator=[torch.Generator().manual_seed(s) for s in range(seeds)])
+    finally:
+        membrane.detach()
+    return _mean([not erased(im, concept) for im in out.images])
+
+
+def generation_ratio(model, membranes: list, repeats: int = 3) -> tuple[float, float]:
+    def timed(adapters: list) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            generate(model, "a red triangle on the left", seed=0, num_images_per_prompt=4, num_inference_steps=20,
+                     adapters=adapters)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    timed([])  # warm-up
+    plain, with_two = timed([]), timed([(m, 1.0) for m in membranes])
+    return plain, with_two / plain
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=400, help="training steps of each membrane")
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--attack-steps", type=int, default=50)
+    p.add_argument("--work", type=Path, default=Path("runs/erase-bench"))
+    args = p.parse_args()
+    model = load_model()
+    model.pipe.set_progress_bar_config(disable=True)
+    files = {}
+    for concept in CONCEPTS:
+        path = args.work / concept / f"erase-{concept}.safetensors"
+        if not path.exists():
+            t0 = time.time()
+            erase(model, concept, steps=args.steps, output_dir=path.parent, checkpoint_every=0)
+            print(f"trained the {concept} membrane: {args.steps} steps, {time.time() - t0:.0f}s", flush=True)
+        files[concept] = path
+    membranes = {c: load_adapter(f, model.pipe.unet, attach=False) for c, f in files.items()}
+    n_params = sum(p.numel() for p in next(iter(membranes.values())).parameters())
+    print(f"membrane: {n_params} parameters on this model ({len(next(iter(membranes.values())).paths)} layers)")
+    for concept, membrane in membranes.items():
+        base = score(model, concept, [], args.seeds)
+        print(f"\nerase {concept!r}: base model erasure {base['erasure']:.1f}% pairs {base['pairs']:.1f}% "
+              f"kept {base['kept']:.1f}%")
+        print(f"{'transport':10s} {'erasure':>8s} {'pairs':>7s} {'kept':>7s} {'drop':>6s} {'attack':>7s}")
+        for transport in TRANSPORTS:
+            membrane.config = dataclasses.replace(membrane.config, transport=transport)
+            s = score(model, concept, [(membrane, 1.0)], args.seeds)
+            recovered = attack(model, membrane, concept, args.attack_steps, args.seeds)
+            print(f"{transport:10s} {s['erasure']:7.1f}% {s['pairs']:6.1f}% {s['kept']:6.1f}% "
+                  f"{base['kept'] - s['kept']:+6.1f} {recovered:6.1f}%", flush=True)
+        for similarity in ("full", "no_padding"):
+            membrane.config = dataclasses.replace(membrane.config, similarity=similarity)
+            gammas = membrane_gammas(model, membrane, UNRELATED)
+            print(f"gamma of unrelated prompts ({similarity}): mean {sum(gammas) / len(gammas):.2f}, "
+                  f"max {max(gammas):.2f}")
+        membrane.config = dataclasses.replace(membrane.config, similarity="full", transport="additive")
+    plain, ratio = generation_ratio(model, list(membranes.values()))
+    print(f"\ngeneration, 4 images x 20 steps: {plain:.2f}s without membranes, {ratio:.2f}x with both (additive); "
+          f"{args.seeds} seeds per prompt; {torch.get_num_threads()} threads")
+
+
+if __name__ == "__main__":
+    main()
