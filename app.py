@@ -8,8 +8,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipelines import StudioError, load_model
-from studio.ui import build_app
+from studio.quiet import quiet_libraries
+
+quiet_libraries()  # before pipelines imports diffusers and transformers: their chatter is not the user's business
+
+from pipelines import StudioError, load_model  # noqa: E402
+from studio.ui import build_app  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

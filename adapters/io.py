@@ -116,9 +116,17 @@ def load_adapter(
     name = Path(path).name
     method = meta.get("studio.method")
     if method is None:
+        # Not ours: a kohya / diffusers-peft / legacy diffusers LoRA file of another tool (adapters/foreign.py).
+        from .foreign import file_keys, load_foreign_lora, lora_file_format
+
+        if lora_file_format(file_keys(path)):
+            if unet is None:
+                raise ValueError(f"{name} is a LoRA file of another tool: its module names are resolved against a "
+                                 "model, so load it with the model's UNet (load_adapter(path, unet))")
+            return load_foreign_lora(path, unet, attach, strict=strict)
         raise ValueError(
             f"{name} has no 'studio.method' header entry: it was not written by save_adapter "
-            "(a plain diffusers LoRA loads with pipe.load_lora_weights)"
+            "(and holds no kohya, diffusers/peft or legacy diffusers LoRA keys)"
         )
     if method not in REGISTRY:
         raise ValueError(f"{name} holds a {method!r} adapter, unknown to this studio; known: {sorted(REGISTRY)}")

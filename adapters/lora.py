@@ -14,7 +14,7 @@ import itertools
 import json
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -122,6 +122,21 @@ class BranchInput(nn.Module):
         return x * self.row_scales.to(x.device, x.dtype).view(-1, *(1,) * (x.ndim - 1))
 
 
+def pair_shapes(shapes: dict[str, tuple[int, ...]], down_key: re.Pattern, up_key: Callable[[str], str],
+                path_of: Callable[[str], str]) -> dict[str, tuple[int, ...]]:
+    """Target path -> layer shape (in, out[, kh, kw]) from a saved file's tensor shapes: every key matching
+    `down_key` (group 1: the module's name in the file) paired with the key `up_key(name)`; the down-projection
+    is (r, in[, kh, kw]), the up-projection (out, r[, 1, 1]). LoRA's peft keys and SPM's kohya keys both pair so."""
+    targets = {}
+    for name, shape in shapes.items():
+        if m := down_key.fullmatch(name):
+            up = shapes.get(up_key(m[1]))
+            if up is None:
+                raise ValueError(f"{name} has no matching {up_key(m[1])} tensor")
+            targets[path_of(m[1])] = (shape[1], up[0], *shape[2:])
+    return targets
+
+
 _names = itertools.count()  # peft adapter names must be unique per UNet; one per LoRA instance
 _A_KEY = re.compile(r"unet\.(.+)\.lora_A\.weight")
 
@@ -182,16 +197,8 @@ class LoRA(Adapter):
 
     @classmethod
     def from_shapes(cls, config: LoRAConfig, shapes: dict[str, tuple[int, ...]]) -> LoRA:
-        # lora_A is (r, in) or (r, in, kh, kw), lora_B (out, r) or (out, r, 1, 1); a rank other than
-        # config.rank fails in load_tensors' strict load.
-        targets = {}
-        for name, shape in shapes.items():
-            if m := _A_KEY.fullmatch(name):
-                b_shape = shapes.get(f"unet.{m[1]}.lora_B.weight")
-                if b_shape is None:
-                    raise ValueError(f"{name} has no matching lora_B tensor")
-                targets[m[1]] = (shape[1], b_shape[0], *shape[2:])
-        return cls(config, targets)
+        # A rank other than config.rank fails in load_tensors' strict load.
+        return cls(config, pair_shapes(shapes, _A_KEY, lambda path: f"unet.{path}.lora_B.weight", lambda path: path))
 
     # -- serialisation: diffusers/peft keys and header ------------------------------------
     def _file_keys(self) -> dict[str, str]:

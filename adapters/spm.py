@@ -37,15 +37,12 @@ from torch import nn
 from .base import option, register
 from .checks import is_int, is_number
 from .context import CallContext, Row, TextEncoding
-from .lora import LoRA, layer_shape
+from .kohya import decode_own_unet_name, kohya_name
+from .lora import LoRA, layer_shape, pair_shapes
 
 TRANSPORTS = ("additive", "squared", "off")
 SIMILARITIES = ("full", "no_padding")
-# The words of a diffusers UNet path that hold an underscore: kohya's names turn every "." into "_", and these
-# say which underscores were there before (what diffusers' own kohya conversion assumes too).
-_PATH_WORDS = ("down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
-               "proj_in", "proj_out")
-_KOHYA_KEY = re.compile(r"lora_unet_(\w+)\.lora_down\.weight")
+_KOHYA_DOWN = re.compile(r"lora_unet_(\w+)\.lora_down\.weight")
 
 
 @dataclass
@@ -132,16 +129,6 @@ def membrane_layers(unet: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def path_of(key: str) -> str:
-    """The dotted module path of a kohya name ("down_blocks_0_attentions_0_proj_in" -> "down_blocks.0...proj_in")."""
-    path = key.replace("_", ".")
-    for word in _PATH_WORDS:
-        path = path.replace(word.replace("_", "."), word)
-    if path.replace(".", "_") != key:
-        raise ValueError(f"cannot read the module path of the kohya name {key!r}")
-    return path
-
-
 @torch.no_grad()
 def permeability(prompt_embeds: torch.Tensor, prompt_ids: torch.Tensor, concept_embeds: torch.Tensor,
                  concept_ids: torch.Tensor, special_ids: frozenset[int], similarity: str = "full") -> torch.Tensor:
@@ -203,26 +190,22 @@ class SPM(LoRA):
 
     @classmethod
     def from_shapes(cls, config: SPMConfig, shapes: dict[str, tuple[int, ...]]) -> SPM:
-        # lora_down is (1, in) or (1, in, kh, kw), lora_up (out, 1) or (out, 1, 1, 1).
-        targets = {}
-        for name, shape in shapes.items():
-            if m := _KOHYA_KEY.fullmatch(name):
-                up = shapes.get(f"lora_unet_{m[1]}.lora_up.weight")
-                if up is None:
-                    raise ValueError(f"{name} has no matching lora_up tensor")
-                targets[path_of(m[1])] = (shape[1], up[0], *shape[2:])
-        return cls(config, targets)
+        # A membrane file is ours, written from a diffusers UNet's Transformer2DModel blocks, and from_shapes has
+        # no UNet to encode names against: its kohya names are read back with the words we know we wrote.
+        return cls(config, pair_shapes(shapes, _KOHYA_DOWN, lambda name: f"lora_unet_{name}.lora_up.weight",
+                                       decode_own_unet_name))
 
     # -- serialisation: kohya keys ----------------------------------------------------------
     def _file_keys(self) -> dict[str, str]:
         return {
-            f"lora_unet_{key}.{kohya}.weight": f"{part}.{key}.weight"
-            for key in self.paths
+            f"{kohya_name('unet', path)}.{kohya}.weight": f"{part}.{key}.weight"
+            for key, path in self.paths.items()
             for kohya, part in (("lora_down", "lora_A"), ("lora_up", "lora_B"))
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        alphas = {f"lora_unet_{key}.alpha": torch.tensor(float(self.config.alpha)) for key in self.paths}
+        alphas = {f"{kohya_name('unet', path)}.alpha": torch.tensor(float(self.config.alpha))
+                  for path in self.paths.values()}
         return {**super().tensors(), **alphas}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

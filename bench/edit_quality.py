@@ -24,14 +24,16 @@ a step); "cached" edits the same image again with a second target, reusing the i
 PSNR without an edit, whole image: the VAE alone (the ceiling), DDIM inversion with "" (no CFG), DDIM inversion
 with the source prompt reconstructed at CFG 7.5, and UAM's uniform branch (`reconstruct`).
 
-Targets (issue #7): edit success >= 80 %; position kept >= 90 %; background PSNR within 2 dB of the VAE ceiling
-and >= 2 dB above the edit without the uniform branch; edit cost <= 3.5x a generation (<= 2.5x cached).
+Targets (issue #7, background re-sized by issue #20 to the paper's own margin): edit success >= 80 %; position
+kept >= 90 %; background PSNR beyond one latent cell within 2 dB of the VAE ceiling and >= 0.8 dB above the edit
+without the uniform branch (UAM's gain on PIE-Bench); edit cost <= 3.5x a generation (<= 2.5x cached).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import os
 import platform
@@ -153,7 +155,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=60, help="rendered images, kinds alternating (default 60: 20 each)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of every inversion, edit and generation")
-    p.add_argument("--quantile", type=float, default=0.5, help="UAM's mask quantile (default 0.5, the paper's)")
+    default_q = inspect.signature(edit).parameters["quantile"].default
+    p.add_argument("--quantile", type=float, default=default_q, help=f"UAM's mask quantile (default {default_q}, "
+                   "edit()'s)")
     p.add_argument("--model", default=None, help="model source (default: the embedded Shapes model)")
     p.add_argument("--save", type=Path, default=None,
                    help="also write one strip per case: source | UAM edit | no-uniform edit | UAM reconstruction")
@@ -277,9 +281,12 @@ def report(rec: dict[str, list[float]], steps: int, seconds: float) -> None:
             continue
         uam, plain = mean[f"uam background psnr{suffix}"], mean[f"plain background psnr{suffix}"]
         ceiling = mean[f"vae background psnr{suffix}"]
-        row(f"background PSNR {pixels} out (dB)", f"{uam:.2f}", f"{plain:.2f}",
-            f">= {ceiling - 2:.2f} (VAE - 2) and >= {plain + 2:.2f} (no uniform + 2)",
-            uam >= ceiling - 2 and uam >= plain + 2)
+        if suffix == " cell":  # the target is set beyond one latent cell (issue #20), the 2-px ring is shown
+            row(f"background PSNR {pixels} out (dB)", f"{uam:.2f}", f"{plain:.2f}",
+                f">= {ceiling - 2:.2f} (VAE - 2) and >= {plain + 0.8:.2f} (no uniform + 0.8)",
+                uam >= ceiling - 2 and uam >= plain + 0.8)
+        else:
+            row(f"background PSNR {pixels} out (dB)", f"{uam:.2f}", f"{plain:.2f}")
         row("  VAE ceiling on the same pixels (dB)", f"{ceiling:.2f}")
         row("  ideal edit (target render) through the VAE", f"{mean[f'ideal background psnr{suffix}']:.2f}")
     if "uam object psnr" in mean:

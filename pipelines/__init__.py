@@ -15,7 +15,7 @@ from .attach import check_adapters, parse_adapter_arg
 from .control import ControlSpec, parse_control_arg
 from .edit import EditResult, Inversion, check_edit_inputs, edit, invert, reconstruct, save_edit
 from .erase import erase, membrane_gammas
-from .errors import GenerationInterrupted, InputError, ModelLoadError, StudioError
+from .errors import GenerationInterrupted, InputError, ModelLoadError, NonFiniteError, StudioError
 from .generate import (
     SCHEDULERS,
     GenerationResult,
@@ -41,6 +41,7 @@ __all__ = [
     "Inversion",
     "LoadedModel",
     "ModelLoadError",
+    "NonFiniteError",
     "StudioError",
     "build_control_pairs",
     "check_adapters",

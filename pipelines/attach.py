@@ -127,10 +127,22 @@ def read_adapter(what: str, source: Adapter | str | os.PathLike, unet: nn.Module
     adapter for `unet`'s base model; errors start with `what`, e.g. "adapters[0]"."""
     if isinstance(source, Adapter):
         return source
+    name = Path(source).name
     try:  # only reading the file is the user's pick: a failure to attach after these checks is a bug
-        return load_adapter(source, unet, attach=False)  # checks the header and the base model
+        adapter = load_adapter(source, unet, attach=False)  # checks the header and the base model
     except (ValueError, SafetensorError) as e:  # not an adapter file, or not one for this model
-        raise InputError(f"{what}: {e}") from e
+        raise InputError(f"{what}: {e}" if name in str(e) else f"{what}: adapter file {name}: {e}") from e
+    except RuntimeError as e:  # load_state_dict: tensors missing, unexpected or of the wrong shape
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip())[:300]
+        raise InputError(f"{what}: adapter file {name} does not hold the tensors its header promises ({detail}): "
+                         "the file is damaged or was edited; save or train it again") from e
+    # NaN/inf weights (a diverged run, a bad conversion) would turn every image black: refuse them now.
+    broken = [key for key, t in adapter.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if broken:
+        raise InputError(f"{what}: adapter file {name} has NaN/inf weights in {len(broken)} tensor(s) (first: "
+                         f"{broken[0]}), which would turn every image black: train it again or use an earlier "
+                         "checkpoint of its run")
+    return adapter
 
 
 def _name(source: Adapter | str | os.PathLike) -> str:

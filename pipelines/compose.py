@@ -36,17 +36,19 @@ from adapters.fusion import merge_into
 
 from .attach import AdapterUse, adapter_params, check_adapters, read_adapter
 from .edit import classifier_free_guidance, decode_latents
-from .errors import GenerationInterrupted, InputError
+from .errors import GenerationInterrupted, InputError, NonFiniteError
 from .generate import (
     SCHEDULERS,
     GenerationResult,
     GenerationSettings,
     ProgressCallback,
     check_inputs,
+    check_steps,
     encode_call,
     generate,
     image_generators,
     model_identity,
+    non_finite_message,
 )
 from .loading import LoadedModel
 
@@ -112,6 +114,7 @@ def compose(
     width = native if width is None else width
     check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                  num_images_per_prompt, scheduler, seed, generator)
+    check_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps)
     size = map_size(pipe.unet, (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
     check_compose_inputs(adapters, regions, mode, (width, height), size)
     if mode == "composer" and detect_family(pipe.unet) not in COMPOSER_FAMILIES:
@@ -288,6 +291,8 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
                 if cfg:
                     eps = classifier_free_guidance(*eps.chunk(2), guidance_scale)
                 latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
+            if not torch.isfinite(latents).all():  # would decode to black images
+                raise NonFiniteError(non_finite_message("the latents", i + 1, list(zip(adapters, weights)), unet.dtype))
             if callback is not None and callback(i + 1, num_inference_steps):
                 raise GenerationInterrupted("composition stopped by the callback")
     with torch.no_grad():

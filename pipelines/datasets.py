@@ -96,7 +96,7 @@ def _read_metadata(folder: Path) -> dict[Path, str]:
     if not path.is_file():
         return {}
     captions = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -115,12 +115,21 @@ def _read_metadata(folder: Path) -> dict[Path, str]:
     return captions
 
 
+def _read_text(path: Path) -> str:
+    """A caption or metadata file as text; one that is not UTF-8 (a Windows-1252 export...) is named with the fix."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
+                           "(e.g. `iconv -f cp1252 -t utf-8`)") from e
+
+
 def _caption(image: Path, metadata: dict[Path, str], fallback_caption: str | None) -> str:
     sidecars = [image.with_suffix(ext) for ext in CAPTION_EXTENSIONS if image.with_suffix(ext).is_file()]
     if len(sidecars) > 1:
         raise DatasetError(f"{image} has two captions ({', '.join(p.name for p in sidecars)}); keep only one")
     if sidecars:
-        caption = sidecars[0].read_text(encoding="utf-8").strip()
+        caption = _read_text(sidecars[0]).strip()
         if not caption:
             raise DatasetError(f"{sidecars[0]} is empty; write the caption in it, or delete it to use the trigger word")
         return caption

@@ -36,11 +36,20 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from adapters.base import detect_family, unet_fingerprint
+from adapters.checks import is_number
 from adapters.context import CallContext, Row, attached_adapters, call_context
 from adapters.uniform_attention import attach_uniform_attention
 
-from .errors import GenerationInterrupted, InputError
-from .generate import GenerationSettings, ProgressCallback, model_identity, save_png
+from .errors import GenerationInterrupted, InputError, NonFiniteError
+from .generate import (
+    GenerationSettings,
+    ProgressCallback,
+    check_guidance,
+    check_steps,
+    model_identity,
+    non_finite_message,
+    save_png,
+)
 from .images import ImageInput, load_image, load_mask, write_png
 from .loading import LoadedModel
 
@@ -304,13 +313,8 @@ def _check_model(model: Model, num_inference_steps: int) -> StableDiffusionPipel
     if prediction_type != "epsilon":
         raise InputError(f"prediction_type={prediction_type!r}: UAM editing needs an ε-prediction model "
                          "(e.g. SD 1.5 or SD 2 base)")
-    _check_steps(num_inference_steps)
+    check_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps, example=50)
     return pipe
-
-
-def _check_steps(num_inference_steps: int) -> None:
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise InputError(f"num_inference_steps={num_inference_steps!r} must be a positive integer: use e.g. 50")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,6 +524,8 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
 
     progress = None if callback is None else lambda step, _: callback(done + step, done + steps)
     latents, rows = _run_denoising(pipe, branches, latents, inversion.schedule, guide, progress)
+    if not torch.isfinite(latents).all():  # would decode to a black image
+        raise NonFiniteError(non_finite_message("the edit's latents", None, (), pipe.unet.dtype))
 
     # 6. Decode the target and the auxiliary reconstruction; show the last blended step's edit region
     edited, reconstruction = decode_latents(pipe, latents[[2, 0]])
@@ -557,11 +563,12 @@ def check_edit_inputs(source_prompt: str, target_prompt: str, *, num_inference_s
     each message: the argument, the value, the rule, the fix."""
     if not isinstance(source_prompt, str) or not isinstance(target_prompt, str):
         raise InputError("source_prompt and target_prompt must be strings (an empty string is allowed)")
-    _check_steps(num_inference_steps)
-    _check_guidance(guidance_scale)
-    if not mask_start_t >= 0:
-        raise InputError(f"mask_start_t={mask_start_t!r} must be >= 0: use e.g. 200 (0 turns the mask guidance off)")
-    if not 0 <= quantile <= 1:
+    check_steps(num_inference_steps, example=50)
+    check_guidance(guidance_scale)
+    if not is_number(mask_start_t, 0):
+        raise InputError(f"mask_start_t={mask_start_t!r} must be a finite number >= 0: use e.g. 200 "
+                         "(0 turns the mask guidance off)")
+    if not is_number(quantile, 0, maximum=1):
         raise InputError(f"quantile={quantile!r} must be in [0, 1]: use e.g. 0.5")
     if not isinstance(dilation, int) or dilation < 0:
         raise InputError(f"dilation={dilation!r} must be an integer radius >= 0: use e.g. 1 (a 3x3 max-pool)")
@@ -570,10 +577,6 @@ def check_edit_inputs(source_prompt: str, target_prompt: str, *, num_inference_s
     if mask_channels not in ("per_channel", "max"):
         raise InputError(f"mask_channels={mask_channels!r} is unknown: use 'per_channel' or 'max'")
 
-
-def _check_guidance(guidance_scale: float) -> None:
-    if not guidance_scale >= 0:  # also refuses NaN
-        raise InputError(f"guidance_scale={guidance_scale!r} must be >= 0: use e.g. 7.5 (0 or 1 turns guidance off)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,7 +606,7 @@ def _ddim_invert_and_sample(model: Model, image: ImageInput, inversion_prompt: s
                             guidance_scale: float, num_inference_steps: int, height: int | None,
                             width: int | None) -> ImageResult:
     pipe = _check_model(model, num_inference_steps)
-    _check_guidance(guidance_scale)
+    check_guidance(guidance_scale)
     image = load_image(image, size=_image_size(pipe, height, width))
     empty, inversion_embeds, embeds = encode_prompts(pipe, ["", inversion_prompt, prompt]).chunk(3)
     schedule = ddim_schedule(pipe.scheduler.config, num_inference_steps)

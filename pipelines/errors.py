@@ -20,5 +20,9 @@ class InputError(StudioError):
     """A generation setting out of range (size, steps, guidance, number of images, seed...)."""
 
 
+class NonFiniteError(StudioError):
+    """Denoising produced NaN or inf (a broken adapter or model, or half-precision overflow); nothing is saved."""
+
+
 class GenerationInterrupted(RuntimeError):
     """The progress callback asked to stop; no images are returned."""

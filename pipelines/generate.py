@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -32,10 +33,12 @@ from diffusers import (
 from PIL import Image, PngImagePlugin
 
 from adapters import CallContext, Row, TextEncoding, call_context, detect_family
+from adapters.checks import is_int, is_number
+from adapters.foreign import link_pipeline
 
 from .attach import AdapterUse, adapter_params, attached, call_params, check_adapters
 from .control import ControlSpec, check_controls, control_params, controlled
-from .errors import GenerationInterrupted, InputError
+from .errors import GenerationInterrupted, InputError, NonFiniteError
 from .images import write_png
 from .loading import LoadedModel
 
@@ -51,6 +54,10 @@ SIZE_MULTIPLE = 8
 MAX_SIZE = 2048  # pixels per side, A1111's limit; beyond it SD models produce repetition and run out of memory
 MAX_IMAGES = 16  # images in one batch (they are denoised together, so memory grows with it)
 MAX_SEED = 2**32 - 1  # A1111's seed range, so seeds copy between tools
+# Denoising steps: SD schedulers are trained on 1000 timesteps and DDIM cannot take more than the model's
+# scheduler has (num_train_timesteps); beyond ~150 images stop changing, and 10**6 steps would run for days.
+MAX_STEPS = 1000
+MAX_GUIDANCE = 30.0  # A1111's CFG slider ends at 30: far above it every pixel saturates (inf gives a black image)
 
 ProgressCallback = Callable[[int, int], bool | None]
 
@@ -121,6 +128,7 @@ def generate(
     GenerationInterrupted. Bad settings raise InputError before any work.
     """
     pipe = model.pipe if isinstance(model, LoadedModel) else model
+    link_pipeline(pipe)  # LoRA files of other tools adapt its text encoders too (adapters/foreign.py)
 
     # 1. Check inputs (each message: the argument, the value, the rule, the fix).
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -128,6 +136,7 @@ def generate(
     width = native if width is None else width
     check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                  num_images_per_prompt, scheduler, seed, generator)
+    check_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps)
     check_adapters(adapters)
     check_controls(control)
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
@@ -145,12 +154,16 @@ def generate(
     #    adapters first, so that a CSC-Tuner among them is driven by its control), inside the call's context
     #    (the prompts encoded here, the control hints); the step hook reports progress and can interrupt.
     stopped = False
+    diverged_at = None  # the first step whose latents hold NaN or inf: stop there rather than save a black image
 
     def on_step_end(pipe: DiffusionPipeline, i: int, t: torch.Tensor, kwargs: dict) -> dict:
-        nonlocal stopped
-        if callback is not None and callback(i + 1, pipe.num_timesteps):
-            stopped = True
+        nonlocal stopped, diverged_at
+        if not torch.isfinite(kwargs["latents"]).all():
+            diverged_at = i + 1
             pipe._interrupt = True  # diffusers' documented stop flag, checked at the top of each step
+        elif callback is not None and callback(i + 1, pipe.num_timesteps):
+            stopped = True
+            pipe._interrupt = True
         return {}
 
     pipe.scheduler = sampler
@@ -162,8 +175,12 @@ def generate(
                 images = pipe(
                     **embeds, height=height, width=width, num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
-                    callback_on_step_end=on_step_end,
+                    callback_on_step_end=on_step_end, output_type="np",  # checked for NaN before PIL hides it as 0
                 ).images
+            if diverged_at is not None or not np.isfinite(images).all():
+                raise NonFiniteError(non_finite_message("the latents" if diverged_at else "the decoded images",
+                                                        diverged_at, adapters, pipe.unet.dtype))
+            images = pipe.image_processor.numpy_to_pil(images)
             reported = call_params(pipe.unet)  # what the adapters computed for this call (a membrane's gamma)
     finally:
         pipe.scheduler = original_scheduler
@@ -190,7 +207,28 @@ def image_generators(seed: int | None, generator: torch.Generator | list[torch.G
     if generator is not None:
         return generator, [None] * n
     seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
-    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)], [seed + i for i in range(n)]
+    # Seeds wrap past MAX_SEED (as A1111's do), so every recorded seed is one the user can enter again.
+    seeds = [(seed + i) % (MAX_SEED + 1) for i in range(n)]
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds], seeds
+
+
+def non_finite_message(where: str, step: int | None, adapters: Sequence[AdapterUse], dtype: torch.dtype) -> str:
+    """What to tell the user when denoising produced NaN or inf (which would save an all-black image): the likely
+    causes, most specific first."""
+    causes = []
+    if adapters:
+        names = ", ".join(_adapter_name(source) for source, _ in adapters)
+        causes.append(f"an adapter with NaN/inf weights or too large a scale ({names}): generate without it")
+    if dtype in (torch.float16, torch.bfloat16):
+        causes.append(f"{str(dtype).removeprefix('torch.')} overflow: load the model with dtype='float32' "
+                      "(CLI: --dtype float32)")
+    causes.append("NaN/inf in the model's weights: re-download or re-convert the model")
+    at = f" at step {step}" if step is not None else ""
+    return f"{where} became NaN/inf{at}, so the image would be black; likely causes: " + "; ".join(causes)
+
+
+def _adapter_name(source: object) -> str:
+    return getattr(source, "method", None) or Path(source).name
 
 
 def encode_call(pipe: DiffusionPipeline, prompt: str, negative_prompt: str, num_images_per_prompt: int,
@@ -250,10 +288,8 @@ def check_inputs(prompt: str, negative_prompt: str = "", height: int | None = No
             below = value - value % SIZE_MULTIPLE
             options = [str(v) for v in (below, below + SIZE_MULTIPLE) if SIZE_MULTIPLE <= v <= MAX_SIZE]
             raise InputError(f"{name}={value} is not a multiple of {SIZE_MULTIPLE}: use {' or '.join(options)}")
-    if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
-        raise InputError(f"num_inference_steps={num_inference_steps!r} must be a positive integer: use e.g. 25")
-    if not guidance_scale >= 0:  # also refuses NaN
-        raise InputError(f"guidance_scale={guidance_scale!r} must be >= 0: use e.g. 7.5 (0 or 1 turns guidance off)")
+    check_steps(num_inference_steps)
+    check_guidance(guidance_scale)
     if not isinstance(num_images_per_prompt, int) or not 1 <= num_images_per_prompt <= MAX_IMAGES:
         raise InputError(f"num_images_per_prompt={num_images_per_prompt!r} must be from 1 to {MAX_IMAGES}: "
                          "run again for more images")
@@ -263,6 +299,24 @@ def check_inputs(prompt: str, negative_prompt: str = "", height: int | None = No
         raise InputError("pass either seed or generator, not both")
     if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
         raise InputError(f"seed={seed!r} must be an integer from 0 to {MAX_SEED}: leave it empty for a random seed")
+
+
+def check_steps(num_inference_steps: int, num_train_timesteps: int | None = None, *,
+                name: str = "num_inference_steps", example: int = 25) -> None:
+    """Refuse a step count that is not an integer from 1 to MAX_STEPS, nor more than the model's scheduler was
+    trained on (`num_train_timesteps`, when the model is known): the one steps check of every pipeline."""
+    limit = MAX_STEPS if num_train_timesteps is None else min(MAX_STEPS, int(num_train_timesteps))
+    if not is_int(num_inference_steps, 1) or num_inference_steps > limit:
+        why = "" if limit == MAX_STEPS else f" (the model's scheduler was trained on {num_train_timesteps} timesteps)"
+        raise InputError(f"{name}={num_inference_steps!r} must be a positive integer, at most {limit}{why}: "
+                         f"use e.g. {example}")
+
+
+def check_guidance(guidance_scale: float, *, name: str = "guidance_scale") -> None:
+    """Refuse a guidance scale that is not a finite number from 0 to MAX_GUIDANCE (inf or 1e30 give black images)."""
+    if not is_number(guidance_scale, 0, maximum=MAX_GUIDANCE):
+        raise InputError(f"{name}={guidance_scale!r} must be a finite number from 0 to {MAX_GUIDANCE:g}: "
+                         "use e.g. 7.5 (0 or 1 turns guidance off)")
 
 
 def _warn_if_truncated(tokenizer, name: str, text: str) -> None:

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin
 
 from .errors import InputError
 
@@ -79,7 +79,7 @@ def _open(image: ImageInput, max_pixels: int) -> Image.Image:
                 image = Image.open(image)  # reads the header only
         except Image.DecompressionBombError as error:
             raise InputError(f"{image!s} is too large to decode safely ({error}): downscale it first") from error
-        except (FileNotFoundError, UnidentifiedImageError) as error:
+        except (OSError, SyntaxError, ValueError) as error:  # missing, not an image, or a header cut short
             raise InputError(f"{image!s} cannot be opened as an image ({error}): pass a PNG, JPEG or WebP "
                              "file") from error
     width, height = image.size
@@ -89,7 +89,12 @@ def _open(image: ImageInput, max_pixels: int) -> Image.Image:
             f"{name} is {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,}: "
             "downscale it first or pass a larger max_pixels"
         )
-    return ImageOps.exif_transpose(image)  # decodes the pixels (now known to be of a sane size)
+    try:
+        return ImageOps.exif_transpose(image)  # decodes the pixels (now known to be of a sane size)
+    except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for truncated or corrupt pixel data
+        name = getattr(image, "filename", "") or "image"
+        raise InputError(f"{name} cannot be decoded ({error}): the file is truncated or corrupt; re-save it as "
+                         "PNG or JPEG") from error
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -102,6 +107,19 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba)
     return image.convert("RGB")
+
+
+def check_out_dir(path: str | os.PathLike, name: str = "--out") -> Path:
+    """`path` as an output folder, refused before any work when it (or a folder above it) is a file or cannot be
+    written to; it is created when the first output is written."""
+    path = Path(path).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor or "."))
+    if existing.exists() and not existing.is_dir():
+        raise InputError(f"{name} {path}: {existing} is a file, not a folder; pass a folder for the outputs "
+                         "(it is created if missing)")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{name} {path}: the folder {existing} is not writable; pass a folder you can write to")
+    return path
 
 
 def write_png(image: Image.Image, path: str | os.PathLike, pnginfo: PngImagePlugin.PngInfo | None = None) -> Path:

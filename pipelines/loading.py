@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors import SafetensorError, safe_open
 
 from adapters import detect_family
 
@@ -31,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = REPO_ROOT / "assets" / "shapes-sd"
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
 # "owner/name" as the hub spells repo ids; anything else that does not exist is a wrong path.
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_ID = re.compile(r"^\w(?:[\w.-]*\w)?/\w(?:[\w.-]*\w)?$")  # no leading or trailing "." or "-" ("./x" is a path)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -94,6 +95,11 @@ def load_model(
     dtype = _resolve_dtype(dtype, device)
     if source is None or str(source) == "embedded":
         source, path = "embedded", EMBEDDED_MODEL
+    elif not str(source).strip():  # Path("") is the working folder: never what an empty field meant
+        raise ModelLoadError(
+            f"model {str(source)!r} is empty: pass a diffusers folder, a .safetensors checkpoint or a hub id like "
+            "'owner/name', or leave it out (None; CLI: no --model) for the embedded model"
+        )
     else:
         source = str(source)
         path = Path(source).expanduser()
@@ -166,7 +172,29 @@ def _pipeline_class(folder: Path) -> type[DiffusionPipeline]:
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> DiffusionPipeline:
     cls = _pipeline_class(folder)
-    return cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    _check_weight_files(folder)
+    try:
+        return cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:  # weights that do not fit their config.json, unreadable files
+        reason = " ".join(str(e).split())[:300]
+        raise ModelLoadError(
+            f"{folder}: the model's weights do not load ({reason}): a config.json that does not match its weights "
+            "or an incomplete copy; copy or download the model again"
+        ) from e
+
+
+def _check_weight_files(folder: Path) -> None:
+    """Every component's .safetensors file has a complete header and data (a cut download is named here,
+    in milliseconds, instead of failing inside diffusers)."""
+    for path in sorted(folder.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise ModelLoadError(
+                f"{path} is not a complete safetensors file ({e}): an interrupted download or copy? "
+                "Copy or download the model again"
+            ) from e
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool,

@@ -61,14 +61,17 @@ from adapters.io import adapter_name_problem, default_library_root
 from .annotators import training_hints
 from .control import ControlSpec
 from .datasets import EpochSampler, Example, images_in, load_images, scan_folder
-from .errors import StudioError
-from .generate import generate, save_png
+from .errors import InputError, StudioError
+from .generate import MAX_GUIDANCE, MAX_STEPS, generate, save_png
+from .images import check_out_dir
+from .statefile import load_state, refuse_pickle, save_state
 
 # AdamW as SCEdit trains (its released training configs; docs/methods.md): lr 1e-4, wd 1e-2, constant.
 DEFAULT_LEARNING_RATE = 1e-4
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")  # diffusers' get_scheduler names
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+MAX_TRAIN_STEPS = 100_000  # optimizer steps: adapters train in hundreds to a few thousand; 10**6 would take days
 # Settings that fix the data order, the noise or the adapter's shape: a resume must keep them.
 RESUME_KEYS = ("method", "method_options", "hint_dir", "caption_dropout", "batch_size", "gradient_accumulation_steps",
                "seed")
@@ -96,15 +99,24 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TrainConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        values = yaml.safe_load(text) or {}
-    elif path.suffix == ".toml":
-        import tomllib  # Python 3.11+; imported here so that YAML configs also work on 3.10
-
-        values = tomllib.loads(text)
-    else:
+    if path.suffix not in (".yaml", ".yml", ".toml"):
         raise TrainConfigError(f"config file {path}: unknown format; use .yaml, .yml or .toml")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            import tomllib  # Python 3.11+; imported here so that YAML configs also work on 3.10
+
+            values = tomllib.loads(text)
+        else:
+            values = yaml.safe_load(text) or {}
+    except UnicodeDecodeError as e:
+        raise TrainConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                               "save it as UTF-8") from e
+    except (yaml.YAMLError, ValueError) as e:  # tomllib.TOMLDecodeError is a ValueError
+        reason = " ".join(str(e).split())
+        raise TrainConfigError(f"config file {path} is not valid {path.suffix[1:].upper()} ({reason}); fix it, "
+                               "one 'field: value' per line" + (" (TOML: field = value)" if path.suffix == ".toml"
+                                                                 else "")) from e
     if not isinstance(values, dict):
         raise TrainConfigError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
     return values
@@ -203,7 +215,8 @@ class TrainConfig:
             self.caption_dropout = method.caption_dropout
         check(is_number(self.caption_dropout, 0, maximum=1), "caption_dropout",
               "must be a number in [0, 1] (0: always the caption; 0.5 as ControlNet trains)")
-        check(is_int(self.steps, 1), "steps", "must be an integer >= 1")
+        check(is_int(self.steps, 1) and self.steps <= MAX_TRAIN_STEPS, "steps",
+              f"must be an integer >= 1 and at most {MAX_TRAIN_STEPS:,} (adapters train in hundreds to a few thousand)")
         check(is_int(self.batch_size, 1), "batch_size", "must be an integer >= 1")
         check(is_int(self.gradient_accumulation_steps, 1), "gradient_accumulation_steps", "must be an integer >= 1")
         if self.learning_rate is None:
@@ -231,10 +244,20 @@ class TrainConfig:
               "is set but sample_prompts is empty; add prompts or set sample_every=0")
         check(bool(self.sample_seeds) and all(is_int(s, 0) for s in self.sample_seeds), "sample_seeds",
               "must be a non-empty list of integers >= 0")
-        check(is_int(self.sample_steps, 1), "sample_steps", "must be an integer >= 1")
-        check(is_number(self.guidance_scale, 0), "guidance_scale", "must be a finite number >= 0")
-        check(self.resume is None or self.resume == "latest" or (Path(self.resume) / "state.pt").is_file(), "resume",
+        check(is_int(self.sample_steps, 1) and self.sample_steps <= MAX_STEPS, "sample_steps",
+              f"must be an integer >= 1 and at most {MAX_STEPS} (DDIM steps of the samples)")
+        check(is_number(self.guidance_scale, 0, maximum=MAX_GUIDANCE), "guidance_scale",
+              f"must be a finite number from 0 to {MAX_GUIDANCE:g}")
+        try:
+            check_out_dir(self.output_dir, "output_dir")
+        except InputError as e:
+            raise TrainConfigError(str(e)) from e
+        check(self.resume is None or self.resume == "latest" or (Path(self.resume) / "state.safetensors").is_file()
+              or (Path(self.resume) / "state.pt").is_file(), "resume",  # .pt: refused by name when read
               "must be 'latest' or a checkpoint folder (output_dir/checkpoints/step-XXXXXX)")
+        resume_from = _resume_point(self) if self.resume is not None else None
+        if resume_from is not None:  # before the CLI loads a model; train() checks again when it starts
+            _refuse_pickled_checkpoint(resume_from)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
@@ -488,6 +511,8 @@ def train(
     method = REGISTRY[config.method]
     objective = objective_of(method)(pipe, config, adapter_config)
     resume_from = _resume_point(config)
+    if resume_from is not None:
+        _refuse_pickled_checkpoint(resume_from)
 
     # find_unused_parameters: an adapter may leave some of its weights out of a step's graph (SaRA's emptied
     # deltas after re-selection); DDP must not wait for gradients that never come.
@@ -817,6 +842,14 @@ def _resume_point(config: TrainConfig) -> Path | None:
     return Path(config.resume)
 
 
+def _refuse_pickled_checkpoint(folder: Path) -> None:
+    """Refuse, unopened, a checkpoint whose state.pt / rng-N.pt are pickles (the format before safetensors)."""
+    for old in [folder / "state.pt", *sorted(folder.glob("rng-*.pt"))]:
+        if old.is_file() and not old.with_suffix(".safetensors").is_file():
+            refuse_pickle(old, f"start a new run with another output_dir (--out), or delete {folder.parent} "
+                               "and train again without resume")
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -844,14 +877,14 @@ def _save_checkpoint(config: TrainConfig, step: int, adapter: Adapter, optimizer
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(accelerator.device), tmp / f"rng-{accelerator.process_index}.pt")
+    save_state(_rng_state(accelerator.device), tmp / f"rng-{accelerator.process_index}.safetensors")
     if accelerator.is_main_process:
         save_adapter(adapter, tmp / "adapter.safetensors", trigger_words=trigger_words,
                      training={**training_info, "step": step})
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        torch.save({"step": step, "run": run_key, "optimizer": optimizer.state_dict(),
+        save_state({"step": step, "run": run_key, "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler,
-                    "generator": generator.get_state()}, tmp / "state.pt")
+                    "generator": generator.get_state()}, tmp / "state.safetensors")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # a run resumed from an earlier checkpoint reaches this step again
@@ -863,9 +896,10 @@ def _save_checkpoint(config: TrainConfig, step: int, adapter: Adapter, optimizer
 
 
 def _read_checkpoint(folder: Path, run_key: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's state.pt, refused if made with other data or settings than `run_key` records."""
-    # weights_only=False: our own file, holding Python and NumPy RNG states (tuples and arrays).
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    """A checkpoint's state, refused if made with other data or settings than `run_key` records.
+
+    State files are safetensors with a JSON header (pipelines/statefile.py): reading one runs no code."""
+    state = load_state(folder / "state.safetensors")
     for key, value in run_key.items():
         if state["run"].get(key) != value:
             what = "the training images or captions" if key == "data" else key
@@ -890,6 +924,5 @@ def _restore(state: dict[str, Any], folder: Path, config: TrainConfig, optimizer
     if accelerator.scaler is not None and state["grad_scaler"] is not None:
         accelerator.scaler.load_state_dict(state["grad_scaler"])
     generator.set_state(state["generator"])
-    _set_rng_state(torch.load(folder / f"rng-{accelerator.process_index}.pt", weights_only=False),
-                   accelerator.device)
+    _set_rng_state(load_state(folder / f"rng-{accelerator.process_index}.safetensors"), accelerator.device)
     return state["step"]

@@ -5,6 +5,8 @@
     studio adapters rename sks red-star
     studio adapters delete red-star --yes
     studio adapters list --library runs/lib         # another folder ($STUDIO_ADAPTER_DIR by default)
+    studio adapters inspect detail.safetensors      # a LoRA file of another tool: matched / unmatched keys
+    studio adapters export sks --format kohya --out sks-kohya.safetensors
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     delete = commands.add_parser("delete", parents=[common], help="delete an adapter's file (asks first)")
     delete.add_argument("name")
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    inspect = commands.add_parser("inspect", help="which keys of a LoRA file (kohya, diffusers/peft, legacy) "
+                                                  "name modules of the model, and why the others do not")
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--model", default=None, help="the model to match against (default: the embedded model)")
+    inspect.add_argument("--no-strict", dest="strict", action="store_false",
+                         help="skip the header's base-model check (shapes are still checked)")
+    export = commands.add_parser("export", parents=[common], help="write an adapter as a LoRA file for other tools")
+    export.add_argument("name", help="an adapter of the library, or a studio adapter file")
+    export.add_argument("--format", default="kohya", choices=["kohya"], help="kohya/A1111 keys with .alpha")
+    export.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    export.add_argument("--rank", type=int, default=None,
+                        help="for a weight delta that is not a LoRA (SaRA): the rank of its SVD factorisation")
     p.set_defaults(run=run)
     return p
 
@@ -46,8 +60,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> None:
     from studio.library import AdapterEntry, AdapterLibrary, LibraryError
 
+    if args.adapters_command == "inspect":
+        _inspect(args)
+        return
     library = AdapterLibrary(args.library)
-    if args.adapters_command == "list":
+    if args.adapters_command == "export":
+        from pipelines.interop import export_lora
+
+        print(export_lora(library.resolve(args.name).path, args.out, format=args.format, rank=args.rank))
+    elif args.adapters_command == "list":
         entries = library.list()
         if not entries:
             print(f"the library {library.root} holds no adapters yet: train one with `studio train`")
@@ -61,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.adapters_command == "rename":
         print(library.rename(args.old, args.new).path)
     else:
-        entry = library.get(args.name)  # an unknown name fails before the question
+        entry = library.entry(args.name)  # an unknown name fails before the question; a broken file can go
         if not args.yes and not _confirmed(f"delete {entry.name!r} ({entry.path})? [y/N] "):
             raise LibraryError(f"{entry.name!r} not deleted; answer y, or pass --yes")
         library.delete(entry.name)
@@ -86,3 +107,17 @@ def _show(library: AdapterLibrary, name: str) -> None:
     for key, label in (("studio.config", "settings"), ("studio.training", "training")):
         values = json.loads(meta.get(key, "{}"))
         print(f"{label}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
+    # What A1111 and ComfyUI show of a LoRA (a file of another tool has only these).
+    for key in sorted(k for k in meta if k.startswith(("ss_", "modelspec."))):
+        value = meta[key]
+        print(f"{key}: {value if len(value) <= 200 else value[:200] + '...'}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    import torch
+
+    from pipelines import load_model
+    from pipelines.interop import inspect_lora
+
+    model = load_model(args.model, device="cpu", dtype=torch.float32)  # names and shapes only: no GPU needed
+    print("\n".join(inspect_lora(args.file, model, strict=args.strict).lines()))

@@ -27,9 +27,13 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 
-from pipelines import ANNOTATORS, SCHEDULERS, StudioError
+from .quiet import quiet_libraries
 
-from . import adapters_cli, compose_cli, erase_cli, jobs_cli, train_cli
+quiet_libraries()  # before pipelines imports diffusers and transformers: their chatter is not the user's business
+
+from pipelines import ANNOTATORS, SCHEDULERS, StudioError  # noqa: E402
+
+from . import adapters_cli, compose_cli, erase_cli, jobs_cli, train_cli  # noqa: E402
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +52,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights' precision (default: bf16/fp16 on GPUs, float32 on CPU; float32 if images turn black)")
     p.add_argument("--out", default="out", help="output folder (default out/)")
     p.set_defaults(run=_generate)
 
@@ -67,17 +73,19 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from pipelines import check_adapters, check_inputs, generate, load_model, parse_adapter_arg, save_images
     from pipelines.control import parse_control_arg
+    from pipelines.images import check_out_dir
     from studio.library import AdapterLibrary
 
     # Refuse bad settings (and unknown adapters) before the (possibly slow) model load.
     check_inputs(args.prompt, args.negative, args.height, args.width, args.steps, args.guidance, args.n,
                  args.scheduler, args.seed)
+    check_out_dir(args.out)
     library = AdapterLibrary(args.library)
     adapters = [(library.resolve(source).path, scale) for source, scale in map(parse_adapter_arg, args.adapter)]
     check_adapters(adapters)
     control = [dataclasses.replace(parse_control_arg(text), annotate=args.annotate) for text in args.control]
     _check_controllers(control, [path for path, _ in adapters])
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     with _progress_bar("generating", args.steps) as progress:
         result = generate(model, args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                           guidance_scale=args.guidance, seed=args.seed, width=args.width, height=args.height,
@@ -150,23 +158,26 @@ def _add_edit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights' precision (default: bf16/fp16 on GPUs, float32 on CPU; float32 if images turn black)")
     p.add_argument("--out", default="out", help="output folder (default out/)")
     p.set_defaults(run=_edit)
 
 
 def _edit(args: argparse.Namespace) -> None:
     from pipelines import check_edit_inputs, edit, load_model, save_edit
-    from pipelines.images import load_image, load_mask
+    from pipelines.images import check_out_dir, load_image, load_mask
 
     # Refuse bad settings and unreadable files before the (possibly slow) model load.
     check_edit_inputs(args.source, args.target, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       mask_start_t=args.mask_start, quantile=args.quantile, dilation=args.dilation,
                       threshold_mode=args.threshold_mode)
+    check_out_dir(args.out)
     image = load_image(args.image)
     user_mask = None if args.mask is None else load_mask(args.mask, image.size)
     if args.mask is not None and user_mask is None:
         warnings.warn(f"--mask {args.mask} is empty (nothing white or opaque): editing without a limit", stacklevel=1)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     with _progress_bar("inverting and editing", 2 * args.steps) as progress:
         result = edit(model, image, args.source, args.target, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, mask_start_t=args.mask_start, quantile=args.quantile,

@@ -44,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights' precision (default: bf16/fp16 on GPUs, float32 on CPU; float32 if images turn black)")
     p.add_argument("--out", default="out", help="output folder (default out/)")
     p.set_defaults(run=_compose)
 
@@ -71,6 +73,7 @@ def _compose(args: argparse.Namespace) -> None:
     from pipelines.attach import split_scale
     from pipelines.compose import ComposerLossWeights, ComposerSettings, compose
     from pipelines.generate import MAX_SEED
+    from pipelines.images import check_out_dir
     from studio.library import AdapterLibrary
 
     from .cli import _progress_bar
@@ -78,6 +81,7 @@ def _compose(args: argparse.Namespace) -> None:
     # Refuse bad settings (unknown adapters, malformed regions) before the (possibly slow) model load.
     check_inputs(args.prompt, args.negative, args.height, args.width, args.steps, args.guidance, args.n,
                  args.scheduler, args.seed)
+    check_out_dir(args.out)
     library = AdapterLibrary(args.library)
     adapters = [(library.resolve(source).path, weight) for source, weight in map(split_scale, args.adapter)]
     regions = [parse_region_arg(text) for text in args.region]
@@ -86,7 +90,7 @@ def _compose(args: argparse.Namespace) -> None:
         refine_until=args.refine_until, reinitialise=args.reinitialise, isolation=args.isolation)
     modes = ["composer", "merge"] if args.mode == "both" else [args.mode]
     seed = secrets.randbelow(MAX_SEED + 1) if args.seed is None else args.seed  # the same for both modes
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     for mode in modes:
         with _progress_bar(f"composing ({mode})", args.steps) as progress:
             result = compose(model, args.prompt, adapters=adapters, regions=regions, mode=mode,

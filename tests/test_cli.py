@@ -3,6 +3,9 @@ through, bad input exits 2 in one line."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +156,7 @@ def test_shapes_dataset_refuses_a_folder_of_other_images_and_an_unknown_shape(tm
     [
         (["generate", "x", "--width", "62"], "error: width=62 is not a multiple of 8: use 56 or 64"),
         (["generate", "x", "--steps", "0"], "error: num_inference_steps=0 must be a positive integer"),
-        (["generate", "x", "--guidance", "-2"], "error: guidance_scale=-2.0 must be >= 0"),
+        (["generate", "x", "--guidance", "-2"], "error: guidance_scale=-2.0 must be a finite number from 0 to 30"),
         (["generate", "x", "--model", "/no/such/model"], "error: model '/no/such/model': no such file or folder"),
         (["edit", "x.png", "--source", "a", "--target", "b", "--steps", "0"],
          "error: num_inference_steps=0 must be a positive integer"),
@@ -173,3 +176,19 @@ def test_bad_input_exits_2_with_one_error_line(argv, message, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(message)
 
+
+
+def test_generate_shows_the_users_warnings_but_not_the_libraries_chatter(tmp_path):
+    # Issue 20: transformers' torchvision notices and the loading bars came first; a truncated prompt must still show.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")}
+    done = subprocess.run(
+        [sys.executable, "-m", "studio.cli", "generate", "a red circle " + "and a blue square " * 20, "--steps", "1",
+         "--seed", "0", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent,
+        env={**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(tmp_path / "00000-0.png")]
+    for noise in ("torchvision", "[transformers]", "Loading pipeline components", "Loading weights", "Traceback"):
+        assert noise not in done.stderr, done.stderr
+    assert "warning: prompt is" in done.stderr and "tokens are dropped" in done.stderr

@@ -33,6 +33,7 @@ from pipelines.annotators import canny, color_map, hint_path_for, sketch
 from pipelines.architectures import build_unet, tiny_sd15_pipeline, unet_inputs
 from pipelines.loading import EMBEDDED_MODEL
 from pipelines.train import TrainConfig, TrainConfigError, train
+from studio.cli import main as cli_main
 from studio.shapes.world import Scene, ShapeObject, render
 
 
@@ -316,6 +317,28 @@ def test_build_control_pairs_mirrors_the_folder(tmp_path):
     assert not list((tmp_path / "hints").rglob("*.tmp")), "written atomically"
     with pytest.raises(InputError, match="lies inside image_dir"):
         build_control_pairs(data, "canny", data / "hints")
+
+
+
+@pytest.mark.parametrize("corrupt", [b"not an image at all", "truncated"])
+def test_annotate_reads_every_image_before_writing_any_hint(tmp_path, capsys, corrupt):
+    """`studio annotate` over 2 good images and 1 corrupt one (sorted last) fails naming it and writes nothing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    square().save(data / "a.png")
+    square(size=80).save(data / "b.png")
+    if corrupt == "truncated":  # a real PNG header, its pixel data cut: only decoding finds it
+        square(size=80).save(data / "c-bad.png")
+        (data / "c-bad.png").write_bytes((data / "c-bad.png").read_bytes()[:60])
+    else:
+        (data / "c-bad.png").write_bytes(corrupt)
+    assert cli_main(["annotate", str(data), "--condition", "canny", "--out", str(tmp_path / "hints")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "c-bad.png" in err
+    assert not (tmp_path / "hints").exists() or not list((tmp_path / "hints").rglob("*"))
+    with pytest.raises(InputError, match="c-bad.png"):
+        build_control_pairs(data, "color", tmp_path / "hints")
+    assert not (tmp_path / "hints").exists() or not list((tmp_path / "hints").rglob("*"))
 
 
 # -- generation -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipelines import (
@@ -19,6 +20,7 @@ from pipelines import (
     save_images,
     save_png,
 )
+from pipelines.generate import MAX_SEED, image_generators
 
 STEPS = 3
 
@@ -124,7 +126,7 @@ def test_long_prompt_is_truncated_with_a_warning(embedded: LoadedModel):
         ({"height": 0}, "height=0 is out of range"),
         ({"num_inference_steps": 0}, "num_inference_steps=0 must be a positive integer"),
         ({"num_inference_steps": -3}, "num_inference_steps=-3 must be a positive integer"),
-        ({"guidance_scale": -1.0}, "guidance_scale=-1.0 must be >= 0"),
+        ({"guidance_scale": -1.0}, "guidance_scale=-1.0 must be a finite number from 0 to 30"),
         ({"num_images_per_prompt": 0}, "num_images_per_prompt=0 must be from 1"),
         ({"scheduler": "PLMS"}, "scheduler='PLMS' is unknown: use one of DDIM, Euler"),
         ({"seed": -5}, "seed=-5 must be an integer from 0"),
@@ -135,3 +137,20 @@ def test_bad_settings_are_refused_before_any_work(embedded: LoadedModel, kwargs:
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
         generate(embedded, "a red circle", **kwargs, callback=lambda i, n: calls.append(i))
     assert calls == []
+
+
+def test_seeds_wrap_past_the_range_so_every_recorded_seed_regenerates_its_image(embedded: LoadedModel):
+    # --seed 4294967295 --n 2: the second image's seed wraps to 0 (as A1111's), a seed that can be entered again.
+    batch = generate(embedded, "a blue square", seed=MAX_SEED, num_inference_steps=2, num_images_per_prompt=2)
+    assert [s.seed for s in batch.settings] == [MAX_SEED, 0]
+    # The starting noise of image k is bit-identical to that of its recorded seed alone...
+    batch_generators, _ = image_generators(MAX_SEED, None, 2)
+    alone_generators, _ = image_generators(0, None, 1)
+    assert torch.equal(torch.randn(1, 4, 16, 16, generator=batch_generators[1]),
+                       torch.randn(1, 4, 16, 16, generator=alone_generators[0]))
+    for image, settings in zip(batch.images, batch.settings):
+        alone = generate(embedded, "a blue square", seed=settings.seed, num_inference_steps=2)
+        # ...and so is the image, but for batched and single convolutions rounding differently: one grey level.
+        assert np.abs(pixels(image) - pixels(alone.images[0])).max() <= 1
+    assert [s.seed for s in generate(embedded, "x", seed=MAX_SEED - 1, num_inference_steps=1,
+                                     num_images_per_prompt=3).settings] == [MAX_SEED - 1, MAX_SEED, 0]

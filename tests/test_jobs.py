@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from pipelines import EMBEDDED_MODEL, generate
 from pipelines.architectures import tiny_sd15_pipeline
+from pipelines.statefile import load_state
 from studio.cli import main
 from studio.jobs import (
     JobError,
@@ -538,6 +539,6 @@ def test_one_job_over_two_processes_claims_once_and_trains_on_both(subjects, tmp
     store = JobStore(out / "jobs.sqlite")
     assert [(j.name, j.state, j.attempts) for j in store.jobs()] == [("blue-moon", "pending", 0),
                                                                     ("red-star", "done", 1)]
-    state = torch.load(out / "red-star" / "work" / "checkpoints" / "step-000002" / "state.pt", weights_only=False)
+    state = load_state(out / "red-star" / "work" / "checkpoints" / "step-000002" / "state.safetensors")
     assert state["run"]["num_processes"] == 2
     assert sum("claimed by" in message for _, message in store.events(store.get("red-star").id)) == 1

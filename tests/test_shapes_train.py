@@ -1,13 +1,22 @@
 """Warm-starting the Shapes UNet: attention added at a new resolution starts as an exact no-op, then trains;
 attention the new layout lacks is dropped; the caption-dropout rows show the whole world."""
 
+import argparse
+import random
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from pipelines.errors import StudioError
 from pipelines.loading import EMBEDDED_MODEL
+from pipelines.statefile import load_state
+from studio.cli import main as cli_main
+from studio.shapes import train as shapes_train
 from studio.shapes.model import unet_config
-from studio.shapes.train import main, warm_start_unet
+from studio.shapes.train import main, train_vae, warm_start_unet
 
 
 def _trained_two_level_unet() -> UNet2DConditionModel:
@@ -85,3 +94,53 @@ def test_named_captions_never_name_held_out_content_and_the_unnamed_pool_shows_i
     held_out = sum(any(shape in caption for shape in HELD_OUT_SHAPES) for caption in unnamed) / len(unnamed)
     outlined = sum("outline" in caption for caption in unnamed) / len(unnamed)
     assert 0.4 < held_out < 0.75 and 0.4 < outlined < 0.75, (held_out, outlined)  # about half of each
+
+
+class _BoobyTrap:
+    """Unpickling this creates `marker`: what a crafted state file could do with os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("stage", ["vae", "vae_ft", "unet"])
+def test_a_pickled_stage_state_is_refused_unopened_before_any_work(tmp_path, capsys, stage):
+    """Stage states are safetensors with a JSON header; an old or crafted <stage>_state.pt never runs."""
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    out.mkdir()
+    torch.save({"step": 1, "model": _BoobyTrap(marker)}, out / f"{stage}_state.pt")
+    with pytest.raises(StudioError, match=rf"{stage}_state\.pt: checkpoint in the old unsafe pickle format .*"
+                                          rf"train into another --out, or delete {stage}_state\.pt"):
+        main(["--out", str(out)])
+    assert cli_main(["shapes", "train", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not marker.exists()
+    assert sorted(p.name for p in out.iterdir()) == [f"{stage}_state.pt"]  # no log, no tokenizer: nothing ran
+
+
+def test_a_stage_resumes_exactly_from_its_state_file(tmp_path, monkeypatch):
+    """3 VAE steps in one go == a crash after the step-2 state, other RNG states, then a resume to 3."""
+    args = argparse.Namespace(seed=0, vae_steps=3, vae_batch=2, vae_lr=1e-3, vae_kl=1e-6, vae_pool=4, ckpt_every=2)
+    (tmp_path / "a").mkdir()
+    whole = train_vae(tmp_path / "a", args, torch.device("cpu"), log=lambda msg: None)
+
+    (tmp_path / "b").mkdir()
+    real_save = shapes_train.save_state
+
+    def save_then_crash(state, path):
+        real_save(state, path)
+        raise KeyboardInterrupt  # the process dies right after its checkpoint
+
+    monkeypatch.setattr(shapes_train, "save_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(tmp_path / "b", args, torch.device("cpu"), log=lambda msg: None)
+    monkeypatch.setattr(shapes_train, "save_state", real_save)
+    assert load_state(tmp_path / "b" / "vae_state.safetensors")["step"] == 2
+    torch.manual_seed(1234), random.seed(1234), np.random.seed(1234)  # a "new process"
+    logged = []
+    resumed = train_vae(tmp_path / "b", args, torch.device("cpu"), log=logged.append)
+    assert "vae: resumed at step 2" in logged
+    own, theirs = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(own[k], theirs[k]) for k in own)

@@ -19,8 +19,11 @@ from adapters import SCTuner, read_metadata
 from pipelines import generate
 from pipelines.architectures import tiny_sd15_pipeline
 from pipelines.datasets import DatasetError, EpochSampler, load_images, scan_folder
+from pipelines.errors import StudioError
 from pipelines.loading import EMBEDDED_MODEL
+from pipelines.statefile import load_state, save_state
 from pipelines.train import TrainConfig, TrainConfigError, TrainingDiverged, list_checkpoints, train
+from studio.cli import main as cli_main
 from studio.library import AdapterLibrary, LibraryError
 from studio.shapes.world import Scene, ShapeObject, render
 from studio.train_cli import add_parser, build_config
@@ -236,6 +239,72 @@ def test_resume_refuses_other_settings_and_fresh_start_refuses_old_checkpoints(t
         train(tiny_sd15, config(data, tmp_path / "out", steps=2))
     with pytest.raises(TrainConfigError, match="made with other batch_size"):
         train(tiny_sd15, config(data, tmp_path / "out", steps=4, batch_size=1, resume="latest"))
+
+
+class BoobyTrap:
+    """Unpickling this creates `marker`: what a crafted checkpoint could do with os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def plant_trap(path: Path, marker: Path) -> None:
+    torch.save({"step": 2, "payload": BoobyTrap(marker)}, path)
+    armed = path.with_name("armed")  # the trap is real: unpickled, it runs
+    torch.save(BoobyTrap(armed), path.with_name("probe.pt"))
+    torch.load(path.with_name("probe.pt"), weights_only=False)
+    assert armed.exists()
+    armed.unlink(), path.with_name("probe.pt").unlink()
+
+
+@pytest.mark.parametrize("trapped", ["state", "rng-0"])
+def test_resume_never_unpickles_an_old_or_crafted_checkpoint(tiny_sd15, data, tmp_path, trapped):
+    """Checkpoints hold safetensors and JSON only; a pickled state.pt or rng-N.pt (the old format, or a
+    crafted one) is refused unopened, before any work, with the fix."""
+    first = train(tiny_sd15, config(data, tmp_path / "out", steps=2, checkpoint_every=2))
+    folder = list_checkpoints(tmp_path / "out")[-1]
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "rng-0.safetensors",
+                                                        "state.safetensors"]
+    (folder / f"{trapped}.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    plant_trap(folder / f"{trapped}.pt", marker)
+    before = first.adapter_path.stat().st_mtime_ns
+    for resume in ("latest", str(folder)):
+        with pytest.raises(StudioError, match=rf"{trapped}\.pt: checkpoint in the old unsafe pickle format .*"
+                                              r"start a new run with another output_dir \(--out\)"):
+            train(tiny_sd15, config(data, tmp_path / "out", steps=4, resume=resume))
+    assert not marker.exists()
+    assert first.adapter_path.stat().st_mtime_ns == before and list_checkpoints(tmp_path / "out") == [folder]
+
+
+def test_cli_resume_from_a_pickled_checkpoint_is_one_error_line(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
+    folder = tmp_path / "out" / "checkpoints" / "step-000002"
+    folder.mkdir(parents=True)
+    plant_trap(folder / "state.pt", tmp_path / "pwned")
+    argv = ["train", "--data", str(data), "--trigger", "sks", "--steps", "4", "--out", str(tmp_path / "out")]
+    assert cli_main([*argv, "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "old unsafe pickle format" in err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_state_files_round_trip_without_pickle_and_refuse_damage(tmp_path):
+    state = {"step": 3, "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "keys": {0: torch.ones(2), "a": (1.5, None, [True])}, "dir": tmp_path}
+    path = save_state(state, tmp_path / "state.safetensors")
+    back = load_state(path)
+    assert repr(back["python"]) == repr(state["python"]) and back["keys"]["a"] == (1.5, None, [True])
+    assert back["numpy"][0] == "MT19937" and np.array_equal(back["numpy"][1], state["numpy"][1])
+    assert back["numpy"][2:] == state["numpy"][2:] and back["dir"] == tmp_path
+    assert torch.equal(back["torch"], state["torch"]) and torch.equal(back["keys"][0], torch.ones(2))
+    assert not list(tmp_path.glob(".*.tmp"))  # written under a temporary name, then renamed
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(StudioError, match="state.safetensors: not a readable training state file"):
+        load_state(path)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd15, data, tmp_path, monkeypatch):

@@ -163,7 +163,8 @@ def test_a_controller_trained_in_the_train_tab_steers_generate_and_previews_its_
     condition_map = np.asarray(Image.open(client.predict("canny-stars", editor, False, 64, 64,
                                                          api_name="/control_preview")))
     assert set(np.unique(condition_map)) == {0, 255}  # Canny's white edges on black
-    assert condition_map[:, 40:].max() == 0  # the square is on the left: no edge on the right
+    assert condition_map.shape[:2] == (256, 256)  # the 64-px map, shown 4x with nearest-neighbour (display_size)
+    assert condition_map[:, 160:].max() == 0  # the square is on the left: no edge on the right
 
     no_adapters = {"headers": ["Adapter", "Scale"], "data": []}
 

@@ -11,7 +11,7 @@ widths, possibly with another `--cross-attention` layout: weights that fit are c
 the layout lacks are dropped, added ones start as no-ops (how the shipped model was made: its card says).
 
 Each stage checkpoints its full state (weights, optimizer, EMA, RNG, step) every
-`--ckpt-every` steps to DIR/<stage>_state.pt (written atomically) and resumes from it.
+`--ckpt-every` steps to DIR/<stage>_state.safetensors (written atomically, no pickle) and resumes from it.
 Progress goes to DIR/train.log. The finished diffusers folder is DIR/model.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from pipelines.statefile import load_state, refuse_pickle, save_state
 
 from .model import (
     LATENT_RESOLUTIONS,
@@ -75,10 +76,17 @@ class Log:
             f.write(line + "\n")
 
 
-def atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+STAGES = ("vae", "vae_ft", "unet")  # each stage's state file: DIR/<stage>_state.safetensors
+
+
+def refuse_pickled_states(out: Path) -> None:
+    """Refuse, unopened, a run folder whose stage states are pickles (<stage>_state.pt, the format before
+    safetensors): loading a pickle can run code hidden in it."""
+    for stage in STAGES:
+        old = out / f"{stage}_state.pt"
+        if old.is_file() and not old.with_suffix(".safetensors").is_file():
+            refuse_pickle(old, f"train into another --out, or delete {old.name} to train the {stage} stage "
+                               "from its start")
 
 
 def rng_state() -> dict:
@@ -102,7 +110,7 @@ def resume_vae(state_path: Path, vae: AutoencoderKL, opt: torch.optim.Optimizer,
     if not state_path.exists():
         torch.manual_seed(fresh_seed)
         return 0
-    state = torch.load(state_path, weights_only=False)
+    state = load_state(state_path)
     vae.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
@@ -118,7 +126,7 @@ def train_vae(out: Path, args: argparse.Namespace, device: torch.device, log: Lo
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(**VAE_CONFIG).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    state_path = out / "vae_state.pt"
+    state_path = out / "vae_state.safetensors"
     step = resume_vae(state_path, vae, opt, log, "vae", fresh_seed=args.seed + 1)
     pool, _ = render_pool(args.vae_pool, args.seed + 100, SHAPES, outline_prob=0.2)
     t0 = time.time()
@@ -143,8 +151,8 @@ def train_vae(out: Path, args: argparse.Namespace, device: torch.device, log: Lo
                 f"psnr {10 * math.log10(1 / max(mse, 1e-10)):.2f} ({(time.time() - t0) / 50:.2f}s/step)")
             t0 = time.time()
         if step % args.ckpt_every == 0 or step == args.vae_steps:
-            atomic_save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state()},
-                        state_path)
+            save_state({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state()},
+                       state_path)
     # The latent scaling factor is measured on data, as SD's 0.18215 was.
     with torch.no_grad():
         sample = to_unit(pool[:1024]).to(device)
@@ -168,7 +176,7 @@ def finetune_decoder(out: Path, args: argparse.Namespace, vae: AutoencoderKL, de
     vae.post_quant_conv.requires_grad_(True)
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
-    state_path = out / "vae_ft_state.pt"
+    state_path = out / "vae_ft_state.safetensors"
     step = resume_vae(state_path, vae, opt, log, "decoder", fresh_seed=args.seed + 3)
     pool, _ = render_pool(args.vae_pool, args.seed + 300, SHAPES, outline_prob=0.2)
     t0 = time.time()
@@ -191,8 +199,8 @@ def finetune_decoder(out: Path, args: argparse.Namespace, vae: AutoencoderKL, de
                 f"psnr {10 * math.log10(1 / max(mse, 1e-10)):.2f} ({(time.time() - t0) / 50:.2f}s/step)")
             t0 = time.time()
         if step % args.ckpt_every == 0 or step == args.decoder_steps:
-            atomic_save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state()},
-                        state_path)
+            save_state({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state()},
+                       state_path)
     vae.save_pretrained(out / "vae_ft")
     log("decoder: done")
     return vae
@@ -243,7 +251,7 @@ def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenize
                                  **TEXT_ENCODER_CONFIG)
     text_encoder = CLIPTextModel(text_config).to(device)
     unet = UNet2DConditionModel(**unet_config(tuple(args.cross_attention))).to(device)
-    state_path = out / "unet_state.pt"
+    state_path = out / "unet_state.safetensors"
     if args.unet_init is not None and not state_path.exists():  # a resumed run has its weights in its state
         text_encoder = CLIPTextModel.from_pretrained(args.unet_init / "text_encoder").to(device)
         warm_start_unet(unet, UNet2DConditionModel.from_pretrained(args.unet_init / "unet"), log)
@@ -256,7 +264,7 @@ def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenize
     noise_scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     step = 0
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = load_state(state_path)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         ema["unet"].load_state_dict(state["ema_unet"])
@@ -321,9 +329,9 @@ def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenize
             log(f"unet step {step}/{args.unet_steps} loss {loss.item():.4f} ({(time.time() - t0) / 50:.2f}s/step)")
             t0 = time.time()
         if step % args.ckpt_every == 0 or step == args.unet_steps:
-            atomic_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                         "ema_unet": ema["unet"].state_dict(), "ema_text_encoder": ema["text_encoder"].state_dict(),
-                         "optimizer": opt.state_dict(), "step": step, "rng": rng_state()}, state_path)
+            save_state({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                        "ema_unet": ema["unet"].state_dict(), "ema_text_encoder": ema["text_encoder"].state_dict(),
+                        "optimizer": opt.state_dict(), "step": step, "rng": rng_state()}, state_path)
     return ema["unet"], ema["text_encoder"]
 
 
@@ -365,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
                 p.error(f"--unet-init {args.unet_init}: no {part}/config.json there; pass a diffusers model folder "
                         "such as assets/shapes-sd")
 
+    refuse_pickled_states(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "train.log")
     log(f"args: {vars(args)}")

@@ -22,7 +22,10 @@ def list_adapters() -> list[list[str]]:
 
 @handler
 def rename(old: str | None, new: str) -> list[list[str]]:
-    AdapterLibrary().rename(_chosen(old), new.strip())
+    name = _chosen(old)
+    if not (new or "").strip():
+        raise InputError(f"no new name for {name!r}: type one in New name first")
+    AdapterLibrary().rename(name, new.strip())
     return list_adapters()
 
 
@@ -56,8 +59,8 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
     table = gr.Dataframe(rows, headers=list(AdapterEntry.COLUMNS), type="array", interactive=False,
                          label="Adapter library", elem_id="adapters-table")
     with gr.Row():
-        chosen = gr.Dropdown([row[0] for row in rows], value=None, label="Adapter", allow_custom_value=True,
-                             elem_id="adapters-chosen")
+        chosen = gr.Dropdown([row[0] for row in rows], value=None, label="Adapter (or click its row)",
+                             allow_custom_value=True, elem_id="adapters-chosen")
         new_name = gr.Textbox(label="New name", elem_id="adapters-new-name")
     with gr.Row():
         rename_button = gr.Button("Rename", elem_id="adapters-rename")
@@ -69,10 +72,12 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
             yes = gr.Button("Yes, delete", variant="stop", elem_id="adapters-delete-yes")
             no = gr.Button("Keep it", elem_id="adapters-delete-no")
 
-    refresh.click(list_adapters, outputs=table, api_name="adapters_list")
-    rename_button.click(rename, [chosen, new_name], table, api_name="adapters_rename")
-    delete_button.click(ask, chosen, [confirm, question], api_visibility="private")
-    yes.click(delete, chosen, table, api_name="adapters_delete").then(
+    # show_progress hidden: these are quick, and a refusal (its reason in a toast) then leaves no "Error" badge over
+    # the table, which keeps its rows.
+    refresh.click(list_adapters, outputs=table, api_name="adapters_list", show_progress="hidden")
+    rename_button.click(rename, [chosen, new_name], table, api_name="adapters_rename", show_progress="hidden")
+    delete_button.click(ask, chosen, [confirm, question], api_visibility="private", show_progress="hidden")
+    yes.click(delete, chosen, table, api_name="adapters_delete", show_progress="hidden").then(
         lambda: gr.Group(visible=False), outputs=confirm, api_visibility="private")
     no.click(lambda: gr.Group(visible=False), outputs=confirm, api_visibility="private")
     table.change(names, [table, chosen], chosen, api_visibility="private")

@@ -3,6 +3,10 @@
 A new tab is a module with `TITLE` and `build(model, out_dir)` (see generate_tab.py), added to TABS. A tab
 showing state that other tabs change (the adapter library) returns an `OnShow` from `build`: it runs
 whenever the page loads and whenever the tab is selected.
+
+Tabs talk through send-to buttons: `build` lends components by name with `common.share(...)`, and a tab that
+sends to another defines `link(shared, tabs)`, called once every tab is built with all the lent components
+and the gr.Tabs (to switch to the receiving tab with `gr.Tabs(selected=...)`).
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import gradio as gr
 
 from pipelines import LoadedModel
 
-from . import adapters_tab, compose_tab, edit_tab, erase_tab, generate_tab, jobs_tab, train_tab
-from .common import gate_model_events
+from . import adapters_tab, compose_tab, edit_tab, erase_tab, generate_tab, jobs_tab, png_info_tab, train_tab
+from .common import gate_model_events, sharing, stop_on_close
 
-TABS = [generate_tab, compose_tab, edit_tab, train_tab, erase_tab, jobs_tab, adapters_tab]
+TABS = [generate_tab, compose_tab, edit_tab, train_tab, erase_tab, jobs_tab, adapters_tab, png_info_tab]
 
 
 def build_app(model: LoadedModel, out_dir: str | Path | None = None) -> gr.Blocks:
@@ -28,12 +32,17 @@ def build_app(model: LoadedModel, out_dir: str | Path | None = None) -> gr.Block
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="studio-"))
     with gr.Blocks(title="SD Studio") as demo:
         gr.Markdown(f"# SD Studio\nModel: **{model.name}** ({model.family}, hash {model.hash}) on {model.device}")
-        with gr.Tabs():
+        with gr.Tabs() as tabs, sharing() as shared:
             for tab in TABS:
                 with gr.Tab(tab.TITLE, id=tab.TITLE.lower()) as shown:
                     on_show = tab.build(model, out_dir)
                 if on_show is not None:
                     gr.on([demo.load, shown.select], *on_show, api_visibility="private")
+        for tab in TABS:
+            if hasattr(tab, "link"):
+                tab.link(shared, tabs)
+        # A closed (or reloaded) browser tab stops the Generate or Edit run it started, at the next step.
+        demo.unload(stop_on_close)
     # Model work queues one at a time (all such events share generate_tab's MODEL_QUEUE id), and takes turns with
     # the Jobs tab's background jobs.
     gate_model_events(demo)

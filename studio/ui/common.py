@@ -1,5 +1,6 @@
-"""What every tab shares: the one queue for model work, the one place errors become alerts, and how a tab
-re-reads what other tabs change."""
+"""What every tab shares: the one queue for model work, the one place errors become alerts, how a tab
+re-reads what other tabs change, the Stop switch of the running model event, and the components a tab lends
+to others (send-to buttons)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import gradio as gr
+from PIL import Image
 
-from pipelines import StudioError
+from pipelines import GenerationInterrupted, StudioError
 from pipelines.train import TrainConfig, TrainingDiverged, TrainProgress, TrainResult, train
 from studio.jobs import ModelGate
 
@@ -25,6 +27,22 @@ MODEL_QUEUE = "model"
 MODEL_GATE = ModelGate()
 # Errors shown as alerts: refused input, and a diverged training run (its message names the fix).
 USER_ERRORS = (StudioError, TrainingDiverged)
+
+
+T = TypeVar("T")
+
+# Small outputs (a 64-px model's images, masks, condition maps) are shown at least this large (longer side).
+DISPLAY_MIN = 256
+
+
+def display_size(image: Image.Image | None, minimum: int = DISPLAY_MIN) -> Image.Image | None:
+    """`image` for display only: upscaled by the smallest integer factor that makes its longer side at least
+    `minimum` pixels, with nearest-neighbour so every pixel stays a sharp square (saved files keep their size).
+    An image already that large, or None, comes back as it is."""
+    if image is None or max(image.size) >= minimum:
+        return image
+    factor = -(-minimum // max(image.size))  # ceil
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 class OnShow(NamedTuple):
@@ -123,3 +141,110 @@ def stream_training(pipe, config: TrainConfig, stop: threading.Event) -> Iterato
     if isinstance(event, BaseException):
         raise event
     yield event
+
+
+class StopSwitch:
+    """Stop for the model queue's running event: the Stop buttons set it, and so does closing the browser tab that
+    started the run; the run's per-step callback reads it (`until_stopped`). The queue runs one model event at a
+    time, so one switch serves every tab. Training keeps its own Event (train_tab.py), which it checkpoints on."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._session: str | None = None  # the browser session of the running event (None: the API, or idle)
+
+    def start(self, session: str | None) -> None:
+        self._stop.clear()
+        self._session = session
+
+    def finish(self) -> None:
+        self._session = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def stop_session(self, session: str | None) -> None:
+        """Stop the running event if `session` started it (its browser tab was closed)."""
+        if session is not None and session == self._session:
+            self._stop.set()
+
+    def is_set(self) -> bool:
+        return self._stop.is_set()
+
+
+STOP = StopSwitch()
+
+
+def until_stopped(work: Callable[[Callable[[int, int], bool]], T], request: gr.Request | None,
+                  progress: gr.Progress, desc: str) -> T | None:
+    """Run `work(callback)`, a pipeline call taking diffusers-style callback(step, total) that stops when it returns
+    True (GenerationInterrupted). The callback reports each step to `progress` (Gradio shows it with an ETA) and
+    asks STOP; a stopped run returns None after an info toast "Stopped at step k/N", so the handler can leave the
+    previous results in place (gr.skip())."""
+    reached = (0, 0)
+
+    def callback(step: int, total: int) -> bool:
+        nonlocal reached
+        reached = (step, total)
+        progress((step, total), desc=desc, unit="steps")
+        return STOP.is_set()
+
+    STOP.start(getattr(request, "session_hash", None))
+    try:
+        return work(callback)
+    except GenerationInterrupted:
+        gr.Info(f"Stopped at step {reached[0]}/{reached[1]}; the previous results are kept.")
+        return None
+    finally:
+        STOP.finish()
+
+
+def stop_button(label: str = "Stop", elem_id: str | None = None) -> gr.Button:
+    """A Stop button for the model event of its tab: it skips the model queue (the run holds it) and sets STOP, which
+    the run notices after its current step."""
+    button = gr.Button(label, variant="stop", elem_id=elem_id)
+    button.click(STOP.stop, api_name=f"{elem_id or 'stop'}".replace("-", "_"), concurrency_limit=None,
+                 queue=False, show_progress="hidden")
+    return button
+
+
+def stop_on_close(request: gr.Request) -> None:
+    """demo.unload: the browser tab of a session was closed (or reloaded): stop the run it started, if running."""
+    STOP.stop_session(request.session_hash)
+
+
+def refuse_unreadable(component: T, what: str) -> T:
+    """`component`, an image input, with its upload refused by name and reason when the file is not a readable image
+    (Gradio's own preprocess would fail with a bare "Error"). Returns the component."""
+    preprocess = component.preprocess
+
+    def checked(payload: Any) -> Any:
+        try:
+            return preprocess(payload)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
+            raise gr.Error(f"{what}: the uploaded file is not a readable image ({e}); upload a PNG or JPEG") from e
+
+    component.preprocess = checked
+    return component
+
+
+# --- Components a tab lends to others ---------------------------------------------------------------------------
+
+_shared: dict[str, gr.components.Component] | None = None
+
+
+@contextlib.contextmanager
+def sharing() -> Iterator[dict[str, gr.components.Component]]:
+    """While app.py builds the tabs: `share(...)` puts a tab's components in the dict yielded here, which app.py then
+    hands to each tab's `link` (the send-to buttons), after every tab is built."""
+    global _shared
+    _shared = shared = {}
+    try:
+        yield shared
+    finally:
+        _shared = None
+
+
+def share(**components: gr.components.Component) -> None:
+    """Lend components to other tabs, by name ("edit_image", "generate_prompt", ...); outside `sharing()`, nothing."""
+    if _shared is not None:
+        _shared.update(components)
