@@ -84,10 +84,15 @@ class CallContext:
     hints: Mapping[str, torch.Tensor] = field(default_factory=dict)  # condition -> (B_hint, 3, H, W) in [0, 1]
     regions: Sequence[Region] = ()
     text_encoding: TextEncoding | None = None  # None: the pipeline encodes no other texts for its adapters
+    # The UNet's `added_cond_kwargs` for these rows, as the pipeline passes them: SDXL's "text_embeds" (B, P), the
+    # pooled text, and "time_ids" (B, 6), the size conditions. None for a UNet without added conditions (SD 1/2).
+    # Carried here so that a pipeline with its own loop (editing) and adapters see what conditions each row.
+    added_cond: Mapping[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("text_embeds", "token_ids"):
-            value = getattr(self, name)
+        named = [("text_embeds", self.text_embeds), ("token_ids", self.token_ids)]
+        named += [(f"added_cond[{key!r}]", value) for key, value in (self.added_cond or {}).items()]
+        for name, value in named:
             if value is not None and value.shape[0] != len(self.rows):
                 raise ValueError(f"CallContext.{name} has {value.shape[0]} rows but there are {len(self.rows)} rows")
         for i, region in enumerate(self.regions):

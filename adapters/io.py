@@ -86,11 +86,18 @@ def save_adapter(
         header[key] = value if isinstance(value, str) else _json(f"extra[{key!r}]", value)
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in adapter.tensors().items()}
+    return write_safetensors(tensors, path, header)
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write a .safetensors file atomically: a temporary name in the same folder, then a rename, so a reader (or a
+    crash) never sees half a file and an existing file is replaced only by a complete one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,11 +23,11 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import save_file
 from torch import nn
 
 from .base import Adapter
 from .deltas import lora_from_deltas
+from .io import write_safetensors
 from .lora import LoRA
 
 # Model component (a pipeline attribute) -> the kohya prefixes of its modules; the first is what we write.
@@ -243,13 +242,4 @@ def export_kohya(adapter: Adapter, path: str | os.PathLike, *, trigger_words: It
     header = kohya_header(family, rank=r, alpha=alpha, title=path.stem, trigger_words=trigger_words,
                           resolution=resolution, extra=extra)
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return write_safetensors(tensors, path, header)

@@ -94,3 +94,46 @@ def tiny_sd15_pipeline(tokenizer_dir: str, seed: int = 0):
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def tiny_sdxl_pipeline(tokenizer_dir: str, seed: int = 0):
+    """A random-weight StableDiffusionXLPipeline with SDXL's layouts (TINY_SDXL_UNET: 2 transformer levels, 9 long
+    skips, "text_time" added conditions), shrunk to run in seconds; 64x64 images, 8x8 latents.
+
+    Both text encoders are there, as in SDXL: a CLIPTextModel (32 wide) and a CLIPTextModelWithProjection
+    (32 wide), whose penultimate hidden states concatenate to the UNet's cross_attention_dim (64) and whose
+    projected pooled output (projection_dim 32) is the pooled-text part of the UNet's addition embedding
+    (projection_class_embeddings_input_dim 80 = 32 + 6 size ids x addition_time_embed_dim 8). Both share the
+    one local tokenizer (SDXL's two differ only in padding), never downloaded."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    unet = build_unet("tiny-sdxl", seed=seed)
+    cfg = unet.config
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    width_2 = pooled  # text_encoder_2's width; text_encoder's is the rest of the cross-attention width
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16), layers_per_block=2, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
+        scaling_factor=0.13025,  # SDXL's VAE scaling factor
+    )
+
+    def clip_config(hidden: int, **extra) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **extra,
+        )
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(clip_config(cfg.cross_attention_dim - width_2))
+    torch.manual_seed(seed + 1)  # another seed: two identical encoders would hide a swapped pair
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config(width_2, projection_dim=pooled))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)

@@ -228,7 +228,7 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
     width, height = image_size
     # 1. Prompts: the global one as `generate` encodes it (rows: n unconditional, then n conditional), and
     #    each region's prompt (its negative prompt on the unconditional rows).
-    embeds, context = encode_call(pipe, prompt, negative_prompt, n, guidance_scale)
+    embeds, context = encode_call(pipe, prompt, negative_prompt, n, guidance_scale, image_size)
     cfg = "negative_prompt_embeds" in embeds
     cond_rows = context.row_mask("cond")
     concept_regions = []

@@ -35,15 +35,16 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from adapters.base import detect_family, unet_fingerprint
+from adapters.base import unet_fingerprint
 from adapters.checks import is_number
-from adapters.context import CallContext, Row, attached_adapters, call_context
+from adapters.context import CallContext, Row, attached_adapters, call_context, current_context
 from adapters.uniform_attention import attach_uniform_attention
 
 from .errors import GenerationInterrupted, InputError, NonFiniteError
 from .generate import (
     GenerationSettings,
     ProgressCallback,
+    added_conditions,
     check_guidance,
     check_steps,
     model_identity,
@@ -91,6 +92,31 @@ def ddim_schedule(scheduler_config: dict, num_inference_steps: int) -> DDIMSched
 def predict_x0(sample: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
     """x̂0 = (z_t − √(1−ᾱ_t)·ε) / √ᾱ_t, DDIM's predicted clean latent (Song et al. 2021, Eq. 12)."""
     return (sample - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def model_output_to_epsilon(sample: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor | float,
+                            prediction_type: str) -> torch.Tensor:
+    """ε from the UNet's output at level ᾱ, by the scheduler's `prediction_type`; x̂0 = `predict_x0(sample, ε, ᾱ)`
+    then equals the prediction type's own x̂0 exactly, so the rest of the maths reads ε alone.
+
+    - "epsilon":      ε = output.
+    - "v_prediction": v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022, sec. 4), so ε = √(1−ᾱ)·z_t + √ᾱ·v and
+                      x0 = √ᾱ·z_t − √(1−ᾱ)·v (SD 2.x-768).
+    - "sample":       output = x0, so ε = (z_t − √ᾱ·x0) / √(1−ᾱ).
+
+    The map is affine in `output` for a fixed `sample`, so classifier-free guidance may combine the raw outputs first.
+    """
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return (1 - alpha_bar) ** 0.5 * sample + alpha_bar**0.5 * output
+    if prediction_type == "sample":
+        return (sample - alpha_bar**0.5 * output) / (1 - alpha_bar) ** 0.5
+    raise InputError(f"prediction_type={prediction_type!r} is unknown: the scheduler must use one of "
+                     f"{PREDICTION_TYPES}")
 
 
 def ddim_renoise(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
@@ -204,9 +230,13 @@ class _Branches:
         return CallContext(rows=free + [Row("", "uncond")] * len(guided) + guided, image_size=image_size)
 
 
-def _predict_noise(pipe: StableDiffusionPipeline, branches: _Branches, latents: torch.Tensor, t: int) -> torch.Tensor:
+def _predict_noise(pipe: StableDiffusionPipeline, branches: _Branches, latents: torch.Tensor, t: int,
+                   alpha_bar: torch.Tensor) -> torch.Tensor:
     """ε per branch (n, C, h, w) in fp32 from one UNet call over `branches.rows` rows, laid out as
-    `branches.context` describes them (which rows are uniform is read from there)."""
+    `branches.context` describes them (which rows are uniform is read from there).
+
+    The output is read by the scheduler's prediction type at `alpha_bar` = ᾱ_t, the level the UNet was told
+    (`model_output_to_epsilon`); every ε and x̂0 of this module comes through here."""
     guided = torch.tensor(branches.guided)  # CPU masks: row bookkeeping never waits for the accelerator
     free = ~guided
     parts = [(latents[free], branches.embeds[free])]
@@ -215,15 +245,20 @@ def _predict_noise(pipe: StableDiffusionPipeline, branches: _Branches, latents: 
         parts += [(latents[guided], uncond), (latents[guided], branches.embeds[guided])]
     sample, context = (torch.cat(part) for part in zip(*parts))
     dtype = pipe.unet.dtype
-    out = pipe.unet(sample.to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False)[0].float()
+    # SDXL's pooled text and size ids, per row in the same layout: the loop's call context carries them.
+    ctx = current_context(pipe.unet)
+    added = {k: v.to(dtype) for k, v in ctx.added_cond.items()} if ctx is not None and ctx.added_cond else None
+    out = pipe.unet(sample.to(dtype), t, encoder_hidden_states=context.to(dtype), added_cond_kwargs=added,
+                    return_dict=False)[0].float()
 
     n_free = int(free.sum())
     eps = torch.empty_like(latents)
     eps[free] = out[:n_free]
-    if any(branches.guided):
+    if any(branches.guided):  # CFG on the raw outputs: the conversion to ε is affine, so the order does not matter
         eps_uncond, eps_cond = out[n_free:].chunk(2)
         eps[guided] = classifier_free_guidance(eps_uncond, eps_cond, branches.guidance_scale)
-    return eps
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    return model_output_to_epsilon(latents, eps, alpha_bar, prediction_type)
 
 
 @contextlib.contextmanager
@@ -234,7 +269,11 @@ def _denoising_loop(pipe: StableDiffusionPipeline, branches: _Branches, latents:
     with contextlib.ExitStack() as stack:
         if branches.uniform:
             stack.enter_context(attach_uniform_attention(pipe.unet))
-        stack.enter_context(call_context(pipe.unet, branches.context(size)))
+        context = branches.context(size)
+        # The UNet's added conditions (SDXL) of each row's prompt, rows laid out as `_predict_noise` stacks them.
+        pooled = encode_pooled(pipe, [row.prompt for row in context.rows])
+        context = dataclasses.replace(context, added_cond=added_conditions(pipe.unet, pooled, size))
+        stack.enter_context(call_context(pipe.unet, context))
         yield
 
 
@@ -245,7 +284,7 @@ def _run_inversion(pipe: StableDiffusionPipeline, branches: _Branches, latents: 
     with _denoising_loop(pipe, branches, latents):
         for step, i in enumerate(reversed(range(num_steps))):
             t, t_prev = schedule.timesteps[i], schedule.previous(i)
-            eps = _predict_noise(pipe, branches, latents, t)  # ε_θ(z_{t_prev}, t): destination t
+            eps = _predict_noise(pipe, branches, latents, t, schedule.alpha_bar(t))  # ε_θ(z_{t_prev}, t): destination t
             latents = ddim_inversion_step(latents, eps, schedule.alpha_bar(t_prev), schedule.alpha_bar(t))
             _report(callback, step + 1, num_steps)
     return latents, branches.rows * num_steps
@@ -260,8 +299,8 @@ def _run_denoising(pipe: StableDiffusionPipeline, branches: _Branches, latents: 
     """
     with _denoising_loop(pipe, branches, latents):
         for i, t in enumerate(schedule.timesteps):
-            eps = _predict_noise(pipe, branches, latents, t)
             alpha_t, alpha_prev = schedule.alpha_bar(t), schedule.alpha_bar(schedule.previous(i))
+            eps = _predict_noise(pipe, branches, latents, t, alpha_t)
             if guide is None:
                 latents = ddim_denoising_step(latents, eps, alpha_t, alpha_prev)
             else:  # each branch is re-noised with its own, unmodified ε (UAM sec. 3.3.2)
@@ -290,7 +329,18 @@ def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> list
 
 def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
     """(n, L, D) text embeddings from the pipe's own `encode_prompt` ("" padded as its tokenizer pads it)."""
-    return pipe.encode_prompt(prompts, pipe._execution_device, 1, False)[0]
+    # Keywords: SDXL's encode_prompt takes prompt_2 second, where SD's takes the device.
+    return pipe.encode_prompt(prompt=prompts, device=pipe._execution_device, num_images_per_prompt=1,
+                              do_classifier_free_guidance=False)[0]
+
+
+def encode_pooled(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor | None:
+    """(n, P) pooled text embeddings of a pipe with a second, projected text encoder (SDXL), as `encode_prompts`
+    encodes the prompts; None for one text encoder (SD 1.x/2.x: `encode_prompt` gives no pooled output)."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return None
+    return pipe.encode_prompt(prompt=prompts, device=pipe._execution_device, num_images_per_prompt=1,
+                              do_classifier_free_guidance=False)[2]
 
 
 def _image_size(pipe: StableDiffusionPipeline, height: int | None, width: int | None) -> tuple[int, int]:
@@ -305,14 +355,12 @@ def _image_size(pipe: StableDiffusionPipeline, height: int | None, width: int | 
 
 
 def _check_model(model: Model, num_inference_steps: int) -> StableDiffusionPipeline:
-    """The pipeline of `model` once it is known to suit UAM editing (SD 1.x/2.x, ε-prediction)."""
+    """The pipeline of `model` once it is known to suit UAM editing (SD 1.x/2.x or SDXL; ε-, v- or x0-prediction)."""
     pipe = model.pipe if isinstance(model, LoadedModel) else model
-    if detect_family(pipe.unet) == "SDXL":
-        raise InputError("an SDXL model was given: UAM editing supports SD 1.x/2.x models (one text encoder)")
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if prediction_type != "epsilon":
-        raise InputError(f"prediction_type={prediction_type!r}: UAM editing needs an ε-prediction model "
-                         "(e.g. SD 1.5 or SD 2 base)")
+    if prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"prediction_type={prediction_type!r} is unknown: UAM editing reads the UNet's output as "
+                         f"one of {PREDICTION_TYPES}; set the scheduler's prediction_type to the model's")
     check_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps, example=50)
     return pipe
 

@@ -169,8 +169,9 @@ def generate(
     pipe.scheduler = sampler
     try:
         with attached(pipe.unet, adapters), controlled(pipe.unet, control, (width, height)) as hints:
-            embeds, context = encode_call(pipe, prompt, negative_prompt, num_images_per_prompt, guidance_scale)
-            context.image_size, context.hints = (width, height), hints
+            embeds, context = encode_call(pipe, prompt, negative_prompt, num_images_per_prompt, guidance_scale,
+                                          (width, height))
+            context.hints = hints
             with call_context(pipe.unet, context):
                 images = pipe(
                     **embeds, height=height, width=width, num_inference_steps=num_inference_steps,
@@ -232,10 +233,13 @@ def _adapter_name(source: object) -> str:
 
 
 def encode_call(pipe: DiffusionPipeline, prompt: str, negative_prompt: str, num_images_per_prompt: int,
-                guidance_scale: float) -> tuple[dict[str, torch.Tensor], CallContext]:
+                guidance_scale: float, image_size: tuple[int, int] | None = None,
+                ) -> tuple[dict[str, torch.Tensor], CallContext]:
     """The pipeline's embedding arguments for one prompt, encoded by its own `encode_prompt` (so the images are
     those of `pipe(prompt=...)` to the bit), and the call context of the UNet batch it will run: under
-    classifier-free guidance the n unconditional rows, then the n conditional ones, as the pipeline stacks them."""
+    classifier-free guidance the n unconditional rows, then the n conditional ones, as the pipeline stacks them.
+    image_size: (width, height) of the call, recorded in the context with the UNet's added conditions for that size
+    (SDXL's; None: the model's native size)."""
     cfg = guidance_scale > 1 and pipe.unet.config.get("time_cond_proj_dim") is None  # the pipeline's own rule
     encoded = pipe.encode_prompt(prompt=prompt, device=pipe._execution_device, num_images_per_prompt=1,
                                  do_classifier_free_guidance=cfg, negative_prompt=negative_prompt)
@@ -246,8 +250,33 @@ def encode_call(pipe: DiffusionPipeline, prompt: str, negative_prompt: str, num_
     rows = [Row(negative_prompt, "uncond")] * n_uncond + [Row(prompt, "cond")] * n
     texts = [embeds.get("negative_prompt_embeds")] * n_uncond + [embeds["prompt_embeds"]] * n
     ids = token_ids(pipe.tokenizer, [row.prompt for row in rows])
-    return embeds, CallContext(rows=rows, text_embeds=torch.cat(texts), token_ids=ids,
-                               text_encoding=text_encoding(pipe))
+    if image_size is None:
+        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        image_size = (native, native)
+    pooled = None
+    if "pooled_prompt_embeds" in embeds:  # a second, projected text encoder (SDXL): rows stacked as the texts are
+        pooled = torch.cat([embeds.get("negative_pooled_prompt_embeds")] * n_uncond
+                           + [embeds["pooled_prompt_embeds"]] * n)
+    return embeds, CallContext(rows=rows, text_embeds=torch.cat(texts), token_ids=ids, image_size=image_size,
+                               text_encoding=text_encoding(pipe),
+                               added_cond=added_conditions(pipe.unet, pooled, image_size))
+
+
+def added_conditions(unet: torch.nn.Module, pooled: torch.Tensor | None,
+                     image_size: tuple[int, int]) -> dict[str, torch.Tensor] | None:
+    """The UNet's `added_cond_kwargs` for rows with the pooled text embeddings `pooled` (B, P) at `image_size`
+    (width, height), or None for a UNet that takes none (SD 1.x/2.x).
+
+    SDXL's "text_time" conditioning: the pooled text and six size ids per row, (original height, width, crop top,
+    left, target height, width), which StableDiffusionXLPipeline builds by default as the uncropped image size."""
+    if unet.config.get("addition_embed_type") != "text_time":
+        return None
+    if pooled is None:
+        raise ValueError("this UNet is conditioned on pooled text embeddings (addition_embed_type='text_time'), but "
+                         "the pipeline's text encoding gave none: load it with its second, projected text encoder")
+    width, height = image_size
+    ids = torch.tensor([height, width, 0, 0, height, width], dtype=pooled.dtype, device=pooled.device)
+    return {"text_embeds": pooled, "time_ids": ids.expand(pooled.shape[0], -1)}
 
 
 def token_ids(tokenizer, texts: Sequence[str]) -> torch.Tensor:

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from adapters.io import write_safetensors
 
 from .errors import StudioError
 
@@ -35,10 +36,7 @@ def save_state(state: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(state, tensors, "state")
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "structure": json.dumps(structure)})
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(tensors, path, {"format": FORMAT, "structure": json.dumps(structure)})
 
 
 def load_state(path: str | os.PathLike) -> Any:

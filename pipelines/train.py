@@ -62,7 +62,7 @@ from .annotators import training_hints
 from .control import ControlSpec
 from .datasets import EpochSampler, Example, images_in, load_images, scan_folder
 from .errors import InputError, StudioError
-from .generate import MAX_GUIDANCE, MAX_STEPS, generate, save_png
+from .generate import MAX_GUIDANCE, MAX_STEPS, added_conditions, generate, save_png
 from .images import check_out_dir
 from .statefile import load_state, refuse_pickle, save_state
 
@@ -342,6 +342,7 @@ class _Encoded:
     captions: list[str]  # the U distinct captions, "" last
     caption_index: torch.Tensor  # (N,) row of `text` for each image
     hints: torch.Tensor | None = None  # (N, 3, H, W) uint8: a controller's hint for each image
+    pooled: torch.Tensor | None = None  # (U, P) pooled text of each caption (SDXL's second encoder), else None
 
 
 class _Denoiser(nn.Module):
@@ -353,8 +354,10 @@ class _Denoiser(nn.Module):
         super().__init__()
         self.unet, self.adapter = unet, adapter
 
-    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=text).sample
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                added_cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        # added_cond: the UNet's added conditions per row (SDXL's pooled text and size ids), None for SD 1.x/2.x.
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=text, added_cond_kwargs=added_cond).sample
 
 
 class Objective:
@@ -372,6 +375,8 @@ class Objective:
     """
 
     needs_data: ClassVar[bool] = True  # trains on config.data_dir's images
+    # Passes the UNet's added conditions (SDXL's pooled text and size ids) with each call: False refuses such UNets.
+    added_conditions: ClassVar[bool] = False
     sample_hints: torch.Tensor | None = None  # a controller's hints, cycled over the sample prompts
 
     def __init__(self, pipe, config: TrainConfig, adapter_config: Any):
@@ -402,6 +407,8 @@ class Objective:
 class DenoisingObjective(Objective):
     """Learn a folder of images: the noise-prediction MSE on its cached latents and captions, plus DreamBooth's
     prior preservation on class images of the base model (a second batch weighted by prior_loss_weight)."""
+
+    added_conditions = True  # each caption's pooled text is cached with it; the size ids are the resolution's
 
     def __init__(self, pipe, config: TrainConfig, adapter_config: Any):
         super().__init__(pipe, config, adapter_config)
@@ -461,13 +468,16 @@ class DenoisingObjective(Objective):
             torch.cat([d[k][rows] for d in draws]).to(self.device) for k in ("latents", "text", "noise", "timesteps")
         )
         # The call's context: each row's caption, and a controller's hint per image (no prior batch then).
+        size = (self.resolution, self.resolution)
+        pooled = torch.cat([d["pooled"][rows] for d in draws]).to(self.device) if "pooled" in draws[0] else None
         context = CallContext(rows=[Row(prompt, "train") for d in draws for prompt in d["prompts"][rows]],
-                              text_embeds=text, image_size=(self.resolution, self.resolution))
+                              text_embeds=text, image_size=size,
+                              added_cond=added_conditions(self.pipe.unet, pooled, size))
         if self.instance.hints is not None:
             context.hints = {self.condition: draws[0]["hints"][rows].float() / 255}
         with call_context(self.pipe.unet, context):
             noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-            pred = denoiser(noisy_latents, timesteps, text)
+            pred = denoiser(noisy_latents, timesteps, text, context.added_cond)
         target = _target(self.noise_scheduler, latents, noise, timesteps)
         per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         loss = per_image[:batch_size].mean()
@@ -505,10 +515,10 @@ def train(
     after each step; `should_stop()` is asked before each step and True (in any process) ends the
     run with a checkpoint. A NaN/inf loss raises TrainingDiverged before the weights change."""
     # 1. Check the pipeline, the objective's inputs (the data) and the resume point before any work.
-    _check_pipeline(pipe)
+    method = REGISTRY[config.method]
+    _check_pipeline(pipe, objective_of(method))
     mixed_precision = _mixed_precision(config, pipe.unet.dtype)
     adapter_config = _adapter_config_for(pipe, config)
-    method = REGISTRY[config.method]
     objective = objective_of(method)(pipe, config, adapter_config)
     resume_from = _resume_point(config)
     if resume_from is not None:
@@ -655,11 +665,22 @@ def _in_any_process(accelerator: Accelerator, flag: bool) -> bool:
     return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
 
 
-def _check_pipeline(pipe) -> None:
+def training_refusal(pipe, objective: str = "denoise") -> str | None:
+    """Why `pipe` cannot be trained on with `objective` (a key of OBJECTIVES), in the words `train` would refuse it
+    with, or None when it can (the UI says it in place of a tab that would fail)."""
+    try:
+        _check_pipeline(pipe, OBJECTIVES[objective])
+    except TrainConfigError as e:
+        return str(e)
+    return None
+
+
+def _check_pipeline(pipe, objective: type[Objective]) -> None:
     unet = pipe.unet
-    if detect_family(unet) == "SDXL":
-        raise TrainConfigError("training SDXL is not supported yet (it needs pooled text embeddings and size ids); "
-                               "use an SD 1.x/2.x model")
+    if unet.config.get("addition_embed_type") is not None and not objective.added_conditions:
+        raise TrainConfigError(f"this model's UNet takes added conditions ({unet.config.addition_embed_type!r}: "
+                               f"{detect_family(unet)}'s pooled text and size ids), which the {objective.__name__} "
+                               "does not pass yet; use an SD 1.x/2.x model")
     if unet.config.in_channels != pipe.vae.config.latent_channels:
         raise TrainConfigError(f"the UNet takes {unet.config.in_channels} input channels (an inpainting or other "
                                "special model); train on a text-to-image model with "
@@ -721,11 +742,14 @@ def _encode(pipe, pixels: torch.Tensor, captions: list[str], chunk: int = 16) ->
         means.append((posterior.mean.float() - shift) * scale)
         stds.append(posterior.std.float() * scale)
     distinct = list(dict.fromkeys([*captions, ""]))  # "" for caption dropout
-    text = torch.cat([
-        pipe.encode_prompt(distinct[i:i + chunk], device, 1, False)[0].float() for i in range(0, len(distinct), chunk)
-    ])
+    # Keywords: SDXL's encode_prompt takes prompt_2 second, where SD's takes the device. SDXL also gives the pooled
+    # text of its second encoder (outputs 3 and 4); SD 1.x/2.x give two outputs.
+    encoded = [pipe.encode_prompt(prompt=distinct[i:i + chunk], device=device, num_images_per_prompt=1,
+                                  do_classifier_free_guidance=False) for i in range(0, len(distinct), chunk)]
+    text = torch.cat([out[0].float() for out in encoded])
+    pooled = torch.cat([out[2].float() for out in encoded]) if len(encoded[0]) > 2 else None
     caption_index = torch.tensor([distinct.index(c) for c in captions], device=device)
-    return _Encoded(torch.cat(means), torch.cat(stds), text, distinct, caption_index)
+    return _Encoded(torch.cat(means), torch.cat(stds), text, distinct, caption_index, pooled=pooled)
 
 
 def _draw(data: _Encoded, sampler: EpochSampler, step: int, count: int, generator: torch.Generator,
@@ -745,6 +769,8 @@ def _draw(data: _Encoded, sampler: EpochSampler, step: int, count: int, generato
         dropped = (torch.rand(count, generator=generator) < caption_dropout).to(index.device)
         rows = torch.where(dropped, len(data.text) - 1, rows)  # the empty caption is the last row
     draw["text"] = data.text[rows]
+    if data.pooled is not None:
+        draw["pooled"] = data.pooled[rows]
     draw["prompts"] = [data.captions[i] for i in rows.tolist()]
     if data.hints is not None:
         draw["hints"] = data.hints[index]

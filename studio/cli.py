@@ -9,6 +9,7 @@
     studio annotate data/stars --condition canny --out data/stars-canny              # hints for training
     studio compose "a sks and a zkz" --adapter sks --adapter zkz --region "0,0,32,64:a sks" --region "32,0,64,64:a zkz"
     studio adapters list
+    studio checkpoint export --adapter sks:0.8 --out out/shapes-sks.safetensors   # one single-file model
     studio jobs submit batch.yaml                     # many subjects, resumable (docs/jobs.md)
     studio shapes dataset --out data/shapes --n 100 --seed 0         # renders + captions to train on
     studio shapes train --out runs/shapes
@@ -33,7 +34,7 @@ quiet_libraries()  # before pipelines imports diffusers and transformers: their 
 
 from pipelines import ANNOTATORS, SCHEDULERS, StudioError  # noqa: E402
 
-from . import adapters_cli, compose_cli, erase_cli, jobs_cli, train_cli  # noqa: E402
+from . import adapters_cli, checkpoint_cli, compose_cli, erase_cli, jobs_cli, train_cli  # noqa: E402
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_cli.add_parser(sub)
     compose_cli.add_parser(sub)
     adapters_cli.add_parser(sub)
+    checkpoint_cli.add_parser(sub)
     _add_shapes(sub)
     return parser
 

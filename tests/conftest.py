@@ -1,4 +1,4 @@
-"""Fixtures shared by every test file: the embedded model (loaded once) and a tiny SD 1.5 pipeline.
+"""Fixtures shared by every test file: the embedded model (loaded once) and tiny SD 1.5 and SDXL pipelines.
 
 Tests never touch the network: the hub is set offline before anything imports huggingface_hub.
 """
@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pipelines import EMBEDDED_MODEL, LoadedModel, load_model  # noqa: E402
-from pipelines.architectures import tiny_sd15_pipeline  # noqa: E402
+from pipelines.architectures import tiny_sd15_pipeline, tiny_sdxl_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +27,10 @@ def embedded() -> LoadedModel:
 def tiny_sd15():
     """A fresh random-weight StableDiffusionPipeline with SD 1.5's layouts (64x64 images), yours to modify."""
     return tiny_sd15_pipeline(str(EMBEDDED_MODEL / "tokenizer"))
+
+
+@pytest.fixture
+def tiny_sdxl():
+    """A fresh random-weight StableDiffusionXLPipeline with SDXL's layouts (two text encoders, added size and
+    pooled-text conditions; 64x64 images), yours to modify."""
+    return tiny_sdxl_pipeline(str(EMBEDDED_MODEL / "tokenizer"))

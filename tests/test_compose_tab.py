@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,22 @@ def test_compose_api_returns_both_results_for_one_seed_each_png_with_its_setting
     assert [json.loads(p["Regions"]) for p in params] == [[[0, 0, 32, 64, "a sks"], [32, 0, 64, 64, "a zkz"]]] * 2
     assert "concept 8, fill 2, region 10" in params[0]["Composer"]
     assert settings.startswith("LoRA-Composer (by region):\na sks and a zkz\n") and "\n\nMerged weights:\n" in settings
+
+
+def test_stop_ends_a_composition_at_its_next_step_and_keeps_the_previous_results(app_url, library):  # noqa: F811
+    table = {"headers": ["Adapter", "Weight", "Region prompt", "x0", "y0", "x1", "y1"],
+             "data": [["sks", "", "a sks", 0, 0, 32, 64], ["zkz", 0.5, "a zkz", 32, 0, 64, 64]]}
+    client = Client(app_url, verbose=False)
+    job = client.submit(table, "a sks and a zkz", "", 7, 150, 7.5, 8, 2, 10, 20, 25, True, True,
+                        api_name="/compose")
+    while not job.status().progress_data:  # a step done
+        assert not job.done()
+        time.sleep(0.1)
+    started = time.monotonic()
+    client.predict(api_name="/compose_stop")
+    by_region, merged, settings = job.result()
+    assert time.monotonic() - started < 10  # 300 steps in all would take minutes
+    assert [by_region, merged, settings] == [{"__type__": "update"}] * 3  # gr.skip(): the tab keeps what it showed
 
 
 def _add_concept(tab, label: str) -> None:

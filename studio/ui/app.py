@@ -1,6 +1,7 @@
 """Assemble the studio: one tab per module, the model loaded once and shared by all of them.
 
-A new tab is a module with `TITLE` and `build(model, out_dir)` (see generate_tab.py), added to TABS. A tab
+A new tab is a module with `TITLE` and `build(model, out_dir)` (see generate_tab.py), added to TABS; a tab that
+cannot serve every model family also defines `unavailable(model)`, the reason shown in its place. A tab
 showing state that other tabs change (the adapter library) returns an `OnShow` from `build`: it runs
 whenever the page loads and whenever the tab is selected.
 
@@ -19,7 +20,7 @@ import gradio as gr
 from pipelines import LoadedModel
 
 from . import adapters_tab, compose_tab, edit_tab, erase_tab, generate_tab, jobs_tab, png_info_tab, train_tab
-from .common import gate_model_events, sharing, stop_on_close
+from .common import gate_model_events, sharing, stop_on_close, unavailable_reason
 
 TABS = [generate_tab, compose_tab, edit_tab, train_tab, erase_tab, jobs_tab, adapters_tab, png_info_tab]
 
@@ -34,8 +35,14 @@ def build_app(model: LoadedModel, out_dir: str | Path | None = None) -> gr.Block
         gr.Markdown(f"# SD Studio\nModel: **{model.name}** ({model.family}, hash {model.hash}) on {model.device}")
         with gr.Tabs() as tabs, sharing() as shared:
             for tab in TABS:
+                reason = unavailable_reason(tab, model)
                 with gr.Tab(tab.TITLE, id=tab.TITLE.lower()) as shown:
-                    on_show = tab.build(model, out_dir)
+                    if reason is None:
+                        on_show = tab.build(model, out_dir)
+                    else:  # the tab stays, so users learn why it is empty rather than hunt for it
+                        gr.Markdown(f"**{tab.TITLE} is not available for this {model.family} model.** {reason}",
+                                    elem_id=f"{tab.TITLE.lower()}-unavailable")
+                        on_show = None
                 if on_show is not None:
                     gr.on([demo.load, shown.select], *on_show, api_visibility="private")
         for tab in TABS:

@@ -11,12 +11,13 @@ import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any, NamedTuple, TypeVar
 
 import gradio as gr
 from PIL import Image
 
-from pipelines import GenerationInterrupted, StudioError
+from pipelines import GenerationInterrupted, LoadedModel, StudioError
 from pipelines.train import TrainConfig, TrainingDiverged, TrainProgress, TrainResult, train
 from studio.jobs import ModelGate
 
@@ -248,3 +249,12 @@ def share(**components: gr.components.Component) -> None:
     """Lend components to other tabs, by name ("edit_image", "generate_prompt", ...); outside `sharing()`, nothing."""
     if _shared is not None:
         _shared.update(components)
+
+
+def unavailable_reason(tab: ModuleType, model: LoadedModel) -> str | None:
+    """Why `tab` cannot serve `model` (e.g. training an SDXL model), from the tab module's optional
+    `unavailable(model)`, or None when it can. app.py shows the reason in the tab's place: a family the pipelines
+    would refuse is explained when the studio opens, not at the first click. The reason comes from the pipelines'
+    own checks, so the UI never keeps a second list of what each family supports."""
+    check: Callable[[LoadedModel], str | None] | None = getattr(tab, "unavailable", None)
+    return check(model) if check is not None else None

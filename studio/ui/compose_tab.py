@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from pipelines.compose import ComposeRegion, ComposerLossWeights, ComposerSettin
 from pipelines.generate import MAX_SEED
 from studio.library import AdapterLibrary, LibraryError
 
-from .common import MODEL_QUEUE, OnShow, handler
+from .common import MODEL_QUEUE, OnShow, handler, stop_button, until_stopped
 from .generate_tab import editor_image
 
 TITLE = "Compose"
@@ -269,23 +269,33 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
     @handler
     def run(rows: Any, prompt: str, negative: str, seed: float | None, steps: float, guidance: float,
             concept: float, fill: float, region: float, step_size: float, refine_until: float, reinitialise: bool,
-            isolation: bool, progress: gr.Progress = gr.Progress()) -> tuple[list, list, str]:
+            isolation: bool, request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple:
         # Everything the table and the knobs can get wrong is refused here, before any model work.
         adapters, regions = concepts_from_rows(rows, AdapterLibrary())
         settings = composer_settings(concept, fill, region, step_size, refine_until, reinitialise, isolation)
         # One seed for both results, so they differ only by how the concepts are combined.
         seed = secrets.randbelow(MAX_SEED + 1) if seed is None or seed < 0 else int(seed)
-        galleries, texts = [], []
-        for i, (mode, label) in enumerate(RESULTS):
-            def report(step: int, total: int, offset: int = i, desc: str = label) -> None:  # bound now, not late
-                progress((offset * total + step, len(RESULTS) * total), desc=desc, unit="steps")
 
-            try:
-                result = compose(model, prompt, adapters=adapters, regions=regions, mode=mode,
-                                 negative_prompt=negative, num_inference_steps=int(steps), guidance_scale=guidance,
-                                 seed=seed, height=native, width=native, composer=settings, callback=report)
-            except InputError as e:
-                raise InputError(in_table_terms(str(e))) from e
+        def both(callback: Callable[[int, int], bool]) -> list:
+            results = []
+            for i, (mode, _) in enumerate(RESULTS):
+                def report(step: int, total: int, offset: int = i) -> bool:  # one bar over both results
+                    return callback(offset * total + step, len(RESULTS) * total)
+
+                try:
+                    results.append(compose(
+                        model, prompt, adapters=adapters, regions=regions, mode=mode, negative_prompt=negative,
+                        num_inference_steps=int(steps), guidance_scale=guidance, seed=seed, height=native,
+                        width=native, composer=settings, callback=report))
+                except InputError as e:
+                    raise InputError(in_table_terms(str(e))) from e
+            return results
+
+        results = until_stopped(both, request, progress, " then ".join(label for _, label in RESULTS))
+        if results is None:  # stopped: the previous results stay
+            return gr.skip(), gr.skip(), gr.skip()
+        galleries, texts = [], []
+        for result, (_, label) in zip(results, RESULTS):
             infotexts = [s.infotext() for s in result.settings]
             galleries.append([(str(p), text) for p, text in zip(save_images(result, out_dir), infotexts)])
             texts.append(f"{label}:\n" + "\n\n".join(infotexts))
@@ -331,7 +341,8 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                 boxes = gr.Image(draw_preview([], size), label="Boxes", type="pil", height=PANEL,
                                  format="png", interactive=False, elem_id="compose-preview")
             prompt = gr.Textbox(label="Prompt (the whole scene)", lines=2, elem_id="compose-prompt",
-                                placeholder="a sks on the left and a zkz on the right")
+                                placeholder="the whole scene, naming each concept's trigger "
+                                            "(e.g. a sks on the left and a zkz on the right)")
             negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="compose-negative")
             with gr.Row():
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1: random; the same for both)",
@@ -352,7 +363,9 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                                                elem_id="compose-reinit")
                     isolation = gr.Checkbox(True, label="Isolation (boxes do not attend to each other)",
                                             elem_id="compose-isolation")
-            button = gr.Button("Compose", variant="primary", elem_id="compose-button")
+            with gr.Row():
+                button = gr.Button("Compose", variant="primary", elem_id="compose-button")
+                stop_button("Stop", elem_id="compose-stop")
         with gr.Column(scale=1):
             with gr.Row():
                 by_region = gr.Gallery(label=RESULTS[0][1], columns=1, format="png", elem_id="compose-composer")

@@ -15,12 +15,17 @@ import gradio as gr
 from adapters import REGISTRY, SPM
 from pipelines import InputError, LoadedModel, generate, membrane_gammas, save_images
 from pipelines.erase import DEFAULT_STEPS, erase_config
-from pipelines.train import TrainResult
+from pipelines.train import TrainResult, training_refusal
 from studio.library import AdapterLibrary, LibraryError
 
 from .common import MODEL_QUEUE, OnShow, handler, stream_training
 
 TITLE = "Erase"
+
+
+def unavailable(model: LoadedModel) -> str | None:
+    """Why this tab cannot erase concepts from `model` (the training loop's own refusal, e.g. SDXL), or None."""
+    return training_refusal(model.pipe, "erase")
 
 
 def lines(text: str | None) -> list[str]:
@@ -104,8 +109,8 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
 
     with gr.Row():
         with gr.Column(scale=1):
-            concepts = gr.Textbox(label="Concepts to erase (one per line)", lines=2, placeholder="triangle",
-                                  elem_id="erase-concepts")
+            concepts = gr.Textbox(label="Concepts to erase (one per line)", lines=2,
+                                  placeholder="what should no longer appear (e.g. triangle)", elem_id="erase-concepts")
             surrogate = gr.Textbox(label="Surrogate (what they turn into; blank: erased)", elem_id="erase-surrogate")
             steps = gr.Slider(1, 5000, value=DEFAULT_STEPS, step=1, label="Training steps", elem_id="erase-steps")
             name = gr.Textbox(label="Membrane name (blank: erase-<concepts>)", elem_id="erase-name")
@@ -117,7 +122,8 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
             membrane = gr.Dropdown(membrane_choices(), value=None, label="Membrane (from the library)",
                                    allow_custom_value=True, elem_id="erase-membrane")
             prompts = gr.Textbox(label="Prompts to compare (one per line; blank after erasing: the concepts)",
-                                 lines=3, placeholder="a red triangle\na blue circle", elem_id="erase-prompts")
+                                 lines=3, placeholder="one prompt per line (e.g. a red triangle)",
+                                 elem_id="erase-prompts")
             strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Membrane strength", elem_id="erase-strength")
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="erase-seed")

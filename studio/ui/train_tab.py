@@ -28,12 +28,17 @@ from PIL import Image, ImageDraw, ImageFont
 from adapters import REGISTRY, Adapter, Recommendation
 from pipelines import InputError, LoadedModel
 from pipelines.filetypes import IMAGE_EXTENSIONS
-from pipelines.train import TrainConfig, TrainResult, image_methods
+from pipelines.train import TrainConfig, TrainResult, image_methods, training_refusal
 from studio.library import AdapterLibrary, LibraryError
 
 from .common import MODEL_QUEUE, handler, stream_training
 
 TITLE = "Train"
+
+
+def unavailable(model: LoadedModel) -> str | None:
+    """Why this tab cannot train `model` (the training loop's own refusal, e.g. of an SDXL model), or None."""
+    return training_refusal(model.pipe)
 CONCEPTS = ("subject", "style", "control")
 
 
