@@ -158,6 +158,9 @@ def main() -> None:
     default_q = inspect.signature(edit).parameters["quantile"].default
     p.add_argument("--quantile", type=float, default=default_q, help=f"UAM's mask quantile (default {default_q}, "
                    "edit()'s)")
+    default_dilation = inspect.signature(edit).parameters["dilation"].default
+    p.add_argument("--dilation", type=int, default=default_dilation,
+                   help=f"UAM's mask dilation radius in latent cells (default {default_dilation}, edit()'s)")
     p.add_argument("--model", default=None, help="model source (default: the embedded Shapes model)")
     p.add_argument("--save", type=Path, default=None,
                    help="also write one strip per case: source | UAM edit | no-uniform edit | UAM reconstruction")
@@ -174,7 +177,7 @@ def main() -> None:
     print(f"machine: {machine(pipe.device)}")
     print(f"model {model.name} (hash {model.hash}); {len(todo)} rendered images "
           f"({', '.join(f'{sum(c.kind == k for c in todo)} {k}' for k in KINDS)} edits), {steps} DDIM steps, "
-          f"CFG {GUIDANCE}, UAM mask quantile {args.quantile}")
+          f"CFG {GUIDANCE}, UAM mask quantile {args.quantile}, dilation {args.dilation}")
     # Warm-up: the first calls pay one-off allocation and kernel selection, which no edit should be charged.
     generate(model, "a red circle", num_inference_steps=2, seed=0)
     edit(model, render(todo[0].source), "", "", num_inference_steps=2, use_cache=False)
@@ -191,11 +194,11 @@ def main() -> None:
         INVERSION_CACHE.clear()  # the first edit of each image pays for its inversion
 
         uam, seconds = timed(edit, model, image, source, target, num_inference_steps=steps, guidance_scale=GUIDANCE,
-                             quantile=args.quantile)
+                             quantile=args.quantile, dilation=args.dilation)
         add("uam time", seconds)
         add("uam rows", uam.unet_rows)
         again, seconds = timed(edit, model, image, source, case.second.caption(), num_inference_steps=steps,
-                               guidance_scale=GUIDANCE, quantile=args.quantile)
+                               guidance_scale=GUIDANCE, quantile=args.quantile, dilation=args.dilation)
         add("cached time", seconds)
         add("cached rows", again.unet_rows)
         plain, seconds = timed(edit_without_uniform, model, image, source, target, num_inference_steps=steps,

@@ -506,7 +506,8 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
          num_inference_steps: int = 50,
          guidance_scale: float = 7.5,  # CFG of the source and target branches (none when <= 1)
          mask_start_t: int = 200,  # T_mask: blend only on 0 < t < T_mask (the last 9-10 of 50 steps)
-         quantile: float = 0.5,  # q: the threshold's quantile level ramps from 0 to q
+         quantile: float = 0.25,  # q: the threshold's quantile level ramps from 0 to q (paper 0.5; 0.25 lets
+         # background edits through at the same background PSNR: docs/benchmarks.md, issue #20)
          dilation: int = 1,  # radius of the mask's dilation (3x3 max-pool)
          threshold_mode: ThresholdMode = "reference",  # "reference": |Δ| > 2λ, dilate the edit region
          mask_channels: MaskChannels = "per_channel",  # one mask per latent channel, as the reference

@@ -132,7 +132,8 @@ def build(model: LoadedModel, out_dir: Path) -> None:
             with gr.Accordion("Advanced", open=False):
                 mask_start = gr.Slider(0, 1000, value=200, step=10, elem_id="edit-mask-start",
                                        label="Mask start T_mask (blend below it; 0: never)")
-                quantile = gr.Slider(0, 1, value=0.5, step=0.05, label="Mask quantile q", elem_id="edit-quantile")
+                quantile = gr.Slider(0, 1, value=0.25, step=0.05, elem_id="edit-quantile",
+                                     label="Mask quantile q (higher: a smaller edit region)")
                 dilation = gr.Slider(0, 4, value=1, step=1, label="Mask dilation radius", elem_id="edit-dilation")
                 threshold_mode = gr.Radio(["reference", "paper"], value="reference",
                                           label="Threshold (reference: |Δ| > 2λ; paper: |Δ| > λ)",
