@@ -138,7 +138,9 @@ def build_control_pairs(image_dir: str | os.PathLike, condition: str, out_dir: s
         seen[hint] = image
 
     size = None if resolution is None else (resolution, resolution)
-    for image, _ in pairs:  # every image decoded before any hint is written: a corrupt one leaves no half-done folder
+    # Every image decoded before any hint is written, so a corrupt one leaves no half-done folder; decoded again
+    # below rather than held, as a control dataset can hold more images than fit in memory.
+    for image, _ in pairs:
         load_image(image, size)
     for image, hint in pairs:
         drawn = ANNOTATORS[condition](load_image(image, size))
