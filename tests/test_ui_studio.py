@@ -12,15 +12,18 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 from playwright.sync_api import expect
 
-from adapters import CSCTuner, CSCTunerConfig, SCTuner, save_adapter
+from adapters import CSCTuner, CSCTunerConfig, LoRA, LoRAConfig, SCTuner, load_adapter, read_metadata, save_adapter
 from pipelines import GenerationSettings, save_png
+from pipelines.architectures import unet_inputs
 from studio.ui.common import display_size
 from studio.ui.generate_tab import adapter_scales, size_limits, size_presets
 from studio.ui.png_info_tab import with_adapters
+from tests.adapter_helpers import perturb
 from tests.test_ui import app_url, page  # noqa: F401  (fixtures: the served studio, a Chromium page on it)
 
 NO_ADAPTERS = {"headers": ["Adapter", "Trigger words", "Scale"], "data": []}
@@ -370,3 +373,30 @@ def test_browser_clicking_an_adapter_adds_its_trigger_word_and_uses_it(page, lib
     expect(table.get_by_text("1", exact=True).filter(visible=True)).to_be_visible()
     table.get_by_text("stars", exact=True).filter(visible=True).click()  # once is enough
     expect(page.locator("#gen-prompt textarea")).to_have_value("a star, sks")
+
+
+def test_adapters_tab_exports_a_kohya_file_that_loads_as_the_same_lora(app_url, embedded, tmp_path,  # noqa: F811
+                                                                        monkeypatch):
+    root = tmp_path / "library"
+    monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(root))
+    lora = LoRA.from_unet(embedded.pipe.unet, LoRAConfig(rank=2))
+    perturb(lora, 3)
+    save_adapter(lora, root / "sks.safetensors", trigger_words=["sks"])
+    client = Client(app_url, verbose=False)
+    exported = client.predict("sks", api_name="/adapters_export")
+    assert Path(exported).name == "sks-kohya.safetensors"
+    assert read_metadata(exported)["ss_network_dim"] == "2"
+    unet = embedded.pipe.unet
+    inputs = unet_inputs(unet, batch=1, seed=0)
+    outputs = []
+    for path in (root / "sks.safetensors", exported):  # ours, then the kohya file read as another tool's LoRA
+        adapter = load_adapter(path, unet)
+        try:
+            with torch.no_grad():
+                outputs.append(unet(**inputs).sample)
+        finally:
+            adapter.detach()
+    ours, theirs = outputs
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    with pytest.raises(Exception, match="no adapter chosen"):
+        client.predict(None, api_name="/adapters_export")

@@ -1,13 +1,15 @@
 """The Adapters tab: the adapter library (studio.library) with each adapter's method, base model and trigger
-words; rename, and delete after a confirmation."""
+words; rename, delete after a confirmation, and export as a kohya LoRA file for A1111 and ComfyUI."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import gradio as gr
 
 from pipelines import InputError, LoadedModel
+from pipelines.interop import export_lora
 from studio.library import AdapterEntry, AdapterLibrary
 
 from .common import OnShow, handler
@@ -45,6 +47,14 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
     """Lay out the tab inside the current gr.Blocks (the library needs neither the model nor out_dir)."""
 
     @handler
+    def export(name: str | None) -> str:
+        """The chosen adapter as a kohya LoRA file (A1111, ComfyUI, diffusers' load_lora_weights), to download."""
+        entry = AdapterLibrary().get(_chosen(name))
+        out_dir.mkdir(parents=True, exist_ok=True)  # the studio's output folder is made by its first output
+        folder = Path(tempfile.mkdtemp(prefix="export-", dir=out_dir))
+        return str(export_lora(entry.path, folder / f"{entry.name}-kohya.safetensors", format="kohya"))
+
+    @handler
     def ask(name: str | None) -> tuple[gr.Group, str]:
         return gr.Group(visible=True), f"Delete **{_chosen(name)}**? Its file is removed from the library."
 
@@ -66,6 +76,8 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
         rename_button = gr.Button("Rename", elem_id="adapters-rename")
         delete_button = gr.Button("Delete...", variant="stop", elem_id="adapters-delete")
         refresh = gr.Button("Refresh", elem_id="adapters-refresh")
+        export_button = gr.Button("Export for A1111 / ComfyUI (kohya)", elem_id="adapters-export")
+    exported = gr.File(label="Exported file", interactive=False, elem_id="adapters-exported")
     with gr.Group(visible=False) as confirm:
         question = gr.Markdown()
         with gr.Row():
@@ -76,6 +88,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
     # the table, which keeps its rows.
     refresh.click(list_adapters, outputs=table, api_name="adapters_list", show_progress="hidden")
     rename_button.click(rename, [chosen, new_name], table, api_name="adapters_rename", show_progress="hidden")
+    export_button.click(export, chosen, exported, api_name="adapters_export", show_progress="hidden")
     delete_button.click(ask, chosen, [confirm, question], api_visibility="private", show_progress="hidden")
     yes.click(delete, chosen, table, api_name="adapters_delete", show_progress="hidden").then(
         lambda: gr.Group(visible=False), outputs=confirm, api_visibility="private")
