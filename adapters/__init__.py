@@ -3,6 +3,14 @@
 Importing the method modules (below) registers them: `REGISTRY[name]` is the only name -> class map.
 What is attached to a UNet, and the per-call context pipelines give it, live in adapters/context.py."""
 
+import os
+
+# Same seed, same image: with more than one thread, MKL's matrix products otherwise round differently from run
+# to run by the memory alignment of their operands (a grey level in a few pixels of a composition, whose guided
+# update differentiates through the UNet). MKL reads this at its first call, so it is set before any model work;
+# a value the user exported wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 from .base import REGISTRY, Adapter, Recommendation, detect_family, option, register, unet_fingerprint
 from .context import CallContext, Region, Row, TextEncoding, attached_adapters, call_context, current_context
 from .csc_tuner import CSCTuner, CSCTunerConfig
