@@ -161,6 +161,9 @@ def main() -> None:
     default_dilation = inspect.signature(edit).parameters["dilation"].default
     p.add_argument("--dilation", type=int, default=default_dilation,
                    help=f"UAM's mask dilation radius in latent cells (default {default_dilation}, edit()'s)")
+    default_mask_start = inspect.signature(edit).parameters["mask_start_t"].default
+    p.add_argument("--mask-start", type=int, default=default_mask_start,
+                   help=f"UAM's T_mask: blend on 0 < t < T_mask (default {default_mask_start}, edit()'s)")
     p.add_argument("--model", default=None, help="model source (default: the embedded Shapes model)")
     p.add_argument("--save", type=Path, default=None,
                    help="also write one strip per case: source | UAM edit | no-uniform edit | UAM reconstruction")
@@ -177,7 +180,7 @@ def main() -> None:
     print(f"machine: {machine(pipe.device)}")
     print(f"model {model.name} (hash {model.hash}); {len(todo)} rendered images "
           f"({', '.join(f'{sum(c.kind == k for c in todo)} {k}' for k in KINDS)} edits), {steps} DDIM steps, "
-          f"CFG {GUIDANCE}, UAM mask quantile {args.quantile}, dilation {args.dilation}")
+          f"CFG {GUIDANCE}, UAM mask quantile {args.quantile}, dilation {args.dilation}, T_mask {args.mask_start}")
     # Warm-up: the first calls pay one-off allocation and kernel selection, which no edit should be charged.
     generate(model, "a red circle", num_inference_steps=2, seed=0)
     edit(model, render(todo[0].source), "", "", num_inference_steps=2, use_cache=False)
@@ -194,11 +197,12 @@ def main() -> None:
         INVERSION_CACHE.clear()  # the first edit of each image pays for its inversion
 
         uam, seconds = timed(edit, model, image, source, target, num_inference_steps=steps, guidance_scale=GUIDANCE,
-                             quantile=args.quantile, dilation=args.dilation)
+                             quantile=args.quantile, dilation=args.dilation, mask_start_t=args.mask_start)
         add("uam time", seconds)
         add("uam rows", uam.unet_rows)
         again, seconds = timed(edit, model, image, source, case.second.caption(), num_inference_steps=steps,
-                               guidance_scale=GUIDANCE, quantile=args.quantile, dilation=args.dilation)
+                               guidance_scale=GUIDANCE, quantile=args.quantile, dilation=args.dilation,
+                               mask_start_t=args.mask_start)
         add("cached time", seconds)
         add("cached rows", again.unet_rows)
         plain, seconds = timed(edit_without_uniform, model, image, source, target, num_inference_steps=steps,

@@ -1,6 +1,6 @@
 """Concept erasure with SPM membranes on the Shapes model (issue #18): erase "triangle", and separately "yellow".
 
-    python bench/erase_quality.py [--steps 400] [--seeds 4] [--work runs/erase-bench]
+    python bench/erase_quality.py [--steps 400] [--lr 1e-4] [--anchor-weight 1000] [--seeds 4] [--work runs/erase-bench]
 
 For each membrane, side by side for transport off (a static membrane), additive (gamma U D x) and squared
 (gamma^2, the reference code's), the Shapes analyzer scores at CFG 7.5:
@@ -11,7 +11,9 @@ For each membrane, side by side for transport off (a static membrane), additive 
 - gamma of unrelated prompts, with the paper's flattened cosine and with padding excluded (the ablation);
 - an adversarial probe: a prompt embedding optimised for --attack-steps on renders of the concept through the
   membraned model (no tokens, so transport sees only the embedding), then the share of its images showing it;
-- the membrane's training time and parameters, and generation time with two membranes against none.
+- the membrane's training time and parameters, and generation time with two membranes against none;
+- transfer: the triangle membrane, unchanged, on a derived checkpoint (the base with a LoRA customization merged
+  in, trained here on 5 renders of an orange star "sks"): erasure and kept there, against the derived model alone.
 Targets: erasure >= 90 %; kept: drop <= 5 points with transport, and smaller than without (the paper's claim);
 generation with two membranes <= 1.10x without. Membranes already in --work are not retrained.
 """
@@ -27,10 +29,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adapters import CallContext, Row, call_context, load_adapter
+from adapters import CallContext, Row, call_context, load_adapter, merge_into
 from pipelines import generate, load_model
 from pipelines.erase import erase, membrane_gammas
 from pipelines.generate import text_encoding
+from pipelines.train import TrainConfig, train
 from studio.shapes.analyzer import analyze, score_scene
 from studio.shapes.world import BACKGROUNDS, BASE_SHAPES, COLORS, POSITIONS, SIZES, Scene, ShapeObject, render
 
@@ -155,21 +158,52 @@ def generation_ratio(model, membranes: list, repeats: int = 3) -> tuple[float, f
     return plain, with_two / plain
 
 
+def customization(model, work: Path) -> Path:
+    """A LoRA customization to derive a checkpoint from: the orange star as "sks" (bench/customize_quality.py's
+    subject set), 300 steps; reused when already in `work`."""
+    from customize_quality import subject_set  # the same subject as the customization bench
+
+    path = work / "derived" / "sks-lora.safetensors"
+    if not path.exists():
+        subject_set(work / "derived" / "data")
+        config = TrainConfig(data_dir=work / "derived" / "data", output_dir=path.parent, method="lora",
+                             method_options={"rank": 8, "alpha": 8}, name=path.stem, trigger="sks", steps=300,
+                             learning_rate=5e-4, checkpoint_every=0, seed=0)
+        train(model.pipe, config)
+    return path
+
+
+def transfer(model, membrane, concept: str, customized: Path, seeds: int) -> None:
+    """The membrane, unchanged, on the base with a customization merged into its weights."""
+    lora = load_adapter(customized, model.pipe.unet, attach=False)
+    with merge_into(model.pipe.unet, [(lora, 1.0)]):
+        derived = score(model, concept, [], seeds)
+        with_membrane = score(model, concept, [(membrane, 1.0)], seeds)
+    drop = derived["kept"] - with_membrane["kept"]
+    print(f"transfer to base + merged LoRA ({membrane.config.transport}): erasure {derived['erasure']:.1f}% -> "
+          f"{with_membrane['erasure']:.1f}%, pairs {derived['pairs']:.1f}% -> {with_membrane['pairs']:.1f}%, kept "
+          f"{derived['kept']:.1f}% -> {with_membrane['kept']:.1f}% (drop {drop:+.1f})", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=400, help="training steps of each membrane")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the erase default, 1e-4)")
+    p.add_argument("--anchor-weight", type=float, default=1000.0, help="latent anchoring weight lambda")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--attack-steps", type=int, default=50)
     p.add_argument("--work", type=Path, default=Path("runs/erase-bench"))
     args = p.parse_args()
     model = load_model()
     model.pipe.set_progress_bar_config(disable=True)
+    customized = customization(model, args.work)  # first: a broken setup shows before the long runs
     files = {}
     for concept in CONCEPTS:
         path = args.work / concept / f"erase-{concept}.safetensors"
         if not path.exists():
             t0 = time.time()
-            erase(model, concept, steps=args.steps, output_dir=path.parent, checkpoint_every=0)
+            erase(model, concept, steps=args.steps, output_dir=path.parent, checkpoint_every=0,
+                  anchor_weight=args.anchor_weight, **({"learning_rate": args.lr} if args.lr else {}))
             print(f"trained the {concept} membrane: {args.steps} steps, {time.time() - t0:.0f}s", flush=True)
         files[concept] = path
     membranes = {c: load_adapter(f, model.pipe.unet, attach=False) for c, f in files.items()}
@@ -192,6 +226,8 @@ def main() -> None:
             print(f"gamma of unrelated prompts ({similarity}): mean {sum(gammas) / len(gammas):.2f}, "
                   f"max {max(gammas):.2f}")
         membrane.config = dataclasses.replace(membrane.config, similarity="full", transport="additive")
+        if concept == "triangle":
+            transfer(model, membrane, concept, customized, args.seeds)
     plain, ratio = generation_ratio(model, list(membranes.values()))
     print(f"\ngeneration, 4 images x 20 steps: {plain:.2f}s without membranes, {ratio:.2f}x with both (additive); "
           f"{args.seeds} seeds per prompt; {torch.get_num_threads()} threads")
