@@ -99,7 +99,9 @@ def merge_into(unet: nn.Module, adapters: Iterable[Weighted], *, tolerance: floa
 
     report = _orthogonality(weighted, tolerance)
     fused = fuse_deltas([*terms, (_summed_lora_deltas(loras, device_of(unet)), 1.0)])
-    if not all(torch.isfinite(delta).all() for delta in fused.values()):  # finite factors may still overflow
+    # Finite factors may still overflow. One sum reads each delta once (an element check would write a mask too):
+    # it is finite only if every element is, or itself overflows, which is refused alike.
+    if not torch.isfinite(sum((delta.sum() for delta in fused.values()), torch.zeros(()))):
         raise ValueError("the weighted sum of the deltas overflows; nothing was merged: lower the weights")
     originals = {}
     with torch.no_grad():

@@ -281,16 +281,17 @@ class OrthogonalityReport:
 
 def check_orthogonal(adapters: Sequence[LoRA], tolerance: float = 1e-4) -> OrthogonalityReport:
     """Whether the adapters' A row spaces are mutually orthogonal, layer by layer (where two adapt the same one):
-    only then is their sum free of crosstalk."""
-    per_width: dict[int, list[torch.Tensor]] = {}
+    only then is their sum free of crosstalk. Each A is normalised once, then compared with the others'."""
+    rows_per_layer: dict[str, list[torch.Tensor]] = {}
+    overlap: dict[int, float] = {}
     with torch.no_grad():
-        for first, second in itertools.combinations(adapters, 2):
-            for key, path in first.paths.items():
-                if path not in second.shapes:
-                    continue
-                a = F.normalize(first.lora_A[key].weight.flatten(1).float(), dim=1)
-                b = F.normalize(second.lora_A[key].weight.flatten(1).float(), dim=1).to(a.device)
-                per_width.setdefault(a.shape[1], []).append((a @ b.T).abs().max().cpu())
-    overlap = {n: torch.stack(values).max().item() for n, values in sorted(per_width.items())}
-    return OrthogonalityReport(overlap, tolerance)
+        for adapter in adapters:
+            for key, path in adapter.paths.items():
+                rows = F.normalize(adapter.lora_A[key].weight.flatten(1).float(), dim=1)
+                rows_per_layer.setdefault(path, []).append(rows)
+        for rows in rows_per_layer.values():
+            for a, b in itertools.combinations(rows, 2):
+                width = a.shape[1]
+                overlap[width] = max(overlap.get(width, 0.0), (a @ b.to(a.device).T).abs().max().item())
+    return OrthogonalityReport(dict(sorted(overlap.items())), tolerance)
 

@@ -139,11 +139,21 @@ def _nan_lora(unet) -> LoRA:
     return bad
 
 
+def _overflowing_lora(unet) -> LoRA:
+    """Finite factors whose product does not fit in fp32 (1e30 * 1e30 on one element)."""
+    big = lora(unet, 1)
+    with torch.no_grad():
+        next(iter(big.lora_A.values())).weight[0, 0] = 1e30
+        next(iter(big.lora_B.values())).weight[0, 0] = 1e30
+    return big
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda unet: SCTuner.from_unet(unet), r"adapters\[1\] \(SC-Tuner\) is not a weight delta.* attach it instead"),
     (lambda unet: lora(build_unet("tiny-sdxl"), 1),
      r"adapters\[1\] \(LoRA\) was built for another base .* load the base model it was trained on"),
     (_nan_lora, r"adapters\[1\] \(LoRA\) has non-finite .* leave it out"),
+    (_overflowing_lora, r"the weighted sum of the deltas overflows; nothing was merged: lower the weights"),
     (lambda unet: (lora(unet, 1), float("inf")), r"the weight of adapters\[1\] \(LoRA\) must be a finite number"),
 ])
 def test_merge_refuses_before_changing_anything(unet, make, message):
