@@ -15,6 +15,15 @@ The objective (sec. "Latent Anchoring" and the reference code, Con6924/SPM train
 3. L_anc = mean over K anchors of || e'(x_t, a_k) - e(x_t, a_k) ||^2, a_k random points of the text-embedding
    space (`latent_anchor`); L = L_era + lambda L_anc (means over elements, as the reference's MSELoss).
 
+On SDXL every UNet call also takes the added conditions (`generate.added_conditions`, as the denoising objective
+passes them): each row's pooled text and the size ids of the native, uncropped image. The concept, the surrogate
+and "" have their real pooled text. An anchor's pooled text is drawn as its token embeddings are: `latent_anchor`
+of the concept's pooled text, from the loop's generator, independently of the tokens. Anchoring is meant to keep
+the model unchanged for arbitrary conditions, and on SDXL a condition is the pair (tokens, pooled text): anchors
+paired with the concept's own pooled text would teach the membrane to leave that pooled text alone (against the
+erasure), and with the pooled text of "" they would cover a single point of that space. The reference's SDXL
+script is no guide here (no checkpoints were released; SDXL support is experimental there).
+
 Departures from the reference, each for a reason: images at the model's native size (the reference draws 256-448
 px on SD 1.4's 512: smaller sizes break small models whose latents must stay divisible by the UNet's
 downsampling); every random number from the loop's seeded CPU generator (exact resume); several concepts in one
@@ -42,9 +51,18 @@ from adapters.spm import check_texts
 
 from .attach import read_adapter
 from .errors import InputError
-from .generate import text_encoding
+from .generate import added_conditions, text_encoding
 from .loading import LoadedModel
-from .train import OBJECTIVES, Objective, ProgressCallback, TrainConfig, TrainConfigError, TrainResult, train
+from .train import (
+    OBJECTIVES,
+    Objective,
+    ProgressCallback,
+    TrainConfig,
+    TrainConfigError,
+    TrainResult,
+    encode_texts,
+    train,
+)
 
 SAMPLING_STEPS = 30  # the DDIM schedule x_t is sampled on (the reference's max_denoising_steps)
 SAMPLING_GUIDANCE = 3.0  # CFG while sampling x_t
@@ -57,9 +75,9 @@ def training_timestep(depth: int, num_train_timesteps: int) -> int:
 
 
 def latent_anchor(target: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A random point of the text-embedding space shaped like `target` (L, D): a uniform direction, kept with
-    probability 1 - cos(direction, target) (favouring directions away from the concept), at U(0.8, 1.2) times
-    the target's norm."""
+    """A random point of the text-embedding space shaped like `target` (L, D), or of the pooled text's (P,): a
+    uniform direction, kept with probability 1 - cos(direction, target) (favouring directions away from the
+    concept), at U(0.8, 1.2) times the target's norm."""
     while True:
         direction = torch.randn(target.shape, generator=generator)
         direction = direction / direction.norm()
@@ -72,6 +90,8 @@ class ErasingObjective(Objective):
     """SPM's erasing loss plus latent anchoring (see the module's docstring); no images."""
 
     needs_data = False
+    added_conditions = True  # the pooled text of each row (an anchor's drawn) and the native size's ids
+    pooled_cpu: torch.Tensor | None = None  # the pooled text of the encoded texts, where the UNet takes it (begin)
 
     def __init__(self, pipe, config: TrainConfig, adapter_config: SPMConfig):
         super().__init__(pipe, config, adapter_config)
@@ -93,10 +113,11 @@ class ErasingObjective(Objective):
     def begin(self, adapter: Adapter) -> None:
         super().begin(adapter)
         # Rows: each concept, the surrogate, and "" (the unconditional branch while sampling x_t).
-        with torch.no_grad():
-            text = self.pipe.encode_prompt([*self.concepts, self.surrogate, ""], self.device, 1, False)[0]
-        self.text = text.to(self.pipe.unet.dtype)
-        self.text_cpu = text.float().cpu()  # the anchors are drawn on the CPU generator
+        text, pooled = encode_texts(self.pipe, [*self.concepts, self.surrogate, ""])
+        dtype = self.pipe.unet.dtype
+        self.text, self.pooled = text.to(dtype), pooled.to(dtype) if pooled is not None else None
+        # The anchors are drawn on the CPU generator.
+        self.text_cpu, self.pooled_cpu = text.cpu(), pooled.cpu() if pooled is not None else None
         self.sampler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         self.sampler.set_timesteps(SAMPLING_STEPS, device=self.device)
 
@@ -106,28 +127,36 @@ class ErasingObjective(Objective):
         unet = self.pipe.unet
         size = unet.config.sample_size
         noise = torch.randn((count, unet.config.in_channels, size, size), generator=generator)
-        anchors = None
+        anchors = pooled_anchors = None
         if self.num_anchors:
-            target = self.text_cpu[concept]
-            anchors = torch.stack([torch.stack([latent_anchor(target, generator) for _ in range(self.num_anchors)])
-                                   for _ in range(count)])  # (count, K, L, D)
-        return {"concept": concept, "depth": depth, "noise": noise, "anchors": anchors}
+            anchors = self._anchors(self.text_cpu[concept], count, generator)  # (count, K, L, D)
+            if self.pooled_cpu is not None:  # drawn after the tokens: SD 1.x/2.x runs keep their random stream
+                pooled_anchors = self._anchors(self.pooled_cpu[concept], count, generator)  # (count, K, P)
+        return {"concept": concept, "depth": depth, "noise": noise, "anchors": anchors,
+                "pooled_anchors": pooled_anchors}
+
+    def _anchors(self, target: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+        """(count, K, *target.shape): K latent anchors around `target` per row."""
+        return torch.stack([torch.stack([latent_anchor(target, generator) for _ in range(self.num_anchors)])
+                            for _ in range(count)])
 
     def loss(self, denoiser: nn.Module, batch: dict[str, Any], rows: slice) -> torch.Tensor:
         options, dtype = self.adapter_config, self.pipe.unet.dtype
         noise = batch["noise"][rows].to(self.device, dtype)
         n = noise.shape[0]
-        target, surrogate, empty = (self.text[i].expand(n, -1, -1) for i in (batch["concept"], -2, -1))
-        anchors = torch.empty(0, *target.shape[1:], device=self.device, dtype=dtype)
-        if batch["anchors"] is not None:  # (n, K, L, D) -> K blocks of n rows, as x_t.repeat lays them out
-            anchors = batch["anchors"][rows].transpose(0, 1).flatten(0, 1).to(self.device, dtype)
-        blocks = anchors.shape[0] // n
+        # Conditions as (text, pooled text or None) per block of n rows.
+        target, surrogate, empty = (self._rows(i, n) for i in (batch["concept"], -2, -1))
+        anchors = []
+        if batch["anchors"] is not None:  # (n, K, ...) -> K blocks of n rows, as x_t.repeat lays them out
+            anchors = [tuple(None if a is None else a[rows].transpose(0, 1).flatten(0, 1).to(self.device, dtype)
+                             for a in (batch["anchors"], batch["pooled_anchors"]))]
+        blocks = anchors[0][0].shape[0] // n if anchors else 0
         with torch.no_grad():
             x_t = self._sample(denoiser, noise, target, empty, batch["depth"])
             t = torch.tensor(training_timestep(batch["depth"], self.num_train_timesteps), device=self.device)
             with _membrane_off(self.adapter):
-                frozen = denoiser(x_t.repeat(2 + blocks, 1, 1, 1), t, torch.cat([target, surrogate, anchors]))
-        pred = denoiser(x_t.repeat(1 + blocks, 1, 1, 1), t, torch.cat([target, anchors])).float()
+                frozen = denoiser(x_t.repeat(2 + blocks, 1, 1, 1), t, *self._condition(target, surrogate, *anchors))
+        pred = denoiser(x_t.repeat(1 + blocks, 1, 1, 1), t, *self._condition(target, *anchors)).float()
         frozen = frozen.float()
         eps_target, eps_surrogate, eps_anchors = frozen[:n], frozen[n:2 * n], frozen[2 * n:]
         loss = F.mse_loss(pred[:n], eps_surrogate - options.eta * (eps_target - eps_surrogate))
@@ -135,12 +164,24 @@ class ErasingObjective(Objective):
             loss = loss + options.anchor_weight * F.mse_loss(pred[n:], eps_anchors)
         return loss
 
-    def _sample(self, denoiser: nn.Module, noise: torch.Tensor, target: torch.Tensor, empty: torch.Tensor,
-                depth: int) -> torch.Tensor:
+    def _rows(self, index: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Row `index` of the encoded texts, n times: its text embeddings and pooled text (None without)."""
+        return self.text[index].expand(n, -1, -1), None if self.pooled is None else self.pooled[index].expand(n, -1)
+
+    def _condition(self, *blocks: tuple[torch.Tensor, torch.Tensor | None]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The UNet's text and added conditions (`generate.added_conditions` at the native size) for these blocks
+        of rows, in order."""
+        text = torch.cat([b[0] for b in blocks])
+        pooled = None if self.pooled is None else torch.cat([b[1] for b in blocks])
+        return text, added_conditions(self.pipe.unet, pooled, (self.resolution, self.resolution))
+
+    def _sample(self, denoiser: nn.Module, noise: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor | None],
+                empty: tuple[torch.Tensor, torch.Tensor | None], depth: int) -> torch.Tensor:
         """x_t after `depth` DDIM steps from `noise` with CFG on the concept, the membrane on."""
-        x, text = noise * self.sampler.init_noise_sigma, torch.cat([empty, target])
+        x, condition = noise * self.sampler.init_noise_sigma, self._condition(empty, target)
         for t in self.sampler.timesteps[:depth]:
-            uncond, cond = denoiser(self.sampler.scale_model_input(torch.cat([x, x]), t), t, text).chunk(2)
+            uncond, cond = denoiser(self.sampler.scale_model_input(torch.cat([x, x]), t), t, *condition).chunk(2)
             x = self.sampler.step(uncond + SAMPLING_GUIDANCE * (cond - uncond), t, x).prev_sample
         return x
 

@@ -742,14 +742,22 @@ def _encode(pipe, pixels: torch.Tensor, captions: list[str], chunk: int = 16) ->
         means.append((posterior.mean.float() - shift) * scale)
         stds.append(posterior.std.float() * scale)
     distinct = list(dict.fromkeys([*captions, ""]))  # "" for caption dropout
-    # Keywords: SDXL's encode_prompt takes prompt_2 second, where SD's takes the device. SDXL also gives the pooled
-    # text of its second encoder (outputs 3 and 4); SD 1.x/2.x give two outputs.
-    encoded = [pipe.encode_prompt(prompt=distinct[i:i + chunk], device=device, num_images_per_prompt=1,
-                                  do_classifier_free_guidance=False) for i in range(0, len(distinct), chunk)]
-    text = torch.cat([out[0].float() for out in encoded])
-    pooled = torch.cat([out[2].float() for out in encoded]) if len(encoded[0]) > 2 else None
+    text, pooled = encode_texts(pipe, distinct, chunk)
     caption_index = torch.tensor([distinct.index(c) for c in captions], device=device)
     return _Encoded(torch.cat(means), torch.cat(stds), text, distinct, caption_index, pooled=pooled)
+
+
+@torch.no_grad()
+def encode_texts(pipe, texts: list[str], chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 text embeddings (N, L, D) of `texts` as the pipeline conditions on them, and their pooled text (N, P)
+    where the UNet also takes it (SDXL's second encoder), else None."""
+    # Keywords: SDXL's encode_prompt takes prompt_2 second, where SD's takes the device. SDXL also gives the pooled
+    # text of its second encoder (outputs 3 and 4); SD 1.x/2.x give two outputs.
+    encoded = [pipe.encode_prompt(prompt=texts[i:i + chunk], device=pipe.device, num_images_per_prompt=1,
+                                  do_classifier_free_guidance=False) for i in range(0, len(texts), chunk)]
+    text = torch.cat([out[0].float() for out in encoded])
+    pooled = torch.cat([out[2].float() for out in encoded]) if len(encoded[0]) > 2 else None
+    return text, pooled
 
 
 def _draw(data: _Encoded, sampler: EpochSampler, step: int, count: int, generator: torch.Generator,

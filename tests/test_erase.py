@@ -76,8 +76,8 @@ def test_loss_is_the_erasing_loss_plus_weighted_anchoring(tmp_path):
     batch = objective.draw(step=0, count=2, generator=torch.Generator().manual_seed(3))
     assert batch["anchors"].shape == (2, 2, 32, 32) and 1 <= batch["depth"] < SAMPLING_STEPS
 
-    def unet(x, t, text):
-        return pipe.unet(x, t, encoder_hidden_states=text).sample
+    def unet(x, t, text, added_cond=None):
+        return pipe.unet(x, t, encoder_hidden_states=text, added_cond_kwargs=added_cond).sample
 
     loss = objective.loss(unet, batch, slice(1, 2))  # the second row only
     text = pipe.encode_prompt(["triangle", "circle", ""], "cpu", 1, False)[0].detach()

@@ -1,5 +1,6 @@
 """Checkpoints out (pipelines/export.py, `studio checkpoint export`): base + merged adapters as one single-file
-`.safetensors` in the original SD layout, read back by diffusers' single-file loader and by `load_model`."""
+`.safetensors` in the original SD layout (SD 1.x, SD 2.x, SDXL), read back by diffusers' single-file loader and by
+`load_model`."""
 
 from __future__ import annotations
 
@@ -12,17 +13,28 @@ import numpy as np
 import pytest
 import torch
 from adapter_helpers import perturb
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from adapters import LoRA, LoRAConfig, SCTuner, save_adapter
+from adapters.foreign import link_pipeline
+from adapters.kohya import adaptable_modules, ldm_path
 from pipelines import EMBEDDED_MODEL, generate, load_model
-from pipelines.architectures import build_unet, unet_inputs
+from pipelines.architectures import build_unet, tiny_sdxl_pipeline, unet_inputs
 from pipelines.attach import attached
 from pipelines.errors import StudioError
-from pipelines.export import check_family, export_checkpoint
+from pipelines.export import SD2_TEXT_PREFIX, check_family, export_checkpoint, openclip_layout, text_encoder_state
 from pipelines.loading import LoadedModel, file_hash
 from studio.cli import main as cli_main
+
+TOKENIZER = str(EMBEDDED_MODEL / "tokenizer")
+# diffusers' single-file loader tells SDXL's encoders apart by width (CLIP-L 768, bigG 1280): the tiny SDXL's
+# default widths are equal, so these tests give them different ones (bigG's projection 40 -> 32 is not square,
+# which also shows the transposition).
+SDXL_WIDTHS = (24, 40)
 
 
 def header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
@@ -118,10 +130,12 @@ def test_refusals_come_before_any_work(embedded, lora_file, tmp_path):
         export_checkpoint(embedded, tmp_path / "a.safetensors", adapters=[(tuner, 1.0)])
     assert not (tmp_path / "a.safetensors").exists() and not list(tmp_path.glob(".a.safetensors.*"))
 
-    sd2 = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(cross_attention_dim=1024,
-                                                                      addition_embed_type=None)))
-    with pytest.raises(StudioError, match="SD 2.x model .* OpenCLIP"):
-        check_family(sd2)
+    # What is still refused: a pipeline without the text encoders its family's layout holds (an SDXL refiner).
+    refiner = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(cross_attention_dim=1280,
+                                                                          addition_embed_type="text_time")),
+                              text_encoder=None, text_encoder_2=object())
+    with pytest.raises(StudioError, match="SDXL pipeline has no text_encoder.*refiner"):
+        check_family(refiner)
 
 
 def test_cli_exports_and_refuses_an_existing_file_in_one_line(lora_file, tmp_path, capsys):
@@ -161,3 +175,187 @@ def test_a_kohya_file_with_a_text_encoder_part_is_merged_into_both(tiny_sd15, tm
     image = generate(loaded, "a red star", **kwargs).images[0]
     assert np.abs(pixels(image) - pixels(reference)).max() <= 1 / 255
     assert np.abs(pixels(image) - pixels(plain)).max() > 2 / 255  # the LoRA does change the image
+
+
+# --- SD 2.x and SDXL ------------------------------------------------------------------------------------------------
+FAMILIES = {  # family -> (pipeline builder, pipeline class, names only that family's layout has)
+    "SD2": (None, StableDiffusionPipeline,
+            {"cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight": (3 * 1024, 1024),
+             "cond_stage_model.model.positional_embedding": (32, 1024),  # the Shapes tokenizer: 32 positions
+             "cond_stage_model.model.text_projection": (1024, 1024),
+             "model.diffusion_model.input_blocks.1.1.proj_in.weight": (32, 32)}),  # linear: 2-D
+    "SDXL": (lambda: tiny_sdxl_pipeline(TOKENIZER, text_widths=SDXL_WIDTHS), StableDiffusionXLPipeline,
+             {"model.diffusion_model.label_emb.0.0.weight": (128, 80),  # pooled text + size ids -> time width
+              "model.diffusion_model.label_emb.0.2.weight": (128, 128),
+              "conditioner.embedders.0.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight": (24, 24),
+              "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight": (3 * 40, 40),
+              "conditioner.embedders.1.model.text_projection": (40, 32)}),  # OpenCLIP's x @ P: (width, proj)
+}
+PREFIXES = {"SD2": ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."),
+            "SDXL": ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.",
+                     "conditioner.embedders.1.model.")}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def tiny(request) -> tuple[str, LoadedModel]:
+    family = request.param
+    build = FAMILIES[family][0]
+    pipe = request.getfixturevalue("tiny_sd2") if build is None else build()
+    return family, LoadedModel(pipe=pipe, family=family, source="tiny", name="tiny", hash="0" * 10)
+
+
+def config_folder(pipe, folder: Path) -> Path:
+    """The local diffusers folder that single-file loading reads its configs from (saved from the pipeline)."""
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def encoders(pipe) -> list[torch.nn.Module]:
+    return [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+
+
+@torch.no_grad()
+def text_outputs(pipe, prompt: str = "a red circle") -> list[torch.Tensor]:
+    """Each text encoder's penultimate hidden states (what SD 2 / SDXL condition on) and first output (last hidden
+    state; bigG's projected pooled embedding)."""
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    outs = []
+    for encoder in encoders(pipe):
+        out = encoder(ids, output_hidden_states=True)
+        outs += [out.hidden_states[-2], out[0]]
+    return outs
+
+
+def weights(pipe) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": t.clone() for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+            if getattr(pipe, name, None) is not None for k, t in getattr(pipe, name).state_dict().items()}
+
+
+def reloaded(family: str, out: Path, config: Path) -> list:
+    """The exported file read back by this studio's loader and by diffusers' own single-file loader."""
+    studio = load_model(out, device="cpu", dtype=torch.float32, config=config)
+    assert studio.family == family
+    theirs = FAMILIES[family][1].from_single_file(str(out), config=str(config), local_files_only=True)
+    return [studio.pipe, theirs]
+
+
+def test_sd2_and_sdxl_export_with_a_lora_at_0_8_reloads_both_ways_as_the_attached_lora(tiny, tmp_path):
+    family, model = tiny
+    pipe = model.pipe
+    config = config_folder(pipe, tmp_path / "config")
+    lora = LoRA.from_unet(pipe.unet, LoRAConfig(rank=4))
+    perturb(lora, seed=1)
+    lora_file = save_adapter(lora, tmp_path / "sks.safetensors")
+    before = weights(pipe)
+
+    out = export_checkpoint(model, tmp_path / f"{family}.safetensors", adapters=[(lora_file, 0.8)])
+
+    after = weights(pipe)  # the model itself is untouched, bit for bit (UNet, VAE, text encoders)
+    assert after.keys() == before.keys() and all(torch.equal(before[k], t) for k, t in after.items())
+    meta, shapes = header(out)
+    assert all(k.startswith(PREFIXES[family]) for k in shapes)
+    for name, shape in FAMILIES[family][2].items():
+        assert shapes[name] == shape, name
+    assert meta["modelspec.architecture"] == {"SD2": "stable-diffusion-v2-768-v",
+                                              "SDXL": "stable-diffusion-xl-v1-base"}[family]
+    assert json.loads(meta["studio.merged_adapters"])[0]["scale"] == 0.8
+
+    inputs = unet_inputs(pipe.unet)
+    with attached(pipe.unet, [(lora_file, 0.8)]), torch.no_grad():
+        reference = pipe.unet(**inputs).sample
+    reference_text = text_outputs(pipe)
+    with torch.no_grad():
+        plain = pipe.unet(**inputs).sample
+    assert (reference - plain).abs().max() > 1e-3  # the LoRA does change the output
+    for loaded in reloaded(family, out, config):
+        with torch.no_grad():
+            assert (loaded.unet(**inputs).sample - reference).abs().max() <= 1e-4
+        for ours, theirs in zip(reference_text, text_outputs(loaded), strict=True):
+            assert (ours - theirs).abs().max() <= 1e-4
+
+
+def kohya_file(pipe, path: Path, family: str, seed: int = 0) -> Path:
+    """A kohya LoRA as sd-scripts writes one for `family`: UNet attention (LDM names, as kohya trains on the original
+    UNet) and each text encoder's attention q/k/v/out and MLP (`lora_te_`; SDXL `lora_te1_` and `lora_te2_`)."""
+    g = torch.Generator().manual_seed(seed)
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if family == "SDXL" else "lora_te_",
+                "text_encoder_2": "lora_te2_"}
+    tensors = {}
+    for component, prefix in prefixes.items():
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for module_path, layer in adaptable_modules(model).items():
+            if component == "unet":
+                if ".transformer_blocks.0.attn" not in module_path:
+                    continue
+                module_path = ldm_path(module_path, model.config)
+            elif not module_path.endswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                           "self_attn.out_proj", "mlp.fc1")):
+                continue
+            elif not module_path.startswith("text_model."):  # transformers 4's names, which kohya files have
+                module_path = "text_model." + module_path
+            name = prefix + module_path.replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = torch.randn(2, layer.in_features, generator=g) * 0.3
+            tensors[f"{name}.lora_up.weight"] = torch.randn(layer.out_features, 2, generator=g) * 0.3
+            tensors[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_a_kohya_file_s_text_encoder_parts_are_merged_into_each_encoder(tiny, tmp_path):
+    """SD 2.x: `lora_te_` into the OpenCLIP tower (its q/k/v deltas land in the fused in_proj); SDXL: `lora_te1_`
+    into CLIP-L and `lora_te2_` into bigG. The reloaded model computes what the file attached at 0.8 computes."""
+    family, model = tiny
+    pipe = model.pipe
+    config = config_folder(pipe, tmp_path / "config")
+    kohya = kohya_file(pipe, tmp_path / "k.safetensors", family)
+    before = weights(pipe)
+    plain_text = text_outputs(pipe)
+
+    out = export_checkpoint(model, tmp_path / "merged.safetensors", adapters=[(kohya, 0.8)])
+
+    after = weights(pipe)
+    assert all(torch.equal(before[k], t) for k, t in after.items())
+    link_pipeline(pipe)  # the attached file hooks the text encoders too
+    inputs = unet_inputs(pipe.unet)
+    with attached(pipe.unet, [(kohya, 0.8)]), torch.no_grad():
+        reference, reference_text = pipe.unet(**inputs).sample, text_outputs(pipe)
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(reference_text, plain_text))  # every encoder is adapted
+    for loaded in reloaded(family, out, config):
+        with torch.no_grad():
+            assert (loaded.unet(**inputs).sample - reference).abs().max() <= 1e-4
+        for ours, theirs in zip(reference_text, text_outputs(loaded), strict=True):
+            assert (ours - theirs).abs().max() <= 1e-4
+
+
+def test_a_23_block_sd2_text_encoder_gets_openclip_h_s_24th_block_as_an_identity():
+    """diffusers' SD 2 text encoder is OpenCLIP-H cut to its 23 blocks (SD 2 reads the penultimate block); the file
+    holds 24 as original SD 2 checkpoints do. diffusers' converter gives back the 23 exactly, and a reader that runs
+    all 24 blocks computes the same features."""
+    config = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_attention_heads=4, hidden_act="gelu",
+                  max_position_embeddings=77)
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(**config, num_hidden_layers=23))
+    state = openclip_layout(text_encoder_state(encoder), SD2_TEXT_PREFIX, pad_to=24)
+    blocks = {k.split(".")[4] for k in state if ".resblocks." in k}
+    assert blocks == {str(i) for i in range(24)}
+    assert torch.equal(state[SD2_TEXT_PREFIX + "text_projection"], torch.eye(32))
+
+    back = convert_open_clip_checkpoint(encoder, state)  # what from_single_file does with an SD 2 file
+    back = {k.removeprefix("text_model."): v for k, v in back.items()}
+    ours = {k: v for k, v in encoder.state_dict().items() if not k.endswith("position_ids")}
+    assert back.keys() == ours.keys() and all(torch.equal(v, back[k]) for k, v in ours.items())
+
+    full = CLIPTextModel(CLIPTextConfig(**config, num_hidden_layers=24))  # OpenCLIP-H's whole tower
+    # Under another prefix the converter skips nothing, so it reads all 24 blocks (and the projection, unused here).
+    renamed = {k.replace(SD2_TEXT_PREFIX, "all."): v for k, v in state.items()}
+    every = convert_open_clip_checkpoint(full, renamed, prefix="all.")
+    every.pop("text_projection.weight")
+    missing, unexpected = full.load_state_dict({k.removeprefix("text_model."): v for k, v in every.items()},
+                                               strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing)
+    ids = torch.randint(0, 99, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(full(ids).last_hidden_state, encoder(ids).last_hidden_state)

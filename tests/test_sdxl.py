@@ -250,24 +250,37 @@ def test_training_on_sdxl_passes_each_caption_s_added_conditions(tiny_sdxl, meth
     adapter.detach()
 
 
-def test_the_studio_on_sdxl_builds_what_the_family_supports_and_says_why_for_the_rest(tiny_sdxl, tmp_path):
-    """Erasing trains a membrane with an objective that does not pass SDXL's added conditions yet
-    (pipelines/erase.py), so the Erase tab shows the training loop's reason in its place; Generate, Compose, Edit
-    and Train are built as for any model."""
+def _built_ids(model, tmp_path) -> dict:
+    from studio.ui import build_app
+
+    demo = build_app(model, tmp_path)
+    return {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+
+
+def test_the_studio_on_sdxl_builds_every_tab(tiny_sdxl, tmp_path):
+    """Every objective passes SDXL's added conditions, so no tab is replaced by a note on an SDXL model."""
+    from pipelines import LoadedModel
+    from pipelines.train import training_refusal
+
+    by_id = _built_ids(LoadedModel(pipe=tiny_sdxl, family="SDXL", source="test", name="tiny-sdxl", hash="0"), tmp_path)
+    assert training_refusal(tiny_sdxl, "erase") is None and training_refusal(tiny_sdxl) is None
+    assert not [key for key in by_id if key.endswith("-unavailable")]
+    assert {"gen-prompt", "erase-concepts"} <= set(by_id) and any(key.startswith("edit-") for key in by_id)
+
+
+def test_a_tab_that_cannot_serve_the_model_says_why_in_its_place(tiny_sd15, tmp_path):
+    """An inpainting UNet (9 input channels) cannot be trained on: Train and Erase show the training loop's own
+    reason instead of their inputs; Generate is built as usual."""
     import gradio as gr
 
     from pipelines import LoadedModel
     from pipelines.train import training_refusal
-    from studio.ui import build_app
 
-    model = LoadedModel(pipe=tiny_sdxl, family="SDXL", source="test", name="tiny-sdxl", hash="0")
-    demo = build_app(model, tmp_path)
-    by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
-    reason = training_refusal(tiny_sdxl, "erase")
-    assert reason is not None and "SDXL" in reason and training_refusal(tiny_sdxl) is None
-    note = by_id["erase-unavailable"]
-    assert isinstance(note, gr.Markdown) and "not available for this SDXL model" in note.value
-    assert reason in note.value
-    assert "erase-concepts" not in by_id  # the Erase tab's own inputs are not built
-    assert {f"{tab}-unavailable" for tab in ("generate", "edit", "compose", "train")}.isdisjoint(by_id)
-    assert "gen-prompt" in by_id and any(key.startswith("edit-") for key in by_id)
+    tiny_sd15.unet.register_to_config(in_channels=9)  # what the tabs read; no weights are run here
+    reason = training_refusal(tiny_sd15)
+    assert reason is not None and "9 input channels" in reason
+    by_id = _built_ids(LoadedModel(pipe=tiny_sd15, family="SD1", source="test", name="inpaint", hash="0"), tmp_path)
+    for tab in ("train", "erase"):
+        note = by_id[f"{tab}-unavailable"]
+        assert isinstance(note, gr.Markdown) and reason in note.value
+    assert "erase-concepts" not in by_id and "gen-prompt" in by_id and "generate-unavailable" not in by_id

@@ -5,6 +5,7 @@ the send-to buttons, the History, and adapters that add their trigger word. Driv
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -18,8 +19,9 @@ from PIL import Image
 from playwright.sync_api import expect
 
 from adapters import CSCTuner, CSCTunerConfig, LoRA, LoRAConfig, SCTuner, load_adapter, read_metadata, save_adapter
-from pipelines import GenerationSettings, save_png
+from pipelines import EMBEDDED_MODEL, GenerationSettings, load_model, save_png
 from pipelines.architectures import unet_inputs
+from pipelines.attach import attached
 from studio.ui.common import display_size
 from studio.ui.generate_tab import adapter_scales, size_limits, size_presets
 from studio.ui.png_info_tab import with_adapters
@@ -400,3 +402,66 @@ def test_adapters_tab_exports_a_kohya_file_that_loads_as_the_same_lora(app_url, 
     assert torch.allclose(ours, theirs, atol=1e-5)
     with pytest.raises(Exception, match="no adapter chosen"):
         client.predict(None, api_name="/adapters_export")
+
+
+# --- Export checkpoint (Adapters tab): the loaded model with an adapter merged, as one single file -------------------
+
+
+@pytest.fixture
+def lora_library(embedded, tmp_path, monkeypatch) -> Path:
+    """A temporary adapter library with a LoRA "detail" (trigger word "sks") and an SC-Tuner "stars"."""
+    root = tmp_path / "library"
+    monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(root))
+    lora = LoRA.from_unet(embedded.pipe.unet, LoRAConfig(rank=2))
+    perturb(lora, 3)
+    save_adapter(lora, root / "detail.safetensors", trigger_words=["sks"])
+    save_adapter(SCTuner.from_unet(embedded.pipe.unet), root / "stars.safetensors", trigger_words=["sks"])
+    return root
+
+
+def test_the_api_exports_a_checkpoint_that_loads_as_the_model_with_the_lora_attached(app_url, embedded,  # noqa: F811
+                                                                                      lora_library):
+    client = Client(app_url, verbose=False)
+    path, status = client.predict("detail", 0.8, "shapes-detail", api_name="/adapters_export_checkpoint")
+    assert Path(path).name == "shapes-detail.safetensors"
+    assert status.startswith("Wrote shapes-detail.safetensors") and "detail merged at 0.8" in status
+    merged = json.loads(read_metadata(path)["studio.merged_adapters"])
+    assert [(m["name"], m["scale"], m["method"]) for m in merged] == [("detail", 0.8, "lora")]
+
+    inputs = unet_inputs(embedded.pipe.unet)
+    with attached(embedded.pipe.unet, [(lora_library / "detail.safetensors", 0.8)]), torch.no_grad():
+        reference = embedded.pipe.unet(**inputs).sample
+    loaded = load_model(path, device="cpu", dtype=torch.float32, config=EMBEDDED_MODEL)
+    with torch.no_grad():
+        assert (loaded.pipe.unet(**inputs).sample - reference).abs().max() <= 1e-4
+
+    # Bad input: no file, and the reason as the status line.
+    for args, reason in [((None, 0.8, ""), "no adapter chosen: pick one in the list first"),
+                         (("detail", 0.8, "shapes-detail"), "shapes-detail.safetensors exists in"),
+                         (("detail", 0.8, "../up"), "checkpoint name '../up' is a path"),
+                         (("stars", 0.8, ""), "adapter 'stars' (sc_tuner) changes activations, not weights")]:
+        file, status = client.predict(*args, api_name="/adapters_export_checkpoint")
+        assert file is None and status.startswith("Not exported: ") and reason in status, status
+
+
+@pytest.mark.browser
+def test_browser_exports_a_checkpoint_and_offers_it_for_download(page, lora_library):  # noqa: F811
+    page.reload()  # the library changed after the page loaded
+    page.get_by_role("tab", name="Adapters").click()
+    table = page.locator("#adapters-table")
+    expect(table).to_contain_text("detail", timeout=10_000)
+    status = page.locator("#adapters-ckpt-status textarea")
+    page.locator("#adapters-ckpt-export").click()  # nothing chosen yet
+    expect(status).to_have_value(re.compile("^Not exported: no adapter chosen"), timeout=30_000)
+    no_error_badge(page, "adapters-ckpt-status")
+
+    table.get_by_text("detail", exact=True).filter(visible=True).click()
+    set_number(page, "adapters-ckpt-scale", 0.8)
+    page.locator("#adapters-ckpt-name textarea").fill("browser-detail")
+    page.locator("#adapters-ckpt-export").click()
+    expect(status).to_have_value(re.compile(r"^Wrote browser-detail\.safetensors .*detail merged at 0\.8"),
+                                 timeout=60_000)
+    expect(page.locator("#adapters-ckpt-file")).to_contain_text(re.compile(r"browser-detail\s*\.safetensors"))
+    no_error_badge(page, "adapters-ckpt-status")
+    href = page.locator("#adapters-ckpt-file a").first.get_attribute("href")
+    assert href and "browser-detail.safetensors" in href  # a download link to the written file

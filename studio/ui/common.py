@@ -252,7 +252,7 @@ def share(**components: gr.components.Component) -> None:
 
 
 def unavailable_reason(tab: ModuleType, model: LoadedModel) -> str | None:
-    """Why `tab` cannot serve `model` (e.g. training an SDXL model), from the tab module's optional
+    """Why `tab` cannot serve `model` (e.g. training an inpainting model), from the tab module's optional
     `unavailable(model)`, or None when it can. app.py shows the reason in the tab's place: a family the pipelines
     would refuse is explained when the studio opens, not at the first click. The reason comes from the pipelines'
     own checks, so the UI never keeps a second list of what each family supports."""

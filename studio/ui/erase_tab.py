@@ -24,7 +24,8 @@ TITLE = "Erase"
 
 
 def unavailable(model: LoadedModel) -> str | None:
-    """Why this tab cannot erase concepts from `model` (the training loop's own refusal, e.g. SDXL), or None."""
+    """Why this tab cannot erase concepts from `model` (the training loop's own refusal, e.g. an inpainting UNet),
+    or None."""
     return training_refusal(model.pipe, "erase")
 
 

@@ -37,7 +37,7 @@ TITLE = "Train"
 
 
 def unavailable(model: LoadedModel) -> str | None:
-    """Why this tab cannot train `model` (the training loop's own refusal, e.g. of an SDXL model), or None."""
+    """Why this tab cannot train `model` (the training loop's own refusal, e.g. of an inpainting model), or None."""
     return training_refusal(model.pipe)
 CONCEPTS = ("subject", "style", "control")
 
