@@ -11,7 +11,8 @@ attention processors installed here, two are steps of the pipeline's loop (pipel
 (b) concept isolation (sec. 3.3), every attn1 layer: a query in box n cannot attend to a key in another box
     (-1e6 on those logits); queries outside every box attend anywhere.
 (c) loss-guided latent updates (sec. 3.4): `composer_loss` over the maps `Composer.recording()` collects at the
-    lowest cross-attention resolution (SD 1.5: 16x16 at 512 px, down_blocks.2 and up_blocks.1, mid excluded).
+    lowest cross-attention resolution (SD 1.5: 16x16 at 512 px, down_blocks.2 and up_blocks.1; SDXL: 32x32 at
+    1024 px, down_blocks.2 and up_blocks.0; mid excluded).
 (d) latent re-initialisation (sec. 3.5): `reinitialise_latents`.
 
 Memory stays one UNet: a concept contributes only its attn2 k/v/out deltas (the reference holds one pipeline
@@ -60,7 +61,7 @@ class ComposerLossWeights:
 
 def map_size(unet: nn.Module, latent_size: tuple[int, int]) -> tuple[int, int]:
     """(h, w) of the lowest-resolution down block with attention: where the composer's maps are read
-    (SD 1.x/2.x: latent / 4; SDXL: latent / 4; the Shapes model: latent / 2)."""
+    (SD 1.x/2.x: latent / 4; SDXL, whose first down block has none: latent / 4 too; the Shapes model: latent / 2)."""
     factor, found = 1, None
     for block in unet.down_blocks:
         if getattr(block, "attentions", None):

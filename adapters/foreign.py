@@ -358,6 +358,11 @@ class ForeignLoRA(Adapter):
     def frozen_parameters(self) -> list[nn.Parameter]:
         return [*self.down, *self.up]
 
+    @property
+    def adapts_text_encoders(self) -> bool:
+        """Whether the file has a text-encoder part (kohya `lora_te*`, peft `text_encoder*.`) that was matched."""
+        return any(t.component != "unet" for t in self.targets)
+
     def config_dict(self) -> dict[str, Any]:
         # save_adapter would label kohya tensors as our LoRA, which would then not load back.
         raise ValueError(f"{Path(self.config.file).name} is a LoRA file of another tool: keep (copy) the file "
@@ -367,14 +372,13 @@ class ForeignLoRA(Adapter):
     def _layers(self, unet: nn.Module) -> list[nn.Module]:
         """The target layers in `unet`'s model (its linked text encoders too), each checked to have its shape."""
         models = linked_models(unet)
-        found: dict[str, dict[str, nn.Module]] = {}
+        found = {component: adaptable_modules(model) for component, model in models.items()}  # one walk each
         layers, problems = [], []
         for t in self.targets:
             if t.component not in models:
                 problems.append(f"{t.name}: the model has no {t.component} linked to this UNet")
                 continue
-            modules = found.setdefault(t.component, adaptable_modules(models[t.component]))
-            layer = modules.get(t.path)
+            layer = found[t.component].get(t.path)
             if layer is None or layer_dims(layer) != t.shape:
                 problems.append(f"{t.component}.{t.path} is missing or has another shape")
                 continue

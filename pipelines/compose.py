@@ -8,10 +8,16 @@
 
 - mode "merge": Σ w_k ΔW_k summed into the UNet for the call (adapters/fusion.py; default weight per method:
   0.6 for orthogonal LoRAs, as published), then an ordinary generation on the global prompt; restored after.
+  UNet weights only: a LoRA file's text-encoder part is left out, with a warning.
 - mode "composer": training-free, one UNet (adapters/composer.py). Adapter k acts only inside regions[k]'s box,
   on that region's prompt; regions beyond the adapters are plain regional prompts. The loop is written out
   below: latent re-initialisation at the first step, then per step a loss-guided update of the latent (a
-  conditional pass with gradients, until the early stop) and the classifier-free guided step.
+  conditional pass with gradients, until the early stop) and the classifier-free guided step. On SDXL every
+  UNet pass also gets its rows' added conditions (pooled text and size ids), which stay the global prompt's:
+  a region prompt changes only the cross-attention keys and values inside its box.
+  A LoRA file of another tool may adapt the text encoder(s) too (adapters/foreign.py). That part is regional
+  like the rest of the concept: adapter k's text-encoder part encodes regions[k]'s prompt (and its negative
+  prompt) only, never the global prompt or another region's; its UNet part acts only inside the box.
 
 Boxes are (x0, y0, x1, y1) in pixels, as PIL crops. Bad input (overlapping boxes, a box outside the canvas or
 smaller than one attention cell, more concepts than regions, an adapter for another base) raises InputError
@@ -22,19 +28,22 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
 from diffusers import DiffusionPipeline
 
-from adapters import Adapter, CallContext, Region, call_context, detect_family, read_metadata, unet_fingerprint
+from adapters import Adapter, CallContext, Region, call_context, read_metadata, unet_fingerprint
 from adapters.composer import Composer, ComposerLossWeights, composer_loss, map_size, reinitialise_latents
+from adapters.foreign import ForeignLoRA, link_pipeline
 from adapters.fusion import merge_into
 
-from .attach import AdapterUse, adapter_params, check_adapters, read_adapter
+from .attach import AdapterUse, adapter_params, attached, check_adapters, read_adapter
 from .edit import classifier_free_guidance, decode_latents
 from .errors import GenerationInterrupted, InputError, NonFiniteError
 from .generate import (
@@ -54,7 +63,6 @@ from .loading import LoadedModel
 
 Mode = Literal["merge", "composer"]
 MODES = ("merge", "composer")
-COMPOSER_FAMILIES = ("SD1", "SD2")  # SDXL's added conditions are not threaded through the composer's loop yet
 
 
 @dataclass(frozen=True)
@@ -117,9 +125,7 @@ def compose(
     check_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps)
     size = map_size(pipe.unet, (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
     check_compose_inputs(adapters, regions, mode, (width, height), size)
-    if mode == "composer" and detect_family(pipe.unet) not in COMPOSER_FAMILIES:
-        raise InputError(f"mode='composer' supports {', '.join(COMPOSER_FAMILIES)} models; this one is "
-                         f"{detect_family(pipe.unet)}: use mode='merge'")
+    link_pipeline(pipe)  # LoRA files of other tools find the text encoders too (adapters/foreign.py)
     loaded = [read_adapter(f"adapters[{i}]", source, pipe.unet) for i, (source, _) in enumerate(adapters)]
     for i, adapter in enumerate(loaded):
         check_composable(f"adapters[{i}]", adapter, pipe.unet)
@@ -131,6 +137,11 @@ def compose(
     if regions:
         params["Regions"] = json.dumps([[*r.box, r.prompt] for r in regions])
     if mode == "merge":
+        for i, adapter in enumerate(loaded):
+            if isinstance(adapter, ForeignLoRA) and adapter.adapts_text_encoders:
+                warnings.warn(f"adapters[{i}]: merge mode sums UNet weights only, so the text-encoder part of "
+                              f"{Path(adapter.config.file).name} is left out; mode='composer' applies it to its "
+                              "region's prompt", UserWarning, stacklevel=2)
         with merge_into(pipe.unet, list(zip(loaded, weights))):
             result = generate(model, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale, seed=seed, generator=generator, height=height,
@@ -226,38 +237,36 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
     """LoRA-Composer's loop; returns the images and the number of steps whose latent was refined."""
     unet, device = pipe.unet, pipe._execution_device
     width, height = image_size
-    # 1. Prompts: the global one as `generate` encodes it (rows: n unconditional, then n conditional), and
-    #    each region's prompt (its negative prompt on the unconditional rows).
+    # 1. Prompts: the global one as `generate` encodes it (rows: n unconditional, then n conditional; on SDXL with
+    #    its pooled text and size ids), and each region's prompt on the same rows (its negative prompt on the
+    #    unconditional ones). A region prompt only feeds cross-attention in its box: its pooled text is not used.
     embeds, context = encode_call(pipe, prompt, negative_prompt, n, guidance_scale, image_size)
     cfg = "negative_prompt_embeds" in embeds
-    cond_rows = context.row_mask("cond")
     concept_regions = []
     for i, region in enumerate(regions):
-        positive, negative = pipe.encode_prompt(region.prompt, device, 1, cfg, region.negative_prompt)[:2]
-        rows = torch.cat([negative] * n + [positive] * n) if cfg else torch.cat([positive] * n)
         # A concept's tokens are steered into its box; a plain regional prompt (no adapter) is only isolated.
         adapter = adapters[i] if i < len(adapters) else None
+        # The concept's text-encoder part (a LoRA file of another tool) is regional: it encodes this prompt only.
+        text_part = [(adapter, weights[i])] if isinstance(adapter, ForeignLoRA) and adapter.adapts_text_encoders else []
+        with attached(unet, text_part):
+            rows = encode_call(pipe, region.prompt, region.negative_prompt, n, guidance_scale, image_size)[1]
         tokens = concept_tokens(pipe.tokenizer, region.prompt, triggers[i]) if adapter is not None else ()
         x0, y0, x1, y1 = region.box
-        concept_regions.append(Region((x0 / width, y0 / height, x1 / width, y1 / height), region.prompt, rows,
-                                      adapter, tokens))
-    full = replace(context, image_size=image_size, regions=concept_regions)
-    conditional = CallContext(rows=[row for row in context.rows if row.branch == "cond"],
-                              text_embeds=context.text_embeds[cond_rows], image_size=image_size,
-                              regions=[replace(r, text_embeds=r.text_embeds[cond_rows]) for r in concept_regions])
-    cond_embeds = embeds["prompt_embeds"].repeat(n, 1, 1)
-    text = torch.cat([embeds["negative_prompt_embeds"].repeat(n, 1, 1), cond_embeds]) if cfg else cond_embeds
+        concept_regions.append(Region((x0 / width, y0 / height, x1 / width, y1 / height), region.prompt,
+                                      rows.text_embeds, adapter, tokens))
+    full = replace(context, regions=concept_regions)
+    conditional = _rows_of(full, full.row_mask("cond"))  # the gradient and re-initialisation passes
 
     # 2. Sampler and initial noise, as `generate` draws them (the same seed gives the same starting noise).
     scheduler_cls, overrides = SCHEDULERS[scheduler_name]
     scheduler = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    latents = pipe.prepare_latents(n, unet.config.in_channels, height, width, text.dtype, device, generator)
+    latents = pipe.prepare_latents(n, unet.config.in_channels, height, width, context.text_embeds.dtype, device,
+                                   generator)
     step_sizes = settings.step_size * torch.linspace(1, 0.5, num_inference_steps).sqrt()
 
     def conditional_pass(z: torch.Tensor, t: torch.Tensor) -> None:
-        with call_context(unet, conditional):
-            unet(scheduler.scale_model_input(z, t), t, encoder_hidden_states=cond_embeds)
+        _denoise(unet, conditional, scheduler.scale_model_input(z, t), t)
 
     refined, previous_loss, refining = 0, math.inf, True
     with ExitStack() as restore:
@@ -285,9 +294,9 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
                     latents = (latents - step_sizes[i].item() * grad).detach()
                     refined, previous_loss = refined + 1, loss.item()
             # 5. The guided denoising step, every concept in its box.
-            with torch.no_grad(), call_context(unet, full):
+            with torch.no_grad():
                 batch = torch.cat([latents] * 2) if cfg else latents
-                eps = unet(scheduler.scale_model_input(batch, t), t, encoder_hidden_states=text).sample
+                eps = _denoise(unet, full, scheduler.scale_model_input(batch, t), t)
                 if cfg:
                     eps = classifier_free_guidance(*eps.chunk(2), guidance_scale)
                 latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
@@ -297,3 +306,18 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
                 raise GenerationInterrupted("composition stopped by the callback")
     with torch.no_grad():
         return decode_latents(pipe, latents), refined
+
+
+def _rows_of(ctx: CallContext, keep: torch.Tensor) -> CallContext:
+    """`ctx` for the rows where `keep` (B,) is True: their prompts, text, added conditions and region prompts."""
+    added = None if ctx.added_cond is None else {name: value[keep] for name, value in ctx.added_cond.items()}
+    return CallContext(rows=[row for row, kept in zip(ctx.rows, keep.tolist()) if kept],
+                       text_embeds=ctx.text_embeds[keep], image_size=ctx.image_size, added_cond=added,
+                       regions=[replace(r, text_embeds=r.text_embeds[keep]) for r in ctx.regions])
+
+
+def _denoise(unet, ctx: CallContext, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The UNet's output on `sample`, whose rows are `ctx`'s: each on its text and added conditions (SDXL's
+    pooled text and size ids; none on SD 1.x/2.x), with the composer's processors reading `ctx`."""
+    with call_context(unet, ctx):
+        return unet(sample, t, encoder_hidden_states=ctx.text_embeds, added_cond_kwargs=ctx.added_cond).sample

@@ -13,7 +13,8 @@ reference code departs from the paper.
 The maths are pure module-level functions (tested alone); the public entry points are `invert`,
 `reconstruct`, `edit` (with `save_edit`) and the baselines `ddim_reconstruct` and `edit_without_uniform`. All latent
 arithmetic runs in fp32 whatever the model's dtype. The pipe is left as it was: its scheduler is only
-read (a DDIM schedule is built from its config) and the attention processors are restored.
+read (a DDIM schedule is built from its config), the attention processors are restored, and the adapters `edit`
+attaches for its call (as `generate` does, their text-encoder parts included) are detached.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,8 +39,10 @@ from PIL import Image
 from adapters.base import unet_fingerprint
 from adapters.checks import is_number
 from adapters.context import CallContext, Row, attached_adapters, call_context, current_context
+from adapters.foreign import link_pipeline
 from adapters.uniform_attention import attach_uniform_attention
 
+from .attach import AdapterUse, adapter_params, attached, check_adapters
 from .errors import GenerationInterrupted, InputError, NonFiniteError
 from .generate import (
     GenerationSettings,
@@ -514,6 +517,7 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
          source_blend: bool = True,  # also blend the source branch (better numbers in UAM's ablation; docs/methods.md)
          user_mask: ImageInput | np.ndarray | None = None,  # edit only inside it; empty = no limit
          invert_with_source_prompt: bool = False,  # False: MasaCtrl setup (""), True: P2P setup
+         adapters: Sequence[AdapterUse] = (),  # (adapter file or Adapter, scale) pairs, attached for this call
          height: int | None = None, width: int | None = None, use_cache: bool = True,
          callback: ProgressCallback | None = None) -> EditResult:
     """Edit a real image from `source_prompt` to `target_prompt` with UAM's adaptive mask guidance (UAM sec. 3.3.2).
@@ -523,6 +527,9 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
     branch's x̂0 where the source and target agree (the keep mask), limited to `user_mask` if given.
     UNet rows: 2 per step for the inversion (unless cached) + 5 per step with CFG (3 without).
     Everything is deterministic (η = 0, posterior mean): there is no seed to pass.
+    adapters are attached for the whole call as `generate` attaches them (pipelines/attach.py): the inversion and
+    the three branches run with them, and a LoRA file's text-encoder part encodes every prompt; with adapters the
+    inversion is not cached.
     callback(step, total) counts the inversion's steps (unless cached), then the edit's; True stops.
     """
     # 1. Check inputs, normalise the image and the user mask (before any work)
@@ -530,57 +537,63 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
     check_edit_inputs(source_prompt, target_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, mask_start_t=mask_start_t, quantile=quantile, dilation=dilation,
                       threshold_mode=threshold_mode, mask_channels=mask_channels)
+    check_adapters(adapters)
     image = load_image(image, size=_image_size(pipe, height, width))
     allowed = load_mask(user_mask, image.size)
 
-    # 2. Invert (2 rows per step), or reuse this image's cached inversion
-    steps = num_inference_steps
-    inversion = invert(pipe, image, source_prompt if invert_with_source_prompt else "", steps,
-                       height=image.height, width=image.width, use_cache=use_cache,
-                       callback=None if callback is None else lambda step, _: callback(step, 2 * steps))
-    done = steps if inversion.unet_rows else 0  # progress steps already reported
-    latent_size = inversion.latents.shape[-2:]
-    if allowed is not None:  # a latent cell may change when any of its pixels may
-        allowed = torch.from_numpy(allowed).float()[None, None].to(inversion.latents.device)
-        allowed = F.adaptive_max_pool2d(allowed, latent_size)
+    # 2-6 run with the adapters attached, as in `generate`: their text-encoder parts (LoRA files of other tools)
+    # encode the prompts, their UNet parts denoise every branch.
+    link_pipeline(pipe)
+    with attached(pipe.unet, adapters):
+        # 2. Invert (2 rows per step), or reuse this image's cached inversion. A file's adapter is a new object
+        #    each call, which the cache key cannot tell from another file's: with adapters, invert afresh.
+        steps = num_inference_steps
+        inversion = invert(pipe, image, source_prompt if invert_with_source_prompt else "", steps,
+                           height=image.height, width=image.width, use_cache=use_cache and not adapters,
+                           callback=None if callback is None else lambda step, _: callback(step, 2 * steps))
+        done = steps if inversion.unet_rows else 0  # progress steps already reported
+        latent_size = inversion.latents.shape[-2:]
+        if allowed is not None:  # a latent cell may change when any of its pixels may
+            allowed = torch.from_numpy(allowed).float()[None, None].to(inversion.latents.device)
+            allowed = F.adaptive_max_pool2d(allowed, latent_size)
 
-    # 3. Encode the prompts: "" serves the auxiliary branch and the unconditional rows
-    empty, source, target = encode_prompts(pipe, ["", source_prompt, target_prompt]).chunk(3)
-    cfg = guidance_scale > 1
-    branches = _Branches(torch.cat([empty, source, target]), guided=(False, cfg, cfg),
-                         names=(Row("", "uniform"), Row(source_prompt, "source"), Row(target_prompt, "target")),
-                         uncond=empty, guidance_scale=guidance_scale)
+        # 3. Encode the prompts: "" serves the auxiliary branch and the unconditional rows
+        empty, source, target = encode_prompts(pipe, ["", source_prompt, target_prompt]).chunk(3)
+        cfg = guidance_scale > 1
+        branches = _Branches(torch.cat([empty, source, target]), guided=(False, cfg, cfg),
+                             names=(Row("", "uniform"), Row(source_prompt, "source"), Row(target_prompt, "target")),
+                             uncond=empty, guidance_scale=guidance_scale)
 
-    # 4. Start latents [u, src, tgt] = [z^u_T, z_T, z_T]
-    latents = torch.cat([inversion.uniform_latents, inversion.latents, inversion.latents])
+        # 4. Start latents [u, src, tgt] = [z^u_T, z_T, z_T]
+        latents = torch.cat([inversion.uniform_latents, inversion.latents, inversion.latents])
 
-    # 5. Denoise the three branches, blending x̂0 with the adaptive keep mask on 0 < t < T_mask
-    levels = quantile_levels(quantile, steps)
-    last_keep: torch.Tensor | None = None
+        # 5. Denoise the three branches, blending x̂0 with the adaptive keep mask on 0 < t < T_mask
+        levels = quantile_levels(quantile, steps)
+        last_keep: torch.Tensor | None = None
 
-    def guide(i: int, t: int, x0: torch.Tensor) -> torch.Tensor:
-        nonlocal last_keep
-        if not 0 < t < mask_start_t:
-            return x0
-        x0_aux, x0_source, x0_target = x0.chunk(3)
-        keep = adaptive_keep_mask(x0_source, x0_target, float(levels[i]), threshold_mode=threshold_mode,
-                                  dilation=dilation, mask_channels=mask_channels)
-        if allowed is not None:
-            keep = restrict_edit(keep, allowed)
-        last_keep = keep
-        x0_source, x0_target = blend_branches(x0_aux, x0_source, x0_target, keep, source_blend)
-        return torch.cat([x0_aux, x0_source, x0_target])
+        def guide(i: int, t: int, x0: torch.Tensor) -> torch.Tensor:
+            nonlocal last_keep
+            if not 0 < t < mask_start_t:
+                return x0
+            x0_aux, x0_source, x0_target = x0.chunk(3)
+            keep = adaptive_keep_mask(x0_source, x0_target, float(levels[i]), threshold_mode=threshold_mode,
+                                      dilation=dilation, mask_channels=mask_channels)
+            if allowed is not None:
+                keep = restrict_edit(keep, allowed)
+            last_keep = keep
+            x0_source, x0_target = blend_branches(x0_aux, x0_source, x0_target, keep, source_blend)
+            return torch.cat([x0_aux, x0_source, x0_target])
 
-    progress = None if callback is None else lambda step, _: callback(done + step, done + steps)
-    latents, rows = _run_denoising(pipe, branches, latents, inversion.schedule, guide, progress)
-    if not torch.isfinite(latents).all():  # would decode to a black image
-        raise NonFiniteError(non_finite_message("the edit's latents", None, (), pipe.unet.dtype))
+        progress = None if callback is None else lambda step, _: callback(done + step, done + steps)
+        latents, rows = _run_denoising(pipe, branches, latents, inversion.schedule, guide, progress)
+        if not torch.isfinite(latents).all():  # would decode to a black image
+            raise NonFiniteError(non_finite_message("the edit's latents", None, adapters, pipe.unet.dtype))
 
-    # 6. Decode the target and the auxiliary reconstruction; show the last blended step's edit region
-    edited, reconstruction = decode_latents(pipe, latents[[2, 0]])
-    edit_region = torch.ones(latent_size) if last_keep is None else (1 - last_keep)[0].mean(dim=0)
-    mask = Image.fromarray((edit_region.cpu().numpy() * 255).round().astype(np.uint8), "L")
-    mask = mask.resize(image.size, Image.Resampling.NEAREST)
+        # 6. Decode the target and the auxiliary reconstruction; show the last blended step's edit region
+        edited, reconstruction = decode_latents(pipe, latents[[2, 0]])
+        edit_region = torch.ones(latent_size) if last_keep is None else (1 - last_keep)[0].mean(dim=0)
+        mask = Image.fromarray((edit_region.cpu().numpy() * 255).round().astype(np.uint8), "L")
+        mask = mask.resize(image.size, Image.Resampling.NEAREST)
 
     # 7. Record what made the edit: A1111's keys for the target prompt, plus the edit's own
     name, model_hash, family = model_identity(model)
@@ -591,7 +604,8 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
         extra_params={"Edit": "UAM", "Source prompt": source_prompt, "Mask start": mask_start_t,
                       "Mask quantile": quantile, "Mask dilation": dilation, "Threshold mode": threshold_mode,
                       "Mask channels": mask_channels, "Source blend": source_blend,
-                      "User mask": allowed is not None, "Invert with source prompt": invert_with_source_prompt},
+                      "User mask": allowed is not None, "Invert with source prompt": invert_with_source_prompt,
+                      **adapter_params(adapters)},
     )
     return EditResult(edited, reconstruction, mask, inversion, inversion.unet_rows + rows, settings)
 

@@ -170,18 +170,13 @@ def test_merging_two_sdxl_loras_computes_what_they_compute_attached(tiny_sdxl, t
     torch.testing.assert_close(run(fresh, inputs), attached, atol=1e-5, rtol=0)
 
 
-def test_compose_merges_on_sdxl_and_its_composer_mode_refuses_with_the_way_out(tiny_sdxl, tmp_path):
-    """LoRA-Composer's loop does not thread SDXL's added conditions (pipelines/compose.py, COMPOSER_FAMILIES): it
-    refuses, naming the family and mode='merge', which works and equals the adapters attached at their weights."""
-    from pipelines.compose import ComposeRegion, compose
-    from pipelines.errors import InputError
+def test_compose_merge_mode_on_sdxl_equals_the_adapters_attached_at_their_weights(tiny_sdxl):
+    """Merge mode on SDXL (composer mode: tests/test_sdxl_compose.py)."""
+    from pipelines.compose import compose
 
     loras = [LoRA.from_unet(tiny_sdxl.unet, LoRAConfig(rank=2)) for _ in range(2)]
     for i, lora in enumerate(loras):
         perturb(lora, seed=i)
-    regions = [ComposeRegion((0, 0, 32, 64), "a sks"), ComposeRegion((32, 0, 64, 64), "a zkz")]
-    with pytest.raises(InputError, match="SDXL: use mode='merge'"):
-        compose(tiny_sdxl, "two things", adapters=[(a, None) for a in loras], regions=regions, seed=0)
     kwargs = dict(seed=1, num_inference_steps=STEPS, scheduler="Euler")
     merged = compose(tiny_sdxl, "two things", adapters=[(loras[0], 0.7), (loras[1], 0.4)], mode="merge", **kwargs)
     attached = generate(tiny_sdxl, "two things", adapters=[(loras[0], 0.7), (loras[1], 0.4)], **kwargs)
