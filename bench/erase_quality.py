@@ -185,6 +185,10 @@ def transfer(model, membrane, concept: str, customized: Path, seeds: int) -> Non
           f"{derived['kept']:.1f}% -> {with_membrane['kept']:.1f}% (drop {drop:+.1f})", flush=True)
 
 
+def membrane_path(work: Path, concept: str) -> Path:
+    return work / concept / f"erase-{concept}.safetensors"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=400, help="training steps of each membrane")
@@ -193,13 +197,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--attack-steps", type=int, default=50)
     p.add_argument("--work", type=Path, default=Path("runs/erase-bench"))
+    p.add_argument("--concepts", nargs="+", choices=CONCEPTS, default=list(CONCEPTS),
+                   help="which membranes to train and score (two runs on one --work can split the concepts)")
     args = p.parse_args()
     model = load_model()
     model.pipe.set_progress_bar_config(disable=True)
     customized = customization(model, args.work)  # first: a broken setup shows before the long runs
     files = {}
-    for concept in CONCEPTS:
-        path = args.work / concept / f"erase-{concept}.safetensors"
+    for concept in args.concepts:
+        path = membrane_path(args.work, concept)
         if not path.exists():
             t0 = time.time()
             erase(model, concept, steps=args.steps, output_dir=path.parent, checkpoint_every=0,
@@ -228,9 +234,12 @@ def main() -> None:
         membrane.config = dataclasses.replace(membrane.config, similarity="full", transport="additive")
         if concept == "triangle":
             transfer(model, membrane, concept, customized, args.seeds)
-    plain, ratio = generation_ratio(model, list(membranes.values()))
-    print(f"\ngeneration, 4 images x 20 steps: {plain:.2f}s without membranes, {ratio:.2f}x with both (additive); "
-          f"{args.seeds} seeds per prompt; {torch.get_num_threads()} threads")
+    # Timed with every membrane trained in --work so far (both, once both runs are done).
+    timed = [load_adapter(membrane_path(args.work, c), model.pipe.unet, attach=False) for c in CONCEPTS
+             if membrane_path(args.work, c).exists()]
+    plain, ratio = generation_ratio(model, timed)
+    print(f"\ngeneration, 4 images x 20 steps: {plain:.2f}s without membranes, {ratio:.2f}x with {len(timed)} "
+          f"(additive); {args.seeds} seeds per prompt; {torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":
