@@ -6,7 +6,8 @@
 For the call, files are loaded and attached and every adapter gets its scale; afterwards everything is
 put back as it was: adapters attached here are detached (which restores the UNet exactly, adapters/base.py),
 the others get their previous scale. The images record them as A1111 records LoRAs: an `Adapters` entry
-("name:scale", the CLI's --adapter form) and an `Adapter hashes` entry ("name: hash", like "Lora hashes").
+("name:scale", the CLI's --adapter form) and an `Adapter hashes` entry ("name: hash", hashed as A1111 hashes
+LoRAs for its "Lora hashes").
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from adapters import Adapter, attached_adapters, load_adapter
 from adapters.checks import is_number
 
 from .errors import InputError
-from .loading import file_hash
+from .loading import lora_hash
 
 AdapterUse = tuple[Adapter | str | os.PathLike, float]  # (adapter file or object, scale)
 ADAPTER_ARG_FORM = "NAME_OR_FILE[:SCALE], e.g. sks:0.8"
@@ -79,7 +80,7 @@ def adapter_params(adapters: Sequence[AdapterUse]) -> dict[str, str]:
         return {}
     named = [(_name(source), source, scale) for source, scale in adapters]
     params = {"Adapters": ", ".join(f"{name}:{scale:g}" for name, _, scale in named)}
-    hashes = [f"{name}: {file_hash([Path(s)])}" for name, s, _ in named if not isinstance(s, Adapter)]
+    hashes = [f"{name}: {lora_hash(Path(s))}" for name, s, _ in named if not isinstance(s, Adapter)]
     if hashes:
         params["Adapter hashes"] = ", ".join(hashes)
     return params

@@ -59,7 +59,7 @@ from adapters.io import write_safetensors
 
 from .attach import AdapterUse, check_adapters, read_adapter
 from .errors import InputError
-from .loading import LoadedModel, file_hash
+from .loading import LoadedModel, lora_hash
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -310,7 +310,7 @@ def export_checkpoint(model: LoadedModel, out: str | os.PathLike, adapters: Sequ
                              "its file")
         is_file = not isinstance(source, Adapter)
         name = Path(source).stem if is_file else adapter.method
-        read.append((adapter, float(scale), name, file_hash([Path(source)]) if is_file else None))
+        read.append((adapter, float(scale), name, lora_hash(Path(source)) if is_file else None))
 
     # 3. Merge: the UNet through merge_into (restored on exit), text-encoder deltas into the exported copies only
     text_deltas: dict[str, dict[str, torch.Tensor]] = {}

@@ -262,6 +262,22 @@ def _unet_hash(folder: Path) -> str:
     return file_hash(sorted(unet.glob("*.safetensors")) or sorted(unet.glob("*.bin")))
 
 
+def lora_hash(path: Path) -> str:
+    """A LoRA file's short hash as A1111 writes it under "Lora hashes": the first 12 hex digits of the SHA-256 of
+    a .safetensors file's bytes after its header (the "addnet" hash, so editing the metadata keeps it), or of the
+    hash kohya records in `sshs_model_hash` when the header has one (A1111 takes that first)."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size) or b"{}")
+        recorded = header.get("__metadata__", {}).get("sshs_model_hash")
+        if recorded:
+            return recorded[:12]
+        h = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
 def file_hash(files: list[Path]) -> str:
     """First 10 hex digits of the SHA-256 of the files' bytes, as A1111 shows a "Model hash"."""
     h = hashlib.sha256()

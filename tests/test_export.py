@@ -27,7 +27,7 @@ from pipelines.architectures import build_unet, tiny_sdxl_pipeline, unet_inputs
 from pipelines.attach import attached
 from pipelines.errors import StudioError
 from pipelines.export import SD2_TEXT_PREFIX, check_family, export_checkpoint, openclip_layout, text_encoder_state
-from pipelines.loading import LoadedModel, file_hash
+from pipelines.loading import LoadedModel, lora_hash
 from studio.cli import main as cli_main
 
 TOKENIZER = str(EMBEDDED_MODEL / "tokenizer")
@@ -65,9 +65,9 @@ def test_export_with_a_lora_at_0_8_reloads_both_ways_and_generates_as_the_attach
     assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."))
                for k in shapes)
     assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.prediction_type"] == "epsilon"
-    assert f'Lora hashes: "sks: {file_hash([lora_file])}"' in meta["parameters"]
+    assert f'Lora hashes: "sks: {lora_hash(lora_file)}"' in meta["parameters"]
     merged = json.loads(meta["studio.merged_adapters"])
-    assert merged == [{"name": "sks", "hash": file_hash([lora_file]), "scale": 0.8, "method": "lora"}]
+    assert merged == [{"name": "sks", "hash": lora_hash(lora_file), "scale": 0.8, "method": "lora"}]
 
     # The reference: the base with the LoRA attached at 0.8 for the call.
     kwargs = dict(num_inference_steps=4, seed=5, guidance_scale=5.0)
@@ -166,7 +166,7 @@ def test_a_kohya_file_with_a_text_encoder_part_is_merged_into_both(tiny_sd15, tm
     plain = generate(tiny_sd15, "a red star", **kwargs).images[0]
     reference = generate(tiny_sd15, "a red star", adapters=[(kohya, 0.8)], **kwargs).images[0]
     out = export_checkpoint(model, tmp_path / "merged.safetensors", adapters=[(kohya, 0.8)])
-    assert f'Lora hashes: "d: {file_hash([kohya])}"' in header(out)[0]["parameters"]
+    assert f'Lora hashes: "d: {lora_hash(kohya)}"' in header(out)[0]["parameters"]
 
     loaded = StableDiffusionPipeline.from_single_file(str(out), config=str(config_dir), local_files_only=True)
     changed = [k for k, t in tiny_sd15.text_encoder.state_dict().items()
@@ -359,3 +359,24 @@ def test_a_23_block_sd2_text_encoder_gets_openclip_h_s_24th_block_as_an_identity
     ids = torch.randint(0, 99, (2, 77), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(full(ids).last_hidden_state, encoder(ids).last_hidden_state)
+
+
+def test_lora_hash_is_a1111_s_addnet_hash_of_the_tensor_bytes(tmp_path):
+    """A1111 looks LoRAs up by the first 12 hex digits of the SHA-256 of the bytes after the safetensors header
+    (its network.py `set_hash`, `use_addnet_hash`), or by kohya's recorded `sshs_model_hash`."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    tensors = {"lora_unet_x.lora_down.weight": torch.arange(6.0).view(2, 3)}
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(tensors, first, metadata={"ss_output_name": "a"})
+    save_file(tensors, second, metadata={"ss_output_name": "a much longer name that moves the tensor bytes"})
+    data = first.read_bytes()
+    payload = data[8 + int.from_bytes(data[:8], "little"):]
+    assert lora_hash(first) == hashlib.sha256(payload).hexdigest()[:12]
+    assert lora_hash(second) == lora_hash(first)  # the metadata is not hashed
+    assert lora_hash(first) != hashlib.sha256(data).hexdigest()[:12]  # nor the whole file
+    recorded = tmp_path / "c.safetensors"
+    save_file(tensors, recorded, metadata={"sshs_model_hash": "0123456789abcdef" * 4})
+    assert lora_hash(recorded) == "0123456789ab"

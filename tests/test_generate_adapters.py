@@ -39,7 +39,9 @@ def image(result) -> np.ndarray:
 
 
 def short_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    """A1111's LoRA short hash: SHA-256 of the bytes after the safetensors header, 12 hex digits."""
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
 
 
 def test_an_adapter_acts_for_the_call_only_and_is_recorded(embedded, sks_file):
