@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from adapters import Adapter, read_metadata
 from adapters.base import unet_fingerprint
 from adapters.checks import is_number
 from adapters.context import CallContext, Row, attached_adapters, call_context, current_context
@@ -43,6 +44,7 @@ from adapters.foreign import link_pipeline
 from adapters.uniform_attention import attach_uniform_attention
 
 from .attach import AdapterUse, adapter_params, attached, check_adapters
+from .control import is_controller
 from .errors import GenerationInterrupted, InputError, NonFiniteError
 from .generate import (
     GenerationSettings,
@@ -537,7 +539,7 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
     check_edit_inputs(source_prompt, target_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, mask_start_t=mask_start_t, quantile=quantile, dilation=dilation,
                       threshold_mode=threshold_mode, mask_channels=mask_channels)
-    check_adapters(adapters)
+    check_edit_adapters(adapters)
     image = load_image(image, size=_image_size(pipe, height, width))
     allowed = load_mask(user_mask, image.size)
 
@@ -617,6 +619,19 @@ def save_edit(result: EditResult, out_dir: str | os.PathLike) -> dict[str, Path]
     return {"edited": save_png(result.image, result.settings, out_dir / "edited.png"),
             "reconstruction": write_png(result.reconstruction, out_dir / "reconstruction.png"),
             "mask": write_png(result.mask, out_dir / "mask.png")}
+
+
+def check_edit_adapters(adapters: Sequence[AdapterUse]) -> None:
+    """`check_adapters`, and no controller among them: a CSC-Tuner steers by a control image, which an edit does
+    not take (InputError naming the adapter; before any work)."""
+    check_adapters(adapters)
+    for source, scale in adapters:
+        method = source.method if isinstance(source, Adapter) else read_metadata(source).get("studio.method")
+        if is_controller(method) and scale != 0:
+            name = source.method if isinstance(source, Adapter) else Path(source).stem
+            raise InputError(f"adapter {name!r} is a CSC-Tuner: it steers generation by a control image, which an "
+                             "edit does not take; leave it out or set its scale to 0 (generate with a control "
+                             "image uses it)")
 
 
 def check_edit_inputs(source_prompt: str, target_prompt: str, *, num_inference_steps: int, guidance_scale: float,

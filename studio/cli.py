@@ -2,6 +2,7 @@
 
     studio generate "a red circle" --seed 1 --out out/
     studio edit photo.png --source "a red circle" --target "a blue circle" --out out/edit
+    studio edit photo.png --source "a red circle" --target "a sks circle" --adapter sks:0.8   # with an adapter
     studio train --data data/stars --method sc_tuner --trigger sks --steps 200
     studio erase "triangle" --steps 3000 --out runs/no-triangle       # an SPM membrane, into the library
     studio generate "sks star" --adapter sks:0.8          # an adapter of the library (or a file), scale 0.8
@@ -27,6 +28,7 @@ import dataclasses
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from .quiet import quiet_libraries
 
@@ -42,14 +44,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                        description="Generate images and save them as PNGs carrying their settings (A1111 style).")
     p.add_argument("prompt")
     add_sampling_options(p)
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME_OR_FILE[:SCALE]",
-                   help="an adapter of the library (or an adapter file) at SCALE (default 1); repeatable")
+    _add_adapter_options(p)
     p.add_argument("--control", action="append", default=[], metavar="CONDITION:IMAGE[:SCALE]",
                    help="control the image with IMAGE through the CSC-Tuner of CONDITION given by --adapter "
                         "(canny, color, sketch...), at SCALE (default: the tuner's); repeatable")
     p.add_argument("--no-annotate", dest="annotate", action="store_false",
                    help="the control images already are hints (e.g. an edge map): do not run the annotator")
-    adapters_cli.add_library_option(p)
     p.add_argument("--model", default=None,
                    help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
@@ -71,19 +71,35 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default="DDIM", choices=list(SCHEDULERS), help="sampler (default DDIM)")
 
 
+def _add_adapter_options(p: argparse.ArgumentParser) -> None:
+    """--adapter (repeatable) and --library, read by `_library_adapters` (generate's and edit's)."""
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME_OR_FILE[:SCALE]",
+                   help="an adapter of the library (or an adapter file) at SCALE (default 1); repeatable")
+    adapters_cli.add_library_option(p)
+
+
+def _library_adapters(args: argparse.Namespace) -> list[tuple[Path, float]]:
+    """The --adapter options as (file, scale) pairs, a name looked up in --library; an unknown name, a missing file
+    or a bad scale is refused here, in one line naming it, before the (possibly slow) model load."""
+    from pipelines import check_adapters, parse_adapter_arg
+    from studio.library import AdapterLibrary
+
+    library = AdapterLibrary(args.library)
+    adapters = [(library.resolve(source).path, scale) for source, scale in map(parse_adapter_arg, args.adapter)]
+    check_adapters(adapters)
+    return adapters
+
+
 def _generate(args: argparse.Namespace) -> None:
-    from pipelines import check_adapters, check_inputs, generate, load_model, parse_adapter_arg, save_images
+    from pipelines import check_inputs, generate, load_model, save_images
     from pipelines.control import parse_control_arg
     from pipelines.images import check_out_dir
-    from studio.library import AdapterLibrary
 
     # Refuse bad settings (and unknown adapters) before the (possibly slow) model load.
     check_inputs(args.prompt, args.negative, args.height, args.width, args.steps, args.guidance, args.n,
                  args.scheduler, args.seed)
     check_out_dir(args.out)
-    library = AdapterLibrary(args.library)
-    adapters = [(library.resolve(source).path, scale) for source, scale in map(parse_adapter_arg, args.adapter)]
-    check_adapters(adapters)
+    adapters = _library_adapters(args)
     control = [dataclasses.replace(parse_control_arg(text), annotate=args.annotate) for text in args.control]
     _check_controllers(control, [path for path, _ in adapters])
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -157,6 +173,7 @@ def _add_edit(sub: argparse._SubParsersAction) -> None:
                    help="blend only the target branch (default: also the source, as the reference code)")
     p.add_argument("--mask", default=None,
                    help="image whose white (or opaque) part limits the edit (default: no limit)")
+    _add_adapter_options(p)
     p.add_argument("--model", default=None,
                    help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
@@ -168,6 +185,7 @@ def _add_edit(sub: argparse._SubParsersAction) -> None:
 
 def _edit(args: argparse.Namespace) -> None:
     from pipelines import check_edit_inputs, edit, load_model, save_edit
+    from pipelines.edit import check_edit_adapters
     from pipelines.images import check_out_dir, load_image, load_mask
 
     # Refuse bad settings and unreadable files before the (possibly slow) model load.
@@ -179,12 +197,14 @@ def _edit(args: argparse.Namespace) -> None:
     user_mask = None if args.mask is None else load_mask(args.mask, image.size)
     if args.mask is not None and user_mask is None:
         warnings.warn(f"--mask {args.mask} is empty (nothing white or opaque): editing without a limit", stacklevel=1)
+    adapters = _library_adapters(args)
+    check_edit_adapters(adapters)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     with _progress_bar("inverting and editing", 2 * args.steps) as progress:
         result = edit(model, image, args.source, args.target, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, mask_start_t=args.mask_start, quantile=args.quantile,
                       dilation=args.dilation, threshold_mode=args.threshold_mode, source_blend=args.source_blend,
-                      user_mask=user_mask, callback=progress)
+                      user_mask=user_mask, adapters=adapters, callback=progress)
     for path in save_edit(result, args.out).values():
         print(path)
 

@@ -16,6 +16,7 @@ from PIL import Image
 from adapters import CSCTuner, CSCTunerConfig, LoRA, LoRAConfig, save_adapter
 from pipelines import parse_infotext
 from studio.cli import main
+from studio.library import AdapterLibrary
 from studio.shapes.world import Scene, ShapeObject, render
 
 
@@ -56,6 +57,38 @@ def test_edit_writes_the_edit_its_reconstruction_and_mask_and_prints_their_paths
     assert (params["Threshold mode"], params["Source blend"], params["User mask"]) == ("paper", "False", "True")
     assert np.asarray(Image.open(printed[2]))[:, 32:].max() == 0  # nothing edited outside the user's mask
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["edited.png", "mask.png", "reconstruction.png"]
+
+
+def test_edit_with_a_library_lora_changes_the_image_and_an_unknown_adapter_is_refused_first(
+        embedded, tmp_path, monkeypatch, capsys):
+    import pipelines
+
+    monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "lib"))
+    lora = LoRA.from_unet(embedded.pipe.unet, LoRAConfig(rank=2))
+    perturb(lora)
+    AdapterLibrary().add(save_adapter(lora, tmp_path / "sks.safetensors", trigger_words=["sks"]))
+    render(Scene((ShapeObject("red", "square"),))).save(tmp_path / "in.png")
+    common = ["edit", str(tmp_path / "in.png"), "--source", "a red square", "--target", "a blue square",
+              "--steps", "2"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--adapter", "sks:0.8", "--out", str(tmp_path / "lora")]) == 0
+    printed = capsys.readouterr().out.split()
+    plain, with_lora = Image.open(printed[0]), Image.open(printed[3])
+    assert not np.array_equal(np.asarray(plain), np.asarray(with_lora))
+    assert "Adapters" not in parse_infotext(plain.text["parameters"])
+    assert parse_infotext(with_lora.text["parameters"])["Adapters"] == "sks:0.8"
+
+    # Refused in one line naming the adapter, before the model loads.
+    controller = CSCTuner.from_unet(embedded.pipe.unet, CSCTunerConfig("canny", dense_kernel=1, vae_scale_factor=4))
+    AdapterLibrary().add(save_adapter(controller, tmp_path / "star-canny.safetensors"))
+    monkeypatch.setattr(pipelines, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main([*common, "--adapter", "nope", "--out", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: no adapter named 'nope' in ")
+    assert main([*common, "--adapter", "star-canny", "--out", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == ("error: adapter 'star-canny' is a CSC-Tuner: it steers generation "
+                                               "by a control image, which an edit does not take; leave it out or set "
+                                               "its scale to 0 (generate with a control image uses it)")
+    assert not (tmp_path / "nope").exists()
 
 
 def test_generate_with_a_controller_and_annotate(embedded, tmp_path, capsys):

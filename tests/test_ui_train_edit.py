@@ -1,8 +1,8 @@
 """The Train and Edit tabs as an artist meets them (issue #20), in a real browser on the served studio: training
 without opening the Samples section, a blank learning rate, the loss curve and the sample grid, the status line's
 ETA, Resume and "Keep the adapter as it is" after a cancel; in Edit the translucent brush sized to the image,
-clearing the paint but not the image, refused prompts, a shrunk upload, enlarged small results; and in both, a bad
-upload answered by name with the last results left in place."""
+clearing the paint but not the image, refused prompts, a shrunk upload, enlarged small results, a library LoRA
+picked in the Adapters table; and in both, a bad upload answered by name with the last results left in place."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gradio_client import Client, handle_file
 from PIL import Image
 from playwright.sync_api import expect
 
+from adapters import CSCTuner, CSCTunerConfig, LoRA, LoRAConfig, save_adapter
 from adapters.io import read_metadata
 from studio.library import AdapterLibrary
 from studio.shapes.world import Scene, ShapeObject, render
@@ -28,7 +30,12 @@ from studio.ui.train_tab import (
     sample_grid,
     status_line,
 )
+from tests.adapter_helpers import perturb
 from tests.test_ui import app_url, page  # noqa: F401  (fixtures: the served studio, a Chromium page on it)
+
+SCREENSHOT = Path(__file__).resolve().parents[1] / "runs" / "shot_edit_adapters.png"
+SOURCE = "a red circle on the left on a gray background"
+TARGET = "a blue circle on the left on a gray background"
 
 
 @pytest.fixture
@@ -36,6 +43,17 @@ def library(tmp_path, monkeypatch) -> Path:
     """An empty adapter library of this test's own."""
     monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
     return tmp_path / "library"
+
+
+@pytest.fixture
+def lora_library(library, embedded) -> Path:
+    """The test's library holding a LoRA of the embedded model ("sks", off its identity init) and a CSC-Tuner."""
+    lora = LoRA.from_unet(embedded.pipe.unet, LoRAConfig(rank=2))
+    perturb(lora)
+    save_adapter(lora, library / "sks.safetensors", trigger_words=["sks"])
+    controller = CSCTuner.from_unet(embedded.pipe.unet, CSCTunerConfig("canny", dense_kernel=1, vae_scale_factor=4))
+    save_adapter(controller, library / "star-canny.safetensors")
+    return library
 
 
 @pytest.fixture
@@ -90,8 +108,8 @@ def toast(view, text: str | re.Pattern):
 def upload_and_edit(view, image: str, steps: int = 3) -> None:
     view.get_by_role("tab", name="Edit").click()
     view.locator("#edit-image input[type=file]").set_input_files(image)
-    view.locator("#edit-source textarea").fill("a red circle on the left on a gray background")
-    view.locator("#edit-target textarea").fill("a blue circle on the left on a gray background")
+    view.locator("#edit-source textarea").fill(SOURCE)
+    view.locator("#edit-target textarea").fill(TARGET)
     set_slider(view, "edit-steps", steps)  # few steps: these tests are about the tab, not the edit
     view.locator("#edit-button").click()
 
@@ -310,6 +328,49 @@ def test_browser_a_corrupt_upload_in_edit_is_named_and_the_last_result_stays(
     expect(settings).to_have_value(last)
     expect(page.locator("#edit-result img").first).to_be_visible()
     expect(page.locator("#edit-reconstruction img")).to_be_visible()
+
+
+def test_edit_api_with_a_library_lora_at_scale_1_differs_from_scale_0(app_url, red_circle, lora_library):  # noqa: F811
+    client = Client(app_url, verbose=False)
+
+    def edit_with(table: list[list]) -> tuple[np.ndarray, str]:
+        (_, after), _, _, settings = client.predict(
+            handle_file(red_circle), SOURCE, TARGET, None, 3, 7.5, 200, 0.25, 1, "reference", True,
+            {"headers": ["Adapter", "Trigger words", "Scale"], "data": table}, api_name="/edit")
+        return np.asarray(Image.open(after)), settings
+
+    on, on_settings = edit_with([["sks", "sks", 1], ["star-canny", "", 0]])
+    off, off_settings = edit_with([["sks", "sks", 0], ["star-canny", "", 0]])
+    assert not np.array_equal(on, off)
+    assert 'Adapters: "sks:1"' in on_settings and "Adapters" not in off_settings
+    with pytest.raises(Exception, match="adapter 'star-canny' is a CSC-Tuner: it steers generation by a control "
+                                        "image, which an edit does not take; leave it out or set its scale to 0"):
+        edit_with([["star-canny", "", 1]])
+
+
+@pytest.mark.browser
+def test_browser_edit_with_an_adapter_scale_set_in_the_table(page, red_circle, lora_library):  # noqa: F811
+    page.get_by_role("tab", name="Edit").click()  # the table re-reads the library when the tab is shown
+    page.locator("#edit-image input[type=file]").set_input_files(red_circle)
+    page.locator("#edit-source textarea").fill(SOURCE)
+    page.locator("#edit-target textarea").fill(TARGET)
+    set_slider(page, "edit-steps", 3)
+    page.locator("#edit-adapters-box").get_by_text("Adapters (from the library").click()
+    table = page.locator("#edit-adapters")
+    expect(table).to_contain_text("star-canny", timeout=10_000)
+    table.locator("[role=row]").filter(has_text="sks").get_by_text("0", exact=True).filter(visible=True).dblclick()
+    page.keyboard.type("0.8")
+    page.keyboard.press("Enter")
+    page.locator("#edit-button").click()
+    settings = page.locator("#edit-settings textarea")
+    expect(settings).to_have_value(re.compile(r'Adapters: "sks:0\.8", Adapter hashes: "sks: [0-9a-f]{12}"'),
+                                   timeout=120_000)
+    for elem_id in ("edit-status", "edit-result", "edit-reconstruction", "edit-mask-out", "edit-settings"):
+        expect(page.locator(f"#{elem_id}").get_by_text("Error", exact=True)).to_have_count(0)
+    expect(page.locator("#edit-reconstruction img")).to_be_visible(timeout=10_000)
+    page.wait_for_timeout(500)  # the enlarged results drawn
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
 
 
 # -- the handlers' pure parts -----------------------------------------------------------------------------------

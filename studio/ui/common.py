@@ -1,25 +1,28 @@
 """What every tab shares: the one queue for model work, the one place errors become alerts, how a tab
-re-reads what other tabs change, the Stop switch of the running model event, and the components a tab lends
-to others (send-to buttons)."""
+re-reads what other tabs change, the Stop switch of the running model event, the components a tab lends
+to others (send-to buttons), and the adapter table of the Generate and Edit tabs."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import inspect
+import math
 import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple, TypeVar
 
 import gradio as gr
 from PIL import Image
 
-from pipelines import GenerationInterrupted, LoadedModel, StudioError
+from pipelines import GenerationInterrupted, InputError, LoadedModel, StudioError
 from pipelines.train import TrainConfig, TrainingDiverged, TrainProgress, TrainResult, train
 from studio.jobs import ModelGate
+from studio.library import AdapterLibrary
 
 # Every event that runs the model joins this queue (limit 1): tabs never fight over GPU memory.
 MODEL_QUEUE = "model"
@@ -258,3 +261,50 @@ def unavailable_reason(tab: ModuleType, model: LoadedModel) -> str | None:
     own checks, so the UI never keeps a second list of what each family supports."""
     check: Callable[[LoadedModel], str | None] | None = getattr(tab, "unavailable", None)
     return check(model) if check is not None else None
+
+
+# --- The adapter table (the Generate and Edit tabs) -------------------------------------------------------------
+
+ADAPTER_COLUMNS = ["Adapter", "Trigger words", "Scale"]
+
+
+def adapter_picker(elem_id: str) -> gr.Dataframe:
+    """The library's adapters, one row each, with a Scale column to fill in (0: not used); `adapter_files` reads
+    its value. A tab that shows it refreshes it with `adapter_rows` (OnShow), since training adds adapters."""
+    return gr.Dataframe(adapter_rows(), headers=ADAPTER_COLUMNS, datatype=["str", "str", "number"], type="array",
+                        static_columns=[0, 1], show_label=False, elem_id=elem_id)
+
+
+def adapter_rows(current: list[list] | None = None) -> list[list]:
+    """One [name, trigger words, scale] row per library adapter (scale 0: not used), keeping the scales already set."""
+    scales = {row[0]: row[-1] for row in current or [] if row}
+    return [[entry.name, ", ".join(entry.trigger_words), scales.get(entry.name, 0)]
+            for entry in AdapterLibrary().usable()]
+
+
+def adapter_scales(rows: list[list] | None) -> list[tuple[str, float]]:
+    """(name, scale) of the table's adapters in use (scale not 0). A row is [name, ..., scale] (the API may send
+    [name, scale]); a scale that is not a finite number is refused by the adapter's name."""
+    used = []
+    for row in rows or []:
+        if not row or not row[0]:
+            continue
+        name, scale = row[0], row[-1]
+        if scale is None or (isinstance(scale, str) and not scale.strip()):
+            continue  # a cleared cell: not used
+        try:
+            value = float(scale)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise InputError(f"adapter {name!r}: scale {scale!r} is not a number; type one such as 0.8 (0: not used)")
+        if value:
+            used.append((name, value))
+    return used
+
+
+def adapter_files(rows: list[list] | None) -> list[tuple[Path, float]]:
+    """The table's adapters in use as (file, scale) pairs, what `generate` and `edit` take; a name the library
+    does not hold (any more) is refused by name, with what it holds."""
+    library = AdapterLibrary()
+    return [(library.get(name).path, scale) for name, scale in adapter_scales(rows)]

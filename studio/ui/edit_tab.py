@@ -1,5 +1,6 @@
-"""The Edit tab: a real image, a source and a target prompt (and optionally a painted region) in; the edit
-as a before/after slider, the uniform-attention reconstruction and the edit mask out (pipelines/edit.py).
+"""The Edit tab: a real image, a source and a target prompt (and optionally a painted region and adapters from the
+library, as in Generate) in; the edit as a before/after slider, the uniform-attention reconstruction and the edit
+mask out (pipelines/edit.py).
 
 The region is painted over the uploaded image in translucent paint, with a brush sized to the image; clearing
 the paint keeps the image. Small results (a 64-px model's) are shown enlarged, pixel for pixel; the files and
@@ -15,8 +16,21 @@ import numpy as np
 from PIL import Image
 
 from pipelines import InputError, LoadedModel, edit, save_edit
+from pipelines.edit import check_edit_adapters
 
-from .common import MODEL_QUEUE, display_size, handler, refuse_unreadable, share, stop_button, until_stopped
+from .common import (
+    MODEL_QUEUE,
+    OnShow,
+    adapter_files,
+    adapter_picker,
+    adapter_rows,
+    display_size,
+    handler,
+    refuse_unreadable,
+    share,
+    stop_button,
+    until_stopped,
+)
 
 TITLE = "Edit"
 # The drawing surface (gradio#10298: a larger image comes back shrunk to it). Masks are resized to the
@@ -59,13 +73,21 @@ def painted_mask(value: dict | None) -> Image.Image | None:
     return Image.fromarray(np.where(alpha > 0, 255, 0).astype(np.uint8), "L")
 
 
-def build(model: LoadedModel, out_dir: Path) -> None:
+def edit_adapters(rows: list[list] | None) -> list[tuple[Path, float]]:
+    """The Adapters table's choice as (file, scale) pairs for `edit`, checked before any work (a CSC-Tuner is
+    refused by name: it needs a control image, which an edit does not take)."""
+    adapters = adapter_files(rows)
+    check_edit_adapters(adapters)
+    return adapters
+
+
+def build(model: LoadedModel, out_dir: Path) -> OnShow:
     """Lay out the tab inside the current gr.Blocks and bind its events to `model`."""
 
     @handler
     def run(image: Image.Image | None, source: str, target: str, painted: dict | None, steps: float,
             guidance: float, mask_start: float, quantile: float, dilation: float, threshold_mode: str,
-            source_blend: bool, request: gr.Request = None,
+            source_blend: bool, adapter_table: list[list] | None = None, request: gr.Request = None,
             progress: gr.Progress = gr.Progress()) -> tuple[tuple, str, str, str]:
         if image is None:
             raise InputError("no image to edit: upload one first")
@@ -76,13 +98,14 @@ def build(model: LoadedModel, out_dir: Path) -> None:
             gr.Warning("No source prompt: the image is inverted with the empty prompt. Describing the image as it "
                        "is (the target prompt before the change) usually keeps more of it.")
         readable(image)
+        adapters = edit_adapters(adapter_table)
         if image.size != native:
             gr.Info(f"The image ({image.width}x{image.height}) is scaled and center-cropped to {native[0]}x"
                     f"{native[1]}, the size the model works at.")
         result = until_stopped(lambda callback: edit(
             model, image, source, target, num_inference_steps=int(steps), guidance_scale=guidance,
             mask_start_t=int(mask_start), quantile=quantile, dilation=int(dilation), threshold_mode=threshold_mode,
-            source_blend=source_blend, user_mask=painted_mask(painted), callback=callback,
+            source_blend=source_blend, user_mask=painted_mask(painted), adapters=adapters, callback=callback,
         ), request, progress, "inverting and editing")
         if result is None:  # stopped: the previous results stay
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -129,6 +152,9 @@ def build(model: LoadedModel, out_dir: Path) -> None:
             steps = gr.Slider(1, 150, value=50, step=1, label="Steps (inversion and editing each)",
                               elem_id="edit-steps")
             guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="CFG scale", elem_id="edit-guidance")
+            with gr.Accordion("Adapters (from the library; set a scale to use one, 0: not used)", open=False,
+                              elem_id="edit-adapters-box"):
+                adapters = adapter_picker("edit-adapters")
             with gr.Accordion("Advanced", open=False):
                 mask_start = gr.Slider(0, 1000, value=200, step=10, elem_id="edit-mask-start",
                                        label="Mask start T_mask (blend below it; 0: never)")
@@ -161,9 +187,10 @@ def build(model: LoadedModel, out_dir: Path) -> None:
     painted.clear(show_on_canvas, image, painted, show_progress="hidden", api_visibility="private")
     gr.on([button.click, target.submit], run,
           inputs=[image, source, target, painted, steps, guidance, mask_start, quantile, dilation, threshold_mode,
-                  source_blend],
+                  source_blend, adapters],
           outputs=[result, reconstruction, mask, settings], api_name="edit", concurrency_id=MODEL_QUEUE,
           show_progress_on=[status],
           ).success(enlarge, [result, reconstruction, mask], [result, reconstruction, mask], queue=False,
                     show_progress="hidden", api_visibility="private")
     share(edit_image=image)  # the Generate tab's "Send to Edit" fills it
+    return OnShow(adapter_rows, [adapters], [adapters])  # training adds adapters: the table follows the library

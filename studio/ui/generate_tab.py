@@ -8,7 +8,6 @@ range is clamped in its box, and that is what runs; an API call beyond it is ref
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import gradio as gr
@@ -29,8 +28,13 @@ from pipelines.generate import MAX_SEED, SIZE_MULTIPLE
 from studio.library import AdapterLibrary
 
 from .common import (
+    ADAPTER_COLUMNS,
     MODEL_QUEUE,
     OnShow,
+    adapter_files,
+    adapter_picker,
+    adapter_rows,
+    adapter_scales,
     display_size,
     handler,
     refuse_unreadable,
@@ -43,7 +47,6 @@ TITLE = "Generate"
 MAX_STEPS = 150  # the Steps slider's end
 MAX_IMAGES = 8  # the Number of images slider's end
 HISTORY_LIMIT = 100  # newest images shown in the History gallery
-ADAPTER_COLUMNS = ["Adapter", "Trigger words", "Scale"]
 PROMPT_HINT = "Describe the picture, e.g. “a red circle on the left” (Enter generates)"
 
 
@@ -61,34 +64,6 @@ def size_presets(native: int) -> list[tuple[str, int, int]]:
     half = max(SIZE_MULTIPLE, native // 2 // SIZE_MULTIPLE * SIZE_MULTIPLE)
     return [(f"{native}×{native}", native, native), (f"{long_side}×{native}", long_side, native),
             (f"{native}×{long_side}", native, long_side), (f"{half}×{half}", half, half)]
-
-
-def adapter_rows(current: list[list] | None = None) -> list[list]:
-    """One [name, trigger words, scale] row per library adapter (scale 0: not used), keeping the scales already set."""
-    scales = {row[0]: row[-1] for row in current or [] if row}
-    return [[entry.name, ", ".join(entry.trigger_words), scales.get(entry.name, 0)]
-            for entry in AdapterLibrary().usable()]
-
-
-def adapter_scales(rows: list[list] | None) -> list[tuple[str, float]]:
-    """(name, scale) of the table's adapters in use (scale not 0). A row is [name, ..., scale] (the API may send
-    [name, scale]); a scale that is not a finite number is refused by the adapter's name."""
-    used = []
-    for row in rows or []:
-        if not row or not row[0]:
-            continue
-        name, scale = row[0], row[-1]
-        if scale is None or (isinstance(scale, str) and not scale.strip()):
-            continue  # a cleared cell: not used
-        try:
-            value = float(scale)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value):
-            raise InputError(f"adapter {name!r}: scale {scale!r} is not a number; type one such as 0.8 (0: not used)")
-        if value:
-            used.append((name, value))
-    return used
 
 
 def controller_choices() -> list[str]:
@@ -164,8 +139,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
             control_image: dict | None = None, ready_hint: bool = False, control_scale: float = 1.0,
             request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple:
         warn_if_empty(prompt)
-        library = AdapterLibrary()
-        adapters = [(library.get(name).path, scale) for name, scale in adapter_scales(adapter_table)]
+        adapters = adapter_files(adapter_table)
         control = control_of(controller, control_image, ready_hint, control_scale)
         result = until_stopped(lambda callback: generate(
             model, prompt or "", negative_prompt=negative or "",
@@ -259,9 +233,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
             n = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images", elem_id="gen-n")
             with gr.Accordion("Adapters (from the library; click a name to use it and add its trigger word)",
                               open=False):
-                adapters = gr.Dataframe(adapter_rows(), headers=ADAPTER_COLUMNS, datatype=["str", "str", "number"],
-                                        type="array", static_columns=[0, 1], show_label=False,
-                                        elem_id="gen-adapters")
+                adapters = adapter_picker("gen-adapters")
                 refresh = gr.Button("Refresh the list", size="sm", elem_id="gen-adapters-refresh")
             with gr.Accordion("Control (a CSC-Tuner from the library steered by an image)", open=False) as control_box:
                 controller = gr.Dropdown([("none", "")] + [(c, c) for c in controller_choices()], value="",
