@@ -73,28 +73,40 @@ def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> i
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+# SD 1.x/2.x's DDIM configuration (their scheduler_config.json).
+SD_DDIM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+               set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_vae(seed: int = 0, **config):
+    """SD's VAE layout (4 blocks, 8x downsampling, 4 latent channels) shrunk to run in seconds, for 64x64 images."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16), layers_per_block=2, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
+        **config,
+    )
+
+
 def tiny_sd15_pipeline(tokenizer_dir: str, seed: int = 0):
     """A random-weight StableDiffusionPipeline with SD 1.5's layouts (UNet, VAE with 4 blocks and
     an 8x downsampling, CLIP text encoder) shrunk to run in seconds; 64x64 images, 8x8 latents.
     The tokenizer is loaded from a local folder (the embedded model's), never downloaded."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     unet = build_unet("tiny-sd15", seed=seed)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16), layers_per_block=2, latent_channels=4, norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
-    )
+    vae = tiny_vae(seed)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(**SD_DDIM)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -108,16 +120,12 @@ def tiny_sd2_pipeline(tokenizer_dir: str, seed: int = 0):
     per level (TINY_SD2_UNET), and the scheduler predicts v (SD 2.1's 768-v config). The text encoder is a
     CLIPTextModel 1024 wide with GELU, as diffusers holds SD 2's OpenCLIP tower, but with 2 layers and a narrow
     MLP; the one local tokenizer pads with "!" as SD 2's does. Never downloads."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")
     unet = build_unet("tiny-sd2", seed=seed)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16), layers_per_block=2, latent_channels=4, norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
-    )
+    vae = tiny_vae(seed)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=unet.config.cross_attention_dim, intermediate_size=256,
@@ -125,8 +133,7 @@ def tiny_sd2_pipeline(tokenizer_dir: str, seed: int = 0):
         max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    scheduler = DDIMScheduler(**SD_DDIM, prediction_type="v_prediction")
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -145,7 +152,7 @@ def tiny_sdxl_pipeline(tokenizer_dir: str, seed: int = 0, text_widths: tuple[int
     text_widths: the two encoders' widths (summing to 64) when they must differ, as CLIP-L's and bigG's do (768,
     1280): diffusers' single-file loader tells the encoders apart by width, so an exported checkpoint of equal
     widths would not load back. text_encoder_2 keeps projection_dim 32 either way."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
@@ -156,12 +163,7 @@ def tiny_sdxl_pipeline(tokenizer_dir: str, seed: int = 0, text_widths: tuple[int
     width_1, width_2 = text_widths or (cfg.cross_attention_dim - pooled, pooled)
     if width_1 + width_2 != cfg.cross_attention_dim:
         raise ValueError(f"text_widths={text_widths} must sum to the UNet's context width {cfg.cross_attention_dim}")
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16), layers_per_block=2, latent_channels=4, norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
-        scaling_factor=0.13025,  # SDXL's VAE scaling factor
-    )
+    vae = tiny_vae(seed, scaling_factor=0.13025)  # SDXL's VAE scaling factor
 
     def clip_config(hidden: int, **extra) -> CLIPTextConfig:
         return CLIPTextConfig(

@@ -14,3 +14,25 @@ def perturb(adapter, seed: int = 0) -> None:
     with torch.no_grad():
         for p in adapter.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def train_checking_added_conditions(pipe, config):
+    """`train(pipe, config)`, asserting that every UNet call (training and samples) gets one pooled-text row per
+    latent row (SDXL's added conditions) and that the losses are finite; returns the result."""
+    import numpy as np
+
+    from pipelines.train import train
+
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append((args[0].shape[0], kwargs["added_cond_kwargs"]["text_embeds"].shape[0]))
+
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        result = train(pipe, config)
+    finally:
+        handle.remove()
+    assert result.step == config.steps and all(np.isfinite(result.losses))
+    assert calls and all(rows == pooled for rows, pooled in calls)
+    return result

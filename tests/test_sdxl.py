@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from adapter_helpers import perturb, run
+from adapter_helpers import perturb, run, train_checking_added_conditions
 
 from adapters import (
     SPM,
@@ -218,7 +218,7 @@ def test_training_on_sdxl_passes_each_caption_s_added_conditions(tiny_sdxl, meth
     """The denoising objective caches each caption's pooled text with its embeddings and passes the UNet the added
     conditions from the call context: a 2-step run has finite losses, every UNet call (training and the samples)
     gets one pooled-text row per latent row, and the adapter file loads back as built for SDXL."""
-    from pipelines.train import TrainConfig, train
+    from pipelines.train import TrainConfig
     from studio.shapes.world import Scene, ShapeObject, render
 
     data = tmp_path / "data"
@@ -228,18 +228,7 @@ def test_training_on_sdxl_passes_each_caption_s_added_conditions(tiny_sdxl, meth
     options = {"sara": {"threshold": 0.05, "rank_weight": 0.0}}.get(method, {})
     config = TrainConfig(data_dir=data, output_dir=tmp_path / "out", method=method, trigger="sks", steps=2,
                          batch_size=2, learning_rate=1e-2, checkpoint_every=0, sample_steps=2, method_options=options)
-    calls = []
-
-    def record(module, args, kwargs):
-        calls.append((args[0].shape[0], kwargs["added_cond_kwargs"]["text_embeds"].shape[0]))
-
-    handle = tiny_sdxl.unet.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        result = train(tiny_sdxl, config)
-    finally:
-        handle.remove()
-    assert result.step == 2 and all(np.isfinite(result.losses))
-    assert calls and all(rows == pooled for rows, pooled in calls)
+    result = train_checking_added_conditions(tiny_sdxl, config)
     adapter = load_adapter(result.adapter_path, tiny_sdxl.unet)
     assert adapter.base_family == "SDXL"
     adapter.detach()

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from adapter_helpers import train_checking_added_conditions
 from PIL import Image
 
 from adapters import OrthoLoRA, OrthoLoRAConfig, attached_adapters, load_adapter
 from pipelines import ControlSpec, generate
-from pipelines.train import TrainConfig, train
+from pipelines.train import TrainConfig
 from studio.shapes.world import Scene, ShapeObject, render
 
 STEPS = 2  # sampling steps of every image
@@ -43,18 +44,7 @@ def train_on_sdxl(pipe, method: str, tmp_path: Path, **options) -> Path:
                          method_options=options, trigger="sks", steps=3, batch_size=2, learning_rate=1e-2,
                          checkpoint_every=0, sample_steps=STEPS, sample_prompts=["sks"],
                          library_dir=tmp_path / "library")
-    calls = []
-
-    def record(module, args, kwargs):
-        calls.append((args[0].shape[0], kwargs["added_cond_kwargs"]["text_embeds"].shape[0]))
-
-    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        result = train(pipe, config)
-    finally:
-        handle.remove()
-    assert result.step == 3 and all(np.isfinite(result.losses))
-    assert calls and all(rows == pooled for rows, pooled in calls)
+    result = train_checking_added_conditions(pipe, config)
     return result.adapter_path
 
 
