@@ -116,6 +116,34 @@ def merge_into(unet: nn.Module, adapters: Iterable[Weighted], *, tolerance: floa
     return MergedWeights(unet, weighted, report, originals)
 
 
+_FOLDS = "studio_folded_deltas"  # on the UNet object: name -> (weight, its own tensor, {owner id: delta})
+
+
+def fold_for_call(unet: nn.Module, owner: object, deltas: dict[str, torch.Tensor] | None) -> None:
+    """Run `unet` with `owner`'s weight deltas folded into its weights (`deltas` None: take them out again), for
+    an attached adapter whose branch is bypassed meanwhile (a membrane whose strength is one number for the whole
+    call: adapters/spm.py). Several owners fold at once; a weight then holds its own tensor + the sum of their
+    deltas (in fp32, rounded once) in a new tensor, and its own tensor is set aside untouched and put back when no
+    owner is left: the restore is exact, in any order. The cost is a second copy of the folded weights while
+    folded."""
+    folds = unet.__dict__.setdefault(_FOLDS, {})
+    touched = {name for name, (_, _, by) in folds.items() if by.pop(id(owner), None) is not None}
+    if deltas:
+        params = dict(base_parameters(unet))
+        for name, delta in deltas.items():
+            weight = params[name]
+            folds.setdefault(name, (weight, weight.data, {}))[2][id(owner)] = delta
+            touched.add(name)
+    with torch.no_grad():
+        for name in touched:
+            weight, own, by = folds[name]
+            if by:
+                weight.data = (own.float() + sum(d.to(own.device, torch.float32) for d in by.values())).to(own.dtype)
+            else:
+                weight.data = own
+                del folds[name]
+
+
 def _summed_lora_deltas(loras: list[tuple[LoRA, float]], device: torch.device) -> dict[str, torch.Tensor]:
     """Σ_k w_k s_k B_k A_k per layer as one product of the concatenated factors (peft's "cat"), on `device`: no
     adapter's dense delta is built on its own, so merging 5 LoRAs costs about what merging one does."""

@@ -323,12 +323,13 @@ class LoRA(Adapter):
         return deltas
 
     def _bypass(self, on: bool) -> None:
-        # peft layers run only their base layer while any adapter is marked merged in them.
-        for layer in self._layers("merge"):
-            if on:
-                layer.merged_adapters.append(self.adapter_name)
-            else:
-                layer.merged_adapters.remove(self.adapter_name)
+        # Only this adapter leaves each layer's active set. (Marking it merged in peft would stop every branch of
+        # the layer: peft runs only the base layer while any adapter is marked merged, other adapters included.)
+        layers = self._layers("merge")
+        with _requires_grad_kept(*layers):  # set_adapter sets requires_grad in the layer it is called on only
+            for layer in layers:
+                others = [name for name in layer.active_adapters if name != self.adapter_name]
+                layer.set_adapter(others if on else [n for n in layer.lora_A if n in others or n == self.adapter_name])
 
     def set_scale(self, scale: float) -> None:
         if self.merged:

@@ -22,6 +22,7 @@ Adapters are kept in --work: a second run skips their training.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import time
@@ -190,14 +191,21 @@ def composer_memory_child(work: Path, count: int, steps: int) -> None:
     print(peak_memory_bytes(torch.device("cpu")) - base)
 
 
-def composer_memory(work: Path, steps: int) -> None:
-    figures = {}
+def composer_memory(work: Path, steps: int, repeats: int = 5) -> None:
+    """The median over `repeats` fresh processes per concept count: a process's peak RSS varies by a few MiB
+    with where the allocator happens to place things, as much as one concept adds."""
+    figures, spreads = {}, {}
     for count in (1, 2, 4):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(count), "--work", str(work),
-                              "--sample-steps", str(steps)], capture_output=True, text=True, check=True)
-        figures[count] = int(out.stdout.strip().splitlines()[-1])
-    line = ", ".join(f"{c} concepts {b / 2**20:.1f} MiB ({b / figures[1]:.2f}x)" for c, b in figures.items())
-    print(f"LoRA-Composer peak memory above the loaded model (CPU RSS, fresh process each): {line}")
+        runs = []
+        for _ in range(repeats):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", str(count), "--work", str(work),
+                                  "--sample-steps", str(steps)], capture_output=True, text=True, check=True)
+            runs.append(int(out.stdout.strip().splitlines()[-1]))
+        figures[count], spreads[count] = statistics.median(runs), (min(runs), max(runs))
+    line = ", ".join(f"{c} concepts {b / 2**20:.1f} MiB ({b / figures[1]:.2f}x; runs {lo / 2**20:.1f}-"
+                     f"{hi / 2**20:.1f})" for (c, b), (lo, hi) in zip(figures.items(), spreads.values()))
+    print(f"LoRA-Composer peak memory above the loaded model (CPU RSS, median of {repeats} fresh processes each): "
+          f"{line}")
 
 
 def main() -> None:

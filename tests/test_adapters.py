@@ -228,6 +228,22 @@ def test_merge(case, unet, inputs):
             torch.testing.assert_close(v, weights[k], atol=1e-5, rtol=0)
 
 
+def test_merging_one_lora_leaves_another_on_the_same_layers_acting(unet, inputs):
+    """peft runs only the base layer once any adapter is marked merged in it: a merge must not silence the other
+    adapters' branches there."""
+    first, second = LoRA.from_unet(unet), LoRA.from_unet(unet)
+    perturb(first, seed=1)
+    perturb(second, seed=2)
+    first.attach(unet)
+    second.attach(unet)
+    both = run(unet, inputs)
+    first.merge()
+    torch.testing.assert_close(run(unet, inputs), both, atol=1e-5, rtol=0)
+    first.unmerge()
+    second.merge()
+    torch.testing.assert_close(run(unet, inputs), both, atol=1e-5, rtol=0)
+
+
 def test_save_load_round_trip(case, layout, unet, inputs, tmp_path):
     adapter = make(case, unet)
     adapter.attach(unet)

@@ -12,6 +12,7 @@ from adapter_helpers import perturb, run
 from safetensors.torch import load_file
 
 from adapters import SPM, LoRA, SPMConfig, call_context, load_adapter, read_metadata, save_adapter
+from adapters.base import base_parameters
 from adapters.spm import check_texts, gamma_sources, membrane_layers
 from pipelines import EMBEDDED_MODEL, generate, parse_infotext
 from pipelines.architectures import build_unet, count_parameters, tiny_sd15_pipeline
@@ -86,6 +87,7 @@ def test_membrane_off_is_bit_identical_to_the_base_unet(tiny_sd15):
 
 def test_gamma_is_one_for_the_concept_and_lower_for_others_uncond_rows_following(tiny_sd15):
     spm = membrane(tiny_sd15)
+    spm.fold = False  # the per-row branches; a call with one strength is folded instead (the test below)
     spm.attach(tiny_sd15.unet)
     _, context = unet_call(tiny_sd15, "a red triangle", n=2)
     spm.prepare(context)
@@ -164,6 +166,39 @@ def test_two_membranes_and_a_lora_at_once(tiny_sd15):
 
     result = generate(tiny_sd15, "a red triangle", seed=0, num_inference_steps=2)
     assert parse_infotext(result.settings[0].infotext())["SPM gamma"] == f"triangle: 1.000, circle: {gamma:.3f}"
+
+
+def test_a_call_with_one_strength_folds_the_membranes_and_puts_the_very_weights_back(tiny_sd15):
+    """One prompt gives every row one gamma: both membranes fold into the weights for the call, beside a LoRA that
+    keeps its branch, and compute what their branches compute; after the call every weight is its own tensor
+    again, bit for bit. A batch of two prompts keeps the per-row branches."""
+    unet = tiny_sd15.unet
+    inputs, context = unet_call(tiny_sd15, "a blue circle")
+    own = {name: (p.data_ptr(), p.detach().clone()) for name, p in base_parameters(unet)}
+    triangle, circle = membrane(tiny_sd15, ["triangle"], seed=1), membrane(tiny_sd15, ["circle"], seed=2)
+    lora = LoRA.from_unet(unet)
+    perturb(lora, seed=3)
+    for adapter in (triangle, lora, circle):
+        adapter.attach(unet)
+    triangle.fold = circle.fold = False
+    with call_context(unet, context):
+        branches = run(unet, inputs)
+    triangle.fold = circle.fold = True
+    with call_context(unet, context):
+        folded = [name for name, p in base_parameters(unet) if p.data_ptr() != own[name][0]]
+        assert sorted(folded) == sorted(f"{path}.weight" for path in triangle.paths.values())
+        torch.testing.assert_close(run(unet, inputs), branches, atol=1e-5, rtol=0)
+    assert all(p.data_ptr() == own[name][0] and torch.equal(p, own[name][1]) for name, p in base_parameters(unet))
+
+    encoding = context.text_encoding
+    embeds, ids = encoding.encode(["", "", "a red triangle", "a blue circle"])
+    rows = [context.rows[0]] * 2 + [type(context.rows[0])(p, "cond") for p in ("a red triangle", "a blue circle")]
+    with call_context(unet, type(context)(rows=rows, text_embeds=embeds, token_ids=ids, text_encoding=encoding)):
+        assert all(p.data_ptr() == own[name][0] for name, p in base_parameters(unet))
+        assert triangle.row_scales is not None and circle.row_scales is not None
+    for adapter in (triangle, lora, circle):
+        adapter.detach()
+    assert all(torch.equal(p, own[name][1]) for name, p in base_parameters(unet))
 
 
 def test_kohya_file_round_trip_and_header(tiny_sd15, tmp_path):
