@@ -13,7 +13,7 @@ from studio.quiet import quiet_libraries
 quiet_libraries()  # before pipelines imports diffusers and transformers: their chatter is not the user's business
 
 from pipelines import StudioError, load_model  # noqa: E402
-from studio.ui import build_app  # noqa: E402
+from studio.ui import CSS, build_app  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
         p.exit(2, f"error: {e}\n")
     args.out.mkdir(parents=True, exist_ok=True)
     demo = build_app(model, args.out)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(args.out)])
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(args.out)],
+                css=CSS)
 
 
 if __name__ == "__main__":

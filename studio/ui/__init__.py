@@ -1,5 +1,5 @@
 """The Gradio studio: `build_app(model)` assembles one module per tab (see app.py)."""
 
-from .app import build_app
+from .app import CSS, build_app
 
-__all__ = ["build_app"]
+__all__ = ["CSS", "build_app"]

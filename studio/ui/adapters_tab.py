@@ -116,7 +116,8 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
         delete_button = gr.Button("Delete...", variant="stop", elem_id="adapters-delete")
         refresh = gr.Button("Refresh", elem_id="adapters-refresh")
         export_button = gr.Button("Export for A1111 / ComfyUI (kohya)", elem_id="adapters-export")
-    exported = gr.File(label="Exported file", interactive=False, height=90, elem_id="adapters-exported")
+    exported = gr.File(label="Exported file", interactive=False, height=90, elem_id="adapters-exported",
+                       elem_classes="studio-download")
     with gr.Group():
         gr.Markdown(f"**Export checkpoint**: {model.name} ({model.family}) with the chosen adapter merged in, as one "
                     ".safetensors for A1111, ComfyUI and diffusers (weight-delta adapters: LoRAs, SaRA)",
@@ -127,7 +128,8 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
             file_name = gr.Textbox(label="Checkpoint name", placeholder=f"{model.name}-<adapter>",
                                    elem_id="adapters-ckpt-name")
             ckpt_button = gr.Button("Export checkpoint", variant="primary", elem_id="adapters-ckpt-export")
-        checkpoint = gr.File(label="Checkpoint", interactive=False, height=90, elem_id="adapters-ckpt-file")
+        checkpoint = gr.File(label="Checkpoint", interactive=False, height=90, elem_id="adapters-ckpt-file",
+                             elem_classes="studio-download")
         status = gr.Textbox(label="Status", interactive=False, elem_id="adapters-ckpt-status")
     with gr.Group(visible=False) as confirm:
         question = gr.Markdown()

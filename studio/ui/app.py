@@ -23,12 +23,15 @@ from . import adapters_tab, compose_tab, edit_tab, erase_tab, generate_tab, jobs
 from .common import gate_model_events, sharing, stop_on_close, unavailable_reason
 
 TABS = [generate_tab, compose_tab, edit_tab, train_tab, erase_tab, jobs_tab, adapters_tab, png_info_tab]
+# Pass to `.launch(css=CSS)` (Gradio 6 takes styles there). An empty output file box is drawn as a large drop
+# zone; a box that only ever receives a download needs one line.
+CSS = ".studio-download .empty { min-height: 3em; height: 3em; }"
 
 
 def build_app(model: LoadedModel, out_dir: str | Path | None = None) -> gr.Blocks:
     """The studio's Blocks for `model`; images are saved under `out_dir` (default: a new temp folder).
 
-    Served with `.launch(...)`; pass `allowed_paths=[out_dir]` there when out_dir is outside the
+    Served with `.launch(css=CSS, ...)`; pass `allowed_paths=[out_dir]` there when out_dir is outside the
     temp folder and the working directory, so Gradio may serve the images."""
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="studio-"))
     with gr.Blocks(title="SD Studio") as demo:
