@@ -103,6 +103,14 @@ def _mean(values: list[bool]) -> float:
     return 100.0 * sum(values) / max(len(values), 1)
 
 
+def surrogate_rate(model, surrogate: str, concept: str, batches: int = 3) -> float:
+    """The share of the surrogate's own images (16 per batch) that show the concept: erasing towards the surrogate
+    cannot get naming prompts below it, so 100 % minus this bounds the erasure rate."""
+    shown = [not erased(im, concept) for b in range(batches) for im in
+             generate(model, surrogate, seed=100 * b, num_images_per_prompt=16, num_inference_steps=20).images]
+    return _mean(shown)
+
+
 def attack(model, membrane, concept: str, steps: int, seeds: int) -> float:
     """Optimise a prompt embedding (no tokens) so the membraned model denoises renders of the concept, starting
     from the concept's own prompt; return the share of its images that show the concept."""
@@ -210,6 +218,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("runs/erase-bench"))
     p.add_argument("--concepts", nargs="+", choices=CONCEPTS, default=list(CONCEPTS),
                    help="which membranes to train and score (two runs on one --work can split the concepts)")
+    p.add_argument("--surrogate", default="", help="what the concepts turn into ('' : the unconditional image)")
+    p.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS),
+                   help="the transports to score")
     p.add_argument("--timing-only", action="store_true", help="only time generation with the membranes in --work")
     args = p.parse_args()
     model = load_model()
@@ -222,8 +233,9 @@ def main() -> None:
         path = membrane_path(args.work, concept)
         if not path.exists():
             t0 = time.time()
-            erase(model, concept, steps=args.steps, output_dir=path.parent, checkpoint_every=0,
-                  anchor_weight=args.anchor_weight, **({"learning_rate": args.lr} if args.lr else {}))
+            erase(model, concept, surrogate=args.surrogate, steps=args.steps, output_dir=path.parent,
+                  checkpoint_every=0, anchor_weight=args.anchor_weight,
+                  **({"learning_rate": args.lr} if args.lr else {}))
             print(f"trained the {concept} membrane: {args.steps} steps, {time.time() - t0:.0f}s", flush=True)
         files[concept] = path
     membranes = {c: load_adapter(f, model.pipe.unet, attach=False) for c, f in files.items()}
@@ -232,9 +244,10 @@ def main() -> None:
     for concept, membrane in membranes.items():
         base = score(model, concept, [], args.seeds)
         print(f"\nerase {concept!r}: base model erasure {base['erasure']:.1f}% pairs {base['pairs']:.1f}% "
-              f"kept {base['kept']:.1f}%")
+              f"kept {base['kept']:.1f}%; the surrogate {args.surrogate!r} itself shows it in "
+              f"{surrogate_rate(model, args.surrogate, concept):.1f}% of its images")
         print(f"{'transport':10s} {'erasure':>8s} {'pairs':>7s} {'kept':>7s} {'drop':>6s} {'attack':>7s}")
-        for transport in TRANSPORTS:
+        for transport in args.transports:
             membrane.config = dataclasses.replace(membrane.config, transport=transport)
             s = score(model, concept, [(membrane, 1.0)], args.seeds)
             recovered = attack(model, membrane, concept, args.attack_steps, args.seeds)
