@@ -282,6 +282,10 @@ class SPM(LoRA):
         self._unfold()  # while the peft layers it bypasses are still there
         super()._detach()
 
+    def merge(self) -> None:
+        self._unfold()  # a merge writes into the weights' own tensors, which a fold sets aside
+        super().merge()
+
     def gammas(self, embeds: torch.Tensor, ids: torch.Tensor, encoding: TextEncoding) -> torch.Tensor:
         """gamma (B,) of prompts with these embeddings (B, L, D) and token ids (B, L), whatever the transport:
         facilitate_factor x their permeability to the concepts, encoded by `encoding`."""

@@ -201,6 +201,23 @@ def test_a_call_with_one_strength_folds_the_membranes_and_puts_the_very_weights_
     assert all(torch.equal(p, own[name][1]) for name, p in base_parameters(unet))
 
 
+def test_a_membrane_merged_during_a_folded_call_stays_merged_and_unmerges(tiny_sd15):
+    unet = tiny_sd15.unet
+    inputs, context = unet_call(tiny_sd15, "a red triangle")  # gamma 1: folded at its scale
+    own = {name: p.detach().clone() for name, p in base_parameters(unet)}
+    spm = membrane(tiny_sd15)
+    spm.attach(unet)
+    static = run(unet, inputs)
+    with call_context(unet, context):
+        spm.merge()
+        torch.testing.assert_close(run(unet, inputs), static, atol=1e-5, rtol=0)
+    torch.testing.assert_close(run(unet, inputs), static, atol=1e-5, rtol=0)  # the call's end kept the merge
+    spm.unmerge()
+    spm.detach()
+    for name, p in base_parameters(unet):
+        torch.testing.assert_close(p, own[name], atol=1e-6, rtol=0)
+
+
 def test_kohya_file_round_trip_and_header(tiny_sd15, tmp_path):
     unet = tiny_sd15.unet
     inputs, context = unet_call(tiny_sd15, "a blue circle")
