@@ -4,10 +4,11 @@ Transformer2DModel blocks, trained to erase concepts (pipelines/erase.py), and a
 per prompt from its similarity to the erased concepts (facilitated transport, sec. "Facilitated Transport").
 
 A membrane is a LoRA in everything but its targets, its file keys and `prepare`: peft carries the branch, and the
-per-row strength goes through LoRA's `BranchInput` (`set_row_scales`). Files use kohya's naming
-(`lora_unet_<path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`), so A1111 and diffusers'
-`load_lora_weights` load a membrane as a plain static LoRA (no transport); the studio reads its config (concepts,
-surrogate, eta, anchor weight, transport, facilitate factor) back from the `studio.config` header entry.
+per-row strength goes through LoRA's `BranchInput` (`set_row_scales`); a generation call whose rows all get one
+strength folds the membrane into the weights instead (`fold_for_call`: no branch to run, exact restore). Files use
+kohya's naming (`lora_unet_<path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`), so A1111 and
+diffusers' `load_lora_weights` load a membrane as a plain static LoRA (no transport); the studio reads its config
+(concepts, surrogate, eta, anchor weight, transport, facilitate factor) back from the `studio.config` header entry.
 
 Facilitated transport, per UNet batch row with prompt p (`prepare`):
 
