@@ -35,7 +35,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .base import option, register
+from .base import device_of, option, register
 from .checks import is_int, is_number
 from .context import CallContext, Row, TextEncoding
 from .fusion import fold_for_call
@@ -187,6 +187,9 @@ class SPM(LoRA):
         # parameters, 0.5 GiB in fp16; SDXL: 4.1 GiB). False keeps the per-row branches instead.
         self.fold = True
         self._folded_at: float | None = None  # the factor on `scale` while folded
+        # peft's layers are built at the first UNet call that needs the branches (see _attach).
+        self._branches = False
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
 
     @classmethod
     def targets(cls, unet: nn.Module, config: SPMConfig) -> dict[str, nn.Module]:
@@ -279,9 +282,32 @@ class SPM(LoRA):
         if self._folded_at is not None:  # fold again at the new scale
             fold_for_call(self.unet, self, self.delta_weights(self.scale * self._folded_at))
 
+    # -- wiring: peft's layers only once a branch is needed ------------------------------------
+    def _attach(self, unet: nn.Module) -> None:
+        # A generation call with one prompt folds the membrane and never runs its branches, and building peft's
+        # layers costs about as much as such a call on a small model; so they are built by a hook at the first UNet
+        # call that is not folded (training, a batch of different strengths, a call outside any pipeline).
+        self._check_fits(unet)
+        self.to(device_of(unet))
+        self._hook = unet.register_forward_pre_hook(self._before_unet_call)
+
+    def _before_unet_call(self, unet: nn.Module, args: tuple) -> None:
+        if not self._branches and self._folded_at is None and not self.merged:
+            super()._attach(unet)
+            self._branches = True
+
+    def _layers(self, action: str) -> list[BaseTunerLayer]:
+        self._check_attached(action)
+        return super()._layers(action) if self._branches else []
+
     def _detach(self) -> None:
         self._unfold()  # while the peft layers it bypasses are still there
-        super()._detach()
+        self._hook.remove()
+        if self._branches:
+            super()._detach()
+            self._branches = False
+        elif self.merged:
+            self.unmerge()
 
     def merge(self) -> None:
         self._unfold()  # a merge writes into the weights' own tensors, which a fold sets aside

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from adapter_helpers import perturb, run
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
 from adapters import SPM, LoRA, SPMConfig, call_context, load_adapter, read_metadata, save_adapter
@@ -199,6 +200,22 @@ def test_a_call_with_one_strength_folds_the_membranes_and_puts_the_very_weights_
     for adapter in (triangle, lora, circle):
         adapter.detach()
     assert all(torch.equal(p, own[name][1]) for name, p in base_parameters(unet))
+
+
+def test_peft_layers_are_built_only_when_a_branch_runs(tiny_sd15):
+    """A folded call needs no branch, so an attached membrane builds peft's layers at the first UNet call that is
+    not folded (here one outside any pipeline call), where it then acts as the static membrane."""
+    unet = tiny_sd15.unet
+    inputs, context = unet_call(tiny_sd15, "a red triangle")  # gamma 1
+    spm = membrane(tiny_sd15)
+    spm.attach(unet)
+    with call_context(unet, context):
+        folded = run(unet, inputs)
+    assert not any(isinstance(m, BaseTunerLayer) for m in unet.modules())
+    torch.testing.assert_close(run(unet, inputs), folded, atol=1e-5, rtol=0)
+    assert any(isinstance(m, BaseTunerLayer) for m in unet.modules())
+    spm.detach()
+    assert not any(isinstance(m, BaseTunerLayer) for m in unet.modules())
 
 
 def test_a_membrane_merged_during_a_folded_call_stays_merged_and_unmerges(tiny_sd15):
