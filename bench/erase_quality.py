@@ -223,6 +223,7 @@ def main() -> None:
     p.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS),
                    help="the transports to score")
     p.add_argument("--timing-only", action="store_true", help="only time generation with the membranes in --work")
+    p.add_argument("--timing-rounds", type=int, default=5, help="rounds of the generation timing (the fastest counts)")
     args = p.parse_args()
     model = load_model()
     model.pipe.set_progress_bar_config(disable=True)
@@ -265,7 +266,7 @@ def main() -> None:
     # Timed with every membrane trained in --work so far (both, once both runs are done).
     timed = [load_adapter(membrane_path(args.work, c), model.pipe.unet, attach=False) for c in CONCEPTS
              if membrane_path(args.work, c).exists()]
-    plain, attached, per_call = generation_ratio(model, timed)
+    plain, attached, per_call = generation_ratio(model, timed, args.timing_rounds)
     print(f"\ngeneration, 4 images x 20 steps: {plain:.2f}s without membranes; with {len(timed)} (additive) "
           f"{attached:.2f}x attached once, {per_call:.2f}x passed to each call; {args.seeds} seeds per prompt; "
           f"{torch.get_num_threads()} threads")
