@@ -7,7 +7,9 @@ The grid is fixed: every base colour x shape x the five positions, plus 30 two-o
 colour >= 95 %, shape >= 90 %, position >= 90 %, two-object all-four-attributes >= 60 %,
 VAE PSNR >= 30 dB; a held-out shape in <= 1 % of the grid's images (nothing named draws one).
 It also prints what the unconditional branch draws (empty prompt, CFG 1, --unconditional-seeds images):
-the share with a held-out shape and with an outline, the content base training shows but never names.
+the share with a held-out shape and with an outline, the content base training shows but never names; and
+what "a <word>" draws for trigger words no caption uses, 8 seeds each: the share of a word's images showing
+its most common colour and shape (100 % when an unknown word means one fixed thing).
 """
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ from studio.shapes.quality import (
     score_prompts,
     single_object_grid,
     two_object_scenes,
+    unknown_word_readings,
     unnamed_content,
     vae_reconstruction,
 )
+
+# Trigger words users pick, none a world word: "a <word>" should not mean one fixed thing (SHAPES.md's rule
+# on what a real checkpoint has seen; studio/shapes/train.py --unknown-words).
+UNKNOWN_WORDS = ("sks", "zwx", "ohwx", "qq", "tok", "xyz")
 
 
 def main() -> None:
@@ -52,6 +59,8 @@ def main() -> None:
     named = unnamed_content(pipe, named_prompts, seeds, num_inference_steps=args.steps, guidance_scale=args.guidance)
     unconditional = unnamed_content(pipe, [""], list(range(args.unconditional_seeds)), num_inference_steps=args.steps,
                                     guidance_scale=1.0)
+    unknown = unknown_word_readings(pipe, UNKNOWN_WORDS, list(range(8)), num_inference_steps=args.steps,
+                                    guidance_scale=args.guidance)
     vae = vae_reconstruction(pipe.vae)
     rows = [
         ("colour (single objects)", single["color"], 0.95),
@@ -71,6 +80,8 @@ def main() -> None:
     print(f"{'named prompts: an outline':36s} {named['outline']:8.1%}")
     for key, label in (("held_out_shape", "a held-out shape"), ("outline", "an outline"), ("either", "either")):
         print(f"{'unconditional: ' + label:36s} {unconditional[key]:8.1%}")
+    print(f"{'unknown words: top reading':36s} {unknown['top_reading']:8.1%}")
+    print(f"{'unknown words: a held-out shape':36s} {unknown['held_out_shape']:8.1%}")
     for key, value in vae.items():
         if key.startswith("psnr"):
             target = 30.0 if key == "psnr_all" else None

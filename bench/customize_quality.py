@@ -124,6 +124,8 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the evaluation images")
     p.add_argument("--guidance", type=float, nargs="+", default=[7.5, 1.5],
                    help="CFG scales to evaluate at (the Shapes base model is 100 %% right from 1.5 up)")
+    p.add_argument("--prior-caption-dropout", type=float, default=0.0,
+                   help="share of regularisation images trained with the empty caption (TrainConfig)")
     p.add_argument("--model", default=None)
     p.add_argument("--work", type=Path, default=None,
                    help="keep data and adapters here (default: a temp dir); adapters already there are not retrained")
@@ -154,7 +156,8 @@ def main() -> None:
             config = TrainConfig(
                 data_dir=work / "data" / concept, output_dir=work / "runs" / f"{method}-{concept}",
                 method=adapter_method, method_options=options, name=f"{method}-{concept}", trigger=trigger,
-                class_prompt="a shape", class_dir=work / "data" / "reg", num_class_images=64, steps=args.steps,
+                class_prompt="a shape", class_dir=work / "data" / "reg", num_class_images=64,
+                prior_caption_dropout=args.prior_caption_dropout, steps=args.steps,
                 batch_size=args.batch_size, learning_rate=learning_rates.get(method), checkpoint_every=0, seed=0,
             )
             adapter_path = config.output_dir / f"{config.adapter_name}.safetensors"

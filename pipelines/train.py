@@ -73,8 +73,8 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 MAX_TRAIN_STEPS = 100_000  # optimizer steps: adapters train in hundreds to a few thousand; 10**6 would take days
 # Settings that fix the data order, the noise or the adapter's shape: a resume must keep them.
-RESUME_KEYS = ("method", "method_options", "hint_dir", "caption_dropout", "batch_size", "gradient_accumulation_steps",
-               "seed")
+RESUME_KEYS = ("method", "method_options", "hint_dir", "caption_dropout", "prior_caption_dropout", "batch_size",
+               "gradient_accumulation_steps", "seed")
 
 
 class TrainConfigError(StudioError):
@@ -141,6 +141,10 @@ class TrainConfig:
     class_dir: Path | None = None  # class images for prior preservation; default output_dir/class_images
     num_class_images: int = 0  # > 0 turns prior preservation on; missing class images are generated
     prior_loss_weight: float = 1.0  # weight of the class half's loss (DreamBooth's lambda)
+    # Share of class images trained with the empty caption: keeps the adapter's unconditional branch on the base
+    # model's images, so that classifier-free guidance amplifies what the trigger adds (docs/methods.md, "Prior
+    # preservation of the unconditional branch").
+    prior_caption_dropout: float = 0.0
     # Share of instance images trained with the empty caption (kohya's caption_dropout_rate). None: the method's
     # own default (0, and 0.5 for a controller as ControlNet drops: it then has to read the hint, not the text).
     caption_dropout: float | None = None
@@ -211,6 +215,11 @@ class TrainConfig:
         check(self.class_dir is None or self.num_class_images > 0, "class_dir",
               "is set but num_class_images=0; set num_class_images to turn prior preservation on")
         check(is_number(self.prior_loss_weight, 0, inclusive=False), "prior_loss_weight", "must be a number > 0")
+        check(is_number(self.prior_caption_dropout, 0, maximum=1), "prior_caption_dropout",
+              "must be a number in [0, 1] (0: class images always keep their caption)")
+        check(self.prior_caption_dropout == 0 or self.num_class_images > 0, "prior_caption_dropout",
+              "drops the captions of class images, but num_class_images=0; set num_class_images to turn prior "
+              "preservation on, or set prior_caption_dropout=0")
         if self.caption_dropout is None:
             self.caption_dropout = method.caption_dropout
         check(is_number(self.caption_dropout, 0, maximum=1), "caption_dropout",
@@ -458,7 +467,8 @@ class DenoisingObjective(Objective):
         draws = [_draw(self.instance, self.instance_sampler, step, count, generator, self.noise_scheduler,
                        self.config.caption_dropout)]
         if self.prior is not None:
-            draws.append(_draw(self.prior, self.prior_sampler, step, count, generator, self.noise_scheduler))
+            draws.append(_draw(self.prior, self.prior_sampler, step, count, generator, self.noise_scheduler,
+                               self.config.prior_caption_dropout))
         return {"draws": draws}
 
     def loss(self, denoiser: nn.Module, batch: dict[str, Any], rows: slice) -> torch.Tensor:

@@ -79,6 +79,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                            "drawn by the condition's annotator while training")
     data.add_argument("--num-class-images", type=int, default=_UNSET, help="> 0: prior preservation (default 0)")
     data.add_argument("--prior-loss-weight", type=float, default=_UNSET, help="default 1.0")
+    data.add_argument("--prior-caption-dropout", type=float, default=_UNSET,
+                      help="share of class images trained with the empty caption: keeps the unconditional "
+                           "branch on the base model (default 0)")
     data.add_argument("--caption-dropout", type=float, default=_UNSET,
                       help="share of images trained with the empty caption (default: the method's, 0.5 for a "
                            "controller, else 0)")

@@ -96,6 +96,30 @@ def test_named_captions_never_name_held_out_content_and_the_unnamed_pool_shows_i
     assert 0.4 < held_out < 0.75 and 0.4 < outlined < 0.75, (held_out, outlined)  # about half of each
 
 
+def test_unknown_words_name_nothing_and_never_a_world_word():
+    """A share of captions get a word no caption uses (inside the caption, or as the whole caption "a <word>");
+    the rest of the caption, so what the image shows, is kept; the draw is seeded."""
+    from studio.shapes.model import WORLD_WORDS
+    from studio.shapes.train import with_unknown_words
+
+    captions = ["a red circle on the left", "a small blue square on a black background"] * 200
+    changed = with_unknown_words(captions, 0.25, random.Random(3))
+    assert changed == with_unknown_words(captions, 0.25, random.Random(3))
+    assert with_unknown_words(captions, 0.0, random.Random(3)) == captions
+    whole = inside = 0
+    for before, after in zip(captions, changed):
+        if after == before:
+            continue
+        new_words = [w for w in after.split() if w not in WORLD_WORDS]
+        assert len(new_words) == 1 and new_words[0].isalpha(), after
+        if after == f"a {new_words[0]}":
+            whole += 1
+        else:  # inside: the caption with the one word taken out is the original
+            inside += 1
+            assert " ".join(w for w in after.split() if w != new_words[0]) == before
+    assert 0.18 < (whole + inside) / len(captions) < 0.32 and whole > 30 and inside > 30, (whole, inside)
+
+
 class _BoobyTrap:
     """Unpickling this creates `marker`: what a crafted state file could do with os.system."""
 

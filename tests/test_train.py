@@ -149,6 +149,22 @@ def test_config_from_yaml_or_toml_with_overrides(data, tmp_path, suffix, text):
     assert cfg.data_dir == data and cfg.sample_prompts == ["sks star"] and cfg.adapter_name == "sks"
 
 
+def test_prior_caption_dropout_trains_class_images_on_the_empty_caption(data, tmp_path):
+    """At 1 the class images' captions never reach the UNet (other captions: the same run); at 0 they do, and the
+    instance images keep theirs either way."""
+    def losses(class_caption: str, dropout: float) -> list[float]:
+        class_dir = tmp_path / f"class-{class_caption}"
+        for path in write_images(class_dir, 2, shape="square"):
+            path.with_suffix(".txt").write_text(f"a {class_caption}")
+        pipe = tiny_sd15_pipeline(str(EMBEDDED_MODEL / "tokenizer"))
+        out = tmp_path / f"{class_caption}-{dropout}"
+        return train(pipe, config(data, out, class_prompt="shape", class_dir=class_dir, num_class_images=2,
+                                  prior_caption_dropout=dropout)).losses
+
+    assert losses("square", 1.0) == losses("circle", 1.0)
+    assert losses("square", 0.0) != losses("circle", 0.0)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"method": "dora"}, r"method='dora': is unknown; use one of \[.*'lora'.*'sc_tuner'"),
     ({"method_options": {"hidden_ratio": -1}}, "method_options=.*hidden_ratio must be a number > 0"),
@@ -160,6 +176,10 @@ def test_config_from_yaml_or_toml_with_overrides(data, tmp_path, suffix, text):
     ({"mixed_precision": "fp8"}, "mixed_precision='fp8': must be one of"),
     ({"num_class_images": 2}, "class_prompt=None: is needed with num_class_images=2"),
     ({"class_dir": "x"}, "class_dir=.* num_class_images=0; set num_class_images"),
+    ({"prior_caption_dropout": 0.5}, "prior_caption_dropout=0.5: drops the captions of class images, but "
+                                     "num_class_images=0"),
+    ({"prior_caption_dropout": -0.1, "class_prompt": "star", "num_class_images": 1},
+     r"prior_caption_dropout=-0.1: must be a number in \[0, 1\]"),
     ({"sample_every": 2}, "sample_every=2: is set but sample_prompts is empty"),
     ({"name": "a/b"}, "the adapter file's name 'a/b' contains a slash"),
     ({"resume": "nowhere"}, "resume='nowhere': must be 'latest' or a checkpoint folder"),

@@ -76,6 +76,25 @@ def unnamed_content(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_i
 
 
 @torch.no_grad()
+def unknown_word_readings(pipe, words: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int = 25,
+                          guidance_scale: float = 7.5) -> dict[str, float]:
+    """What "a <word>" draws for words no caption uses (trigger words such as "sks"): per word, the share of its
+    images showing its most common (colour, shape) reading, averaged over the words ("top_reading": 1.0 when
+    every word means one fixed thing, as no rare token of a real checkpoint does), and the share of images
+    showing a held-out shape."""
+    top, held_out = [], []
+    for word in words:
+        readings = []
+        for image in generate_at_seeds(pipe, f"a {word}", seeds, num_inference_steps=num_inference_steps,
+                                       guidance_scale=guidance_scale):
+            objects = analyze(image).objects
+            readings.append((objects[0].color, objects[0].shape) if objects else None)
+            held_out.append(any(o.shape in HELD_OUT_SHAPES for o in objects))
+        top.append(max(readings.count(r) for r in set(readings)) / len(readings))
+    return {"top_reading": float(np.mean(top)), "held_out_shape": float(np.mean(held_out))}
+
+
+@torch.no_grad()
 def vae_reconstruction(vae, n: int = 200, seed: int = 7, shapes: Sequence[str] | None = None) -> dict[str, float]:
     """PSNR (dB) of VAE reconstructions of n seeded renders, overall and per background, and the share of
     reconstructions the analyzer still reads right (colour, shape, position of every object)."""

@@ -21,6 +21,7 @@ import argparse
 import copy
 import math
 import random
+import string
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from .model import (
     SHIPPED_CROSS_ATTENTION,
     TEXT_ENCODER_CONFIG,
     VAE_CONFIG,
+    WORLD_WORDS,
     unet_config,
     write_tokenizer,
 )
@@ -51,6 +53,32 @@ def render_pool(n: int, seed: int, shapes: tuple[str, ...], outline_prob: float)
     scenes = [sample_scene(rng, shapes, outline_prob=outline_prob) for _ in range(n)]
     pixels = np.stack([np.asarray(render(s)) for s in scenes]).transpose(0, 3, 1, 2)
     return torch.from_numpy(np.ascontiguousarray(pixels)), [s.caption() for s in scenes]
+
+
+def unknown_word(rng: random.Random) -> str:
+    """A word no world caption uses, as web alt-text is full of names and file names that show nothing."""
+    while True:
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 6)))
+        if word not in WORLD_WORDS:
+            return word
+
+
+def with_unknown_words(captions: list[str], share: float, rng: random.Random) -> list[str]:
+    """A `share` of the captions get an unknown word: half of them inside the caption, half as the whole
+    caption ("a <word>"). The image stays the one the caption describes, so the UNet learns that a word it
+    does not know names nothing, as a real checkpoint has learnt for a rare token such as "sks"."""
+    out = []
+    for caption in captions:
+        if rng.random() < share:
+            word = unknown_word(rng)
+            if rng.random() < 0.5:
+                caption = f"a {word}"
+            else:
+                words = caption.split()
+                words.insert(rng.randint(1, len(words)), word)
+                caption = " ".join(words)
+        out.append(caption)
+    return out
 
 
 def to_unit(pixels_u8: torch.Tensor) -> torch.Tensor:
@@ -297,6 +325,11 @@ def train_unet(out: Path, args: argparse.Namespace, vae: AutoencoderKL, tokenize
         idx = torch.randint(0, len(pool), (args.unet_batch,))
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])) * vae.config.scaling_factor
         batch_ids = ids[idx]
+        if args.unknown_words > 0:  # seeded by step, so a resumed run draws the same words
+            texts = with_unknown_words([captions[i] for i in idx.tolist()], args.unknown_words,
+                                       random.Random(args.seed * 1_000_003 + step))
+            batch_ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt").input_ids.to(device)
         drop = torch.rand(len(idx), device=device) < args.caption_dropout  # trains the unconditional branch for CFG
         batch_ids = torch.where(drop[:, None], empty_ids, batch_ids)
         if unnamed is not None:
@@ -363,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-encoder", choices=("frozen", "trained"), default="frozen",
                    help="keep the text encoder at its seeded random init, or train it with the UNet")
     p.add_argument("--caption-dropout", type=float, default=0.2, help="share of each batch with the empty caption")
+    p.add_argument("--unknown-words", type=float, default=0.2,
+                   help="share of captioned rows with a word no caption uses (half inside the caption, half as "
+                        "the whole caption), the image unchanged: unknown words then name nothing")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
