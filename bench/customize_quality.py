@@ -14,9 +14,10 @@ Shapes analyzer:
 - preservation: the base prompts' accuracy (colour, shape, position all right) with the adapter
   attached, minus the base model's: the drop in points.
 Every score is taken at each --guidance (CFG) scale: 7.5, diffusers' default, and 1.5, where the base model
-is already 100 % right. A concept the base never saw (a star, outlines) is fragile under strong guidance on
-this small model: the unconditional branch has never denoised one, and the growing conditional minus
-unconditional difference at low noise, scaled 7.5x, turns its colour (docs/benchmarks.md).
+is already 100 % right. On the shipped base the subject breaks at CFG 7.5: the trigger has a colour of its own
+there ("a sks" draws a red square), and an adapter that edits every row makes the unconditional branch draw the
+star too, so guidance amplifies only the colour difference (docs/benchmarks.md, customization, session 12).
+--prior-caption-dropout trains the regularisation images on the empty caption a share of the time.
 Targets (issue #4): fidelity >= 80 %, context >= 80 %, preservation drop <= 5 points.
 """
 
