@@ -944,11 +944,14 @@ def _read_checkpoint(folder: Path, run_key: dict[str, Any]) -> dict[str, Any]:
 
     State files are safetensors with a JSON header (pipelines/statefile.py): reading one runs no code."""
     state = load_state(folder / "state.safetensors")
+    fields = TrainConfig.__dataclass_fields__
     for key, value in run_key.items():
-        if state["run"].get(key) != value:
+        # A setting added after the checkpoint was written is not in it: the run used the setting's default.
+        recorded = state["run"].get(key, fields[key].default if key in fields else None)
+        if recorded != value:
             what = "the training images or captions" if key == "data" else key
             raise TrainConfigError(
-                f"checkpoint {folder} was made with other {what} ({state['run'].get(key)!r}, now {value!r}); "
+                f"checkpoint {folder} was made with other {what} ({recorded!r}, now {value!r}); "
                 "resume with the same settings and data, or start a new output_dir"
             )
     return state

@@ -261,6 +261,22 @@ def test_resume_refuses_other_settings_and_fresh_start_refuses_old_checkpoints(t
         train(tiny_sd15, config(data, tmp_path / "out", steps=4, batch_size=1, resume="latest"))
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_as_its_default(tiny_sd15, data, tmp_path):
+    """A run checkpointed before `prior_caption_dropout` existed recorded no value for it: it ran at the default (0),
+    so it resumes; another value is still refused."""
+    train(tiny_sd15, config(data, tmp_path / "out", steps=2, checkpoint_every=2))
+    path = tmp_path / "out" / "checkpoints" / "step-000002" / "state.safetensors"
+    state = load_state(path)
+    del state["run"]["prior_caption_dropout"]
+    save_state(state, path)
+    assert train(tiny_sd15, config(data, tmp_path / "out", steps=3, resume="latest")).losses
+    train(tiny_sd15, config(data, tmp_path / "two", steps=2, checkpoint_every=2, class_prompt="shape",
+                            num_class_images=1, class_dir=tmp_path / "class"))
+    with pytest.raises(TrainConfigError, match="made with other prior_caption_dropout"):
+        train(tiny_sd15, config(data, tmp_path / "two", steps=4, class_prompt="shape", num_class_images=1,
+                                class_dir=tmp_path / "class", prior_caption_dropout=0.5, resume="latest"))
+
+
 class BoobyTrap:
     """Unpickling this creates `marker`: what a crafted checkpoint could do with os.system."""
 
