@@ -107,6 +107,7 @@ class Recommendation:
     reason: str
     learning_rate: float | None = None  # None: the method's default
     steps: int | None = None  # None: the training loop's default
+    instance_prompt_share: float = 0.0  # TrainConfig's: the share of steps on the trigger alone
 
 
 class Adapter(nn.Module):
@@ -131,6 +132,7 @@ class Adapter(nn.Module):
     is_weight_delta: ClassVar[bool] = False
     default_merge_weight: ClassVar[float] = 1.0  # a weight delta's weight in adapters/fusion.py's merges
     needs_hints: ClassVar[bool] = False  # trained and run with control images (ctx.hints)
+    per_row: ClassVar[bool] = True  # takes a scale per UNet batch row (set_row_scales); False: one per call
     caption_dropout: ClassVar[float] = 0.0  # the training loop's default share of empty captions
     # What the training loop minimises (a key of pipelines.train.OBJECTIVES): "denoise" learns from a folder of
     # images, "erase" (SPM membranes) from concept names alone.
@@ -143,6 +145,7 @@ class Adapter(nn.Module):
         self.config = config
         self.scale = 1.0
         self.row_scales: torch.Tensor | None = None
+        self._off_uncond = False  # row_scales hold the call's zeros on the unconditional rows
         self.unet: nn.Module | None = None
         self.merged = False
         self.base_family: str | None = None
@@ -207,6 +210,22 @@ class Adapter(nn.Module):
         if self.unet is None:
             raise RuntimeError(f"cannot {action} a {self.method} adapter that is not attached; call attach(unet) first")
         return self.unet
+
+    def prepare_call(self, context: CallContext | None) -> None:
+        """What `call_context` runs on entry and exit: the method's `prepare`, then the call's choice of rows (0 on
+        the unconditional rows when `context.adapters_on_uncond` is False), on top of the method's own row scales."""
+        if self._off_uncond:  # the previous call's zeros go first, so that `prepare` starts from a plain scale
+            self._off_uncond = False
+            self.set_row_scales(None)
+        self.prepare(context)
+        off = context.adapter_row_scales() if context is not None else None
+        if off is not None:
+            if not self.per_row or self.merged:
+                raise ValueError(f"a {'merged ' if self.merged else ''}{self.label} adapter acts on every row of the "
+                                 "UNet batch alike, so it cannot stay off the unconditional rows; keep adapters on "
+                                 "the unconditional branch" + (" or unmerge it" if self.merged else ""))
+            self.set_row_scales(off if self.row_scales is None else self.row_scales * off)
+            self._off_uncond = True
 
     def prepare(self, context: CallContext | None) -> None:
         """Read the pipeline's per-call context before its denoising loop (None: the call ended). The default

@@ -88,6 +88,10 @@ class CallContext:
     # pooled text, and "time_ids" (B, 6), the size conditions. None for a UNet without added conditions (SD 1/2).
     # Carried here so that a pipeline with its own loop (editing) and adapters see what conditions each row.
     added_cond: Mapping[str, torch.Tensor] | None = None
+    # False: the adapters leave classifier-free guidance's unconditional rows to the base model (A1111's Composable
+    # LoRA, "Use LoRA in uncond" off), so guidance amplifies the whole of what they add (docs/methods.md,
+    # "Adapters on the unconditional branch").
+    adapters_on_uncond: bool = True
 
     def __post_init__(self) -> None:
         named = [("text_embeds", self.text_embeds), ("token_ids", self.token_ids)]
@@ -104,6 +108,12 @@ class CallContext:
     def of_branches(cls, branches: Sequence[str], **shared) -> CallContext:
         """A context whose rows are only branches (no prompts): tests and hand-made UNet calls."""
         return cls(rows=[Row("", branch) for branch in branches], **shared)
+
+    def adapter_row_scales(self) -> torch.Tensor | None:
+        """(B,) float: 0 on the unconditional rows when the adapters stay off them, else None (every row)."""
+        if self.adapters_on_uncond:
+            return None
+        return (~self.row_mask("uncond")).float()
 
     def row_mask(self, *branches: str) -> torch.Tensor:
         """(B,) bool on the CPU: the rows in any of `branches`."""
@@ -149,9 +159,9 @@ def call_context(unet: nn.Module, ctx: CallContext) -> Iterator[CallContext]:
     state.context = ctx
     try:
         for adapter in list(state.adapters):
-            adapter.prepare(ctx)
+            adapter.prepare_call(ctx)
         yield ctx
     finally:
         state.context = previous
         for adapter in list(state.adapters):
-            adapter.prepare(previous)
+            adapter.prepare_call(previous)

@@ -304,6 +304,7 @@ class SaRA(Adapter):
     method = "sara"
     config_class = SaRAConfig
     label = "SaRA"
+    per_row = False  # its delta is written into the weights every row shares
     summary = ("Re-trains the pretrained weights that are nearly zero (a sparse delta, exact merge); no per-row "
                "scale, as its delta lives in the weights every row shares.")
     is_weight_delta = True

@@ -246,7 +246,9 @@ class SPM(LoRA):
         factors = None if self.config.transport == "off" else self._transport_factors(context)
         uniform = factors is None or bool((factors == factors[0]).all())
         training = any(row.branch == "train" for row in context.rows)
-        if uniform and self.fold and self.unet is not None and not self.merged and not training:
+        # Folded weights act on every row: not when the call keeps adapters off its unconditional rows.
+        if uniform and context.adapters_on_uncond and self.fold and self.unet is not None and not self.merged \
+                and not training:
             self._folded_at = 1.0 if factors is None else float(factors[0])
             fold_for_call(self.unet, self, self.delta_weights(self.scale * self._folded_at))
             self._bypass(True)

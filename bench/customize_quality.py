@@ -24,6 +24,7 @@ Targets (issue #4): fidelity >= 80 %, context >= 80 %, preservation drop <= 5 po
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import tempfile
 import time
@@ -81,36 +82,37 @@ def regularisation_set(out: Path, n: int = 64, seed: int = 2) -> None:
     write_scenes(out, [sample_scene(rng, BASE_SHAPES, two_object_prob=0.0) for _ in range(n)])
 
 
-def evaluate_subject(pipe, seeds: list[int], steps: int, guidance: float) -> dict[str, float]:
+def evaluate_subject(pipe, seeds: list[int], steps: int, guidance: float, on_uncond: bool = True) -> dict[str, float]:
     color, shape, trigger = SUBJECT
     plain = [Scene((ShapeObject(color, shape),))]
     contexts = [Scene((ShapeObject(color, shape, p),)) for p in ("left", "right", "top", "bottom")] + [
         Scene((ShapeObject(color, shape),), bg) for bg in ("black", "gray")]
     swap = f"{color} {shape}"
-    fid = _score(pipe, plain, seeds, steps, guidance, ("color", "shape"), lambda c: c.replace(swap, trigger))
+    fid = _score(pipe, plain, seeds, steps, guidance, ("color", "shape"), lambda c: c.replace(swap, trigger),
+                 on_uncond)
     ctx = _score(pipe, contexts, seeds, steps, guidance, ("color", "shape", "position", "background"),
-                 lambda c: c.replace(swap, trigger))
+                 lambda c: c.replace(swap, trigger), on_uncond)
     return {"fidelity": fid, "context": ctx}
 
 
 def evaluate_style(pipe, trained: list[tuple[str, str]], seeds: list[int], steps: int,
-                   guidance: float) -> dict[str, float]:
+                   guidance: float, on_uncond: bool = True) -> dict[str, float]:
     new = [(c, s) for c in COLORS for s in BASE_SHAPES if (c, s) not in trained][:6]
     plain = [Scene((ShapeObject(c, s, "center", None, True),)) for c, s in new]
     contexts = [Scene((ShapeObject(c, s, p, None, True),)) for (c, s), p in zip(new, ("left", "right", "top"))] + [
         Scene((ShapeObject(c, s, "center", None, True),), bg) for (c, s), bg in zip(new[3:], ("black", "gray"))]
     fid = _score(pipe, plain, seeds, steps, guidance, ("color", "shape", "outline"),
-                 lambda c: c.replace("outline", "zwx"))
+                 lambda c: c.replace("outline", "zwx"), on_uncond)
     ctx = _score(pipe, contexts, seeds, steps, guidance, ("color", "shape", "outline", "position", "background"),
-                 lambda c: c.replace("outline", "zwx"))
+                 lambda c: c.replace("outline", "zwx"), on_uncond)
     return {"fidelity": fid, "context": ctx}
 
 
-def _score(pipe, scenes, seeds, steps, guidance, attributes, rewrite) -> float:
+def _score(pipe, scenes, seeds, steps, guidance, attributes, rewrite, on_uncond) -> float:
     """Share of images with every attribute right, each scene prompted by its caption rewritten for the trigger."""
     prompts = [rewrite(scene.caption()) for scene in scenes]
     return score_prompts(pipe, scenes, seeds, num_inference_steps=steps, guidance_scale=guidance,
-                         attributes=attributes, prompts=prompts)["all"]
+                         attributes=attributes, prompts=prompts, adapters_on_uncond=on_uncond)["all"]
 
 
 def main() -> None:
@@ -127,6 +129,11 @@ def main() -> None:
                    help="CFG scales to evaluate at (the Shapes base model is 100 %% right from 1.5 up)")
     p.add_argument("--prior-caption-dropout", type=float, default=0.0,
                    help="share of regularisation images trained with the empty caption (TrainConfig)")
+    p.add_argument("--instance-prompt-share", type=float, default=0.0,
+                   help="subject: share of its images trained on the instance prompt 'a sks' (TrainConfig)")
+    p.add_argument("--uncond", nargs="+", default=["on"], choices=["on", "off"],
+                   help="score with the adapters on the unconditional branch (on: diffusers' and A1111's way), "
+                        "off it (generate(adapters_on_uncond=False)), or both")
     p.add_argument("--model", default=None)
     p.add_argument("--work", type=Path, default=None,
                    help="keep data and adapters here (default: a temp dir); adapters already there are not retrained")
@@ -159,6 +166,8 @@ def main() -> None:
                 method=adapter_method, method_options=options, name=f"{method}-{concept}", trigger=trigger,
                 class_prompt="a shape", class_dir=work / "data" / "reg", num_class_images=64,
                 prior_caption_dropout=args.prior_caption_dropout, steps=args.steps,
+                instance_prompt=f"a {trigger}" if concept == "subject" else None,
+                instance_prompt_share=args.instance_prompt_share if concept == "subject" else 0.0,
                 batch_size=args.batch_size, learning_rate=learning_rates.get(method), checkpoint_every=0, seed=0,
             )
             adapter_path = config.output_dir / f"{config.adapter_name}.safetensors"
@@ -171,14 +180,19 @@ def main() -> None:
             n_params = sum(p.numel() for p in adapter.trainable_parameters())
             scores = {}
             try:
-                for g in args.guidance:
-                    s = (evaluate_subject(pipe, seeds, args.sample_steps, g) if concept == "subject"
-                         else evaluate_style(pipe, trained_styles, seeds, args.sample_steps, g))
-                    pres = score_prompts(pipe, grid, seeds, num_inference_steps=args.sample_steps, guidance_scale=g)
-                    scores[g] = (s["fidelity"], s["context"], pres["all"])
-                    print(f"{method} {concept} CFG {g:g}: fidelity {s['fidelity']:.1%} context {s['context']:.1%} "
-                          f"preservation {pres['all']:.1%} (drop {100 * (base_pres[g] - pres['all']):+.1f} pts), "
-                          f"{train_s:.0f}s", flush=True)
+                for g, uncond in itertools.product(args.guidance, args.uncond):
+                    on = uncond == "on"
+                    if not (on or adapter.per_row):  # SaRA: one scale per call (its delta is in the weights)
+                        scores[g, uncond] = None
+                        continue
+                    s = (evaluate_subject(pipe, seeds, args.sample_steps, g, on) if concept == "subject"
+                         else evaluate_style(pipe, trained_styles, seeds, args.sample_steps, g, on))
+                    pres = score_prompts(pipe, grid, seeds, num_inference_steps=args.sample_steps, guidance_scale=g,
+                                         adapters_on_uncond=on)
+                    scores[g, uncond] = (s["fidelity"], s["context"], pres["all"])
+                    print(f"{method} {concept} CFG {g:g} uncond {uncond}: fidelity {s['fidelity']:.1%} context "
+                          f"{s['context']:.1%} preservation {pres['all']:.1%} (drop "
+                          f"{100 * (base_pres[g] - pres['all']):+.1f} pts), {train_s:.0f}s", flush=True)
             finally:
                 adapter.detach()
             rows.append((method, concept, f"{n_params / 1e3:.1f}k", f"{train_s:.0f}s", scores))
@@ -186,13 +200,16 @@ def main() -> None:
     print(f"\n{args.steps} steps x batch {args.batch_size} (+ prior batch) per method, learning rates "
           f"{ {m: learning_rates.get(m) or 'auto' for m in args.methods} }; evaluation: "
           f"{args.sample_steps} DDIM steps, {len(seeds)} seeds; {torch.get_num_threads()} threads")
-    print(f"{'CFG':>4s} {'method':10s} {'concept':8s} {'params':>9s} {'train':>6s} {'fidelity':>9s} {'context':>8s} "
-          f"{'base acc':>9s} {'drop':>7s}")
+    print(f"{'CFG':>4s} {'uncond':6s} {'method':10s} {'concept':8s} {'params':>9s} {'train':>6s} {'fidelity':>9s} "
+          f"{'context':>8s} {'base acc':>9s} {'drop':>7s}")
     for g in args.guidance:
-        print(f"{g:4g} {'base model':10s} {'':8s} {'-':>9s} {'-':>6s} {'-':>9s} {'-':>8s} {base_pres[g]:9.0%}")
-        for method, concept, n, t, scores in rows:
-            fid, ctx, pres = scores[g]
-            print(f"{g:4g} {method:10s} {concept:8s} {n:>9s} {t:>6s} {fid:9.0%} {ctx:8.0%} {pres:9.0%} "
+        print(f"{g:4g} {'':6s} {'base model':10s} {'':8s} {'-':>9s} {'-':>6s} {'-':>9s} {'-':>8s} {base_pres[g]:9.0%}")
+        for (method, concept, n, t, scores), uncond in itertools.product(rows, args.uncond):
+            if scores[g, uncond] is None:
+                print(f"{g:4g} {uncond:6s} {method:10s} {concept:8s} {n:>9s} {t:>6s}   (takes one scale per call)")
+                continue
+            fid, ctx, pres = scores[g, uncond]
+            print(f"{g:4g} {uncond:6s} {method:10s} {concept:8s} {n:>9s} {t:>6s} {fid:9.0%} {ctx:8.0%} {pres:9.0%} "
                   f"{100 * (base_pres[g] - pres):+7.1f}")
     print("targets: fidelity >= 80 %, context >= 80 %, preservation drop <= 5 points")
 

@@ -29,6 +29,7 @@ from .loading import lora_hash
 
 AdapterUse = tuple[Adapter | str | os.PathLike, float]  # (adapter file or object, scale)
 ADAPTER_ARG_FORM = "NAME_OR_FILE[:SCALE], e.g. sks:0.8"
+ON_UNCOND_PARAM = "Adapters on uncond"  # the infotext entry of generate(adapters_on_uncond=False)
 
 
 def split_scale(text: str) -> tuple[str, float | None]:
@@ -73,9 +74,10 @@ def check_adapters(adapters: Sequence[AdapterUse]) -> None:
         raise InputError("adapters names the same adapter twice; give it once, with the sum of the scales")
 
 
-def adapter_params(adapters: Sequence[AdapterUse]) -> dict[str, str]:
+def adapter_params(adapters: Sequence[AdapterUse], on_uncond: bool = True) -> dict[str, str]:
     """The infotext entries of a generation's adapters; {} without any. Adapter objects have no file: they
-    are named by their method and have no hash."""
+    are named by their method and have no hash. "Adapters on uncond: False" only when they stayed off the
+    unconditional branch (A1111 writes an extra parameter only away from its default)."""
     if not adapters:
         return {}
     named = [(_name(source), source, scale) for source, scale in adapters]
@@ -83,7 +85,21 @@ def adapter_params(adapters: Sequence[AdapterUse]) -> dict[str, str]:
     hashes = [f"{name}: {lora_hash(Path(s))}" for name, s, _ in named if not isinstance(s, Adapter)]
     if hashes:
         params["Adapter hashes"] = ", ".join(hashes)
+    if not on_uncond:
+        params[ON_UNCOND_PARAM] = "False"
     return params
+
+
+def check_off_uncond(unet: nn.Module, adapters_on_uncond: bool) -> None:
+    """Before denoising: with the adapters to stay off the unconditional rows, each attached one must take a scale
+    per row (SaRA's delta is in the weights every row shares; a merged adapter's too)."""
+    if adapters_on_uncond:
+        return
+    whole = [a.label + (" (merged)" if a.merged else "") for a in attached_adapters(unet) if not a.per_row or a.merged]
+    if whole:
+        raise InputError(f"adapters_on_uncond=False: {', '.join(whole)} acts on every row of the UNet batch alike, "
+                         "so it cannot stay off the unconditional branch; keep adapters on it (CLI: drop "
+                         "--no-adapters-on-uncond; UI: tick 'Adapters on the negative prompt too')")
 
 
 def call_params(unet: nn.Module) -> dict[str, str]:

@@ -36,7 +36,7 @@ from adapters import CallContext, Row, TextEncoding, call_context, detect_family
 from adapters.checks import is_int, is_number
 from adapters.foreign import link_pipeline
 
-from .attach import AdapterUse, adapter_params, attached, call_params, check_adapters
+from .attach import AdapterUse, adapter_params, attached, call_params, check_adapters, check_off_uncond
 from .control import ControlSpec, check_controls, control_params, controlled
 from .errors import GenerationInterrupted, InputError, NonFiniteError
 from .images import write_png
@@ -112,6 +112,7 @@ def generate(
     num_images_per_prompt: int = 1,
     scheduler: str = "DDIM",
     adapters: Sequence[AdapterUse] = (),
+    adapters_on_uncond: bool = True,
     control: Sequence[ControlSpec] = (),
     callback: ProgressCallback | None = None,
 ) -> GenerationResult:
@@ -122,8 +123,10 @@ def generate(
     seed; pass either a seed or diffusers-style `generator`(s), not both. height/width: default
     the model's native size. scheduler: one of SCHEDULERS, built from the model's own scheduler
     config. adapters: (adapter file or Adapter, scale) pairs attached for this call only
-    (pipelines/attach.py). control: CSC-Tuners with their control images and scales
-    (pipelines/control.py), in effect for this call only; both CFG branches are controlled.
+    (pipelines/attach.py); adapters_on_uncond=False leaves classifier-free guidance's unconditional
+    branch to the base model (A1111 Composable LoRA's "Use LoRA in uncond" off; docs/methods.md).
+    control: CSC-Tuners with their control images and scales (pipelines/control.py), in effect
+    for this call only; both CFG branches are controlled.
     callback(step, total) runs after each denoising step; returning True stops the run and raises
     GenerationInterrupted. Bad settings raise InputError before any work.
     """
@@ -172,6 +175,8 @@ def generate(
             embeds, context = encode_call(pipe, prompt, negative_prompt, num_images_per_prompt, guidance_scale,
                                           (width, height))
             context.hints = hints
+            context.adapters_on_uncond = adapters_on_uncond
+            check_off_uncond(pipe.unet, adapters_on_uncond)
             with call_context(pipe.unet, context):
                 images = pipe(
                     **embeds, height=height, width=width, num_inference_steps=num_inference_steps,
@@ -190,7 +195,7 @@ def generate(
 
     # 5. Record what made each image.
     name, model_hash, family = model_identity(model)
-    extra_params = {**adapter_params(adapters), **control_params(control), **reported}
+    extra_params = {**adapter_params(adapters, adapters_on_uncond), **control_params(control), **reported}
     settings = [
         GenerationSettings(prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
                            sampler=scheduler, guidance_scale=float(guidance_scale), seed=s, width=width,

@@ -73,7 +73,8 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 MAX_TRAIN_STEPS = 100_000  # optimizer steps: adapters train in hundreds to a few thousand; 10**6 would take days
 # Settings that fix the data order, the noise or the adapter's shape: a resume must keep them.
-RESUME_KEYS = ("method", "method_options", "hint_dir", "caption_dropout", "prior_caption_dropout", "batch_size",
+RESUME_KEYS = ("method", "method_options", "hint_dir", "caption_dropout", "prior_caption_dropout",
+               "instance_prompt", "instance_prompt_share", "batch_size",
                "gradient_accumulation_steps", "seed")
 
 
@@ -145,6 +146,11 @@ class TrainConfig:
     # model's images, so that classifier-free guidance amplifies what the trigger adds (docs/methods.md, "Prior
     # preservation of the unconditional branch").
     prior_caption_dropout: float = 0.0
+    # Share of instance images trained on the instance prompt instead of their own caption: the trigger then draws
+    # the subject without the context words it was photographed with (docs/methods.md, "The instance prompt beside
+    # the captions"). instance_prompt: DreamBooth's (diffusers' --instance_prompt), default "<trigger> <class>".
+    instance_prompt: str | None = None
+    instance_prompt_share: float = 0.0
     # Share of instance images trained with the empty caption (kohya's caption_dropout_rate). None: the method's
     # own default (0, and 0.5 for a controller as ControlNet drops: it then has to read the hint, not the text).
     caption_dropout: float | None = None
@@ -220,6 +226,13 @@ class TrainConfig:
         check(self.prior_caption_dropout == 0 or self.num_class_images > 0, "prior_caption_dropout",
               "drops the captions of class images, but num_class_images=0; set num_class_images to turn prior "
               "preservation on, or set prior_caption_dropout=0")
+        check(self.instance_prompt is None or (isinstance(self.instance_prompt, str)
+                                                 and bool(self.instance_prompt.strip())), "instance_prompt",
+              "must be a non-empty prompt with the trigger word (e.g. 'a sks'), or unset for '<trigger> <class>'")
+        check(is_number(self.instance_prompt_share, 0, maximum=1), "instance_prompt_share",
+              "must be a number in [0, 1] (0: instance images always keep their own caption)")
+        check(self.instance_prompt_share == 0 or self.instance_prompt_text is not None, "instance_prompt_share",
+              "trains on the instance prompt, but there is none; set instance_prompt or trigger")
         if self.caption_dropout is None:
             self.caption_dropout = method.caption_dropout
         check(is_number(self.caption_dropout, 0, maximum=1), "caption_dropout",
@@ -298,6 +311,11 @@ class TrainConfig:
         return self.trigger
 
     @property
+    def instance_prompt_text(self) -> str | None:
+        """The prompt `instance_prompt_share` trains on: `instance_prompt`, else the fallback caption."""
+        return self.instance_prompt or self.fallback_caption
+
+    @property
     def class_images_dir(self) -> Path:
         return self.class_dir if self.class_dir is not None else self.output_dir / "class_images"
 
@@ -352,6 +370,7 @@ class _Encoded:
     caption_index: torch.Tensor  # (N,) row of `text` for each image
     hints: torch.Tensor | None = None  # (N, 3, H, W) uint8: a controller's hint for each image
     pooled: torch.Tensor | None = None  # (U, P) pooled text of each caption (SDXL's second encoder), else None
+    prompt_row: int | None = None  # row of `text` holding the instance prompt, if one was encoded
 
 
 class _Denoiser(nn.Module):
@@ -450,7 +469,9 @@ class DenoisingObjective(Objective):
 
     def begin(self, adapter: Adapter) -> None:
         super().begin(adapter)
-        self.instance = _encode(self.pipe, self.pixels, [e.caption for e in self.examples])
+        self.instance = _encode(self.pipe, self.pixels, [e.caption for e in self.examples],
+                                instance_prompt=self.config.instance_prompt_text
+                                if self.config.instance_prompt_share else None)
         if self.sample_hints is not None:
             self.instance.hints = self.sample_hints.to(self.device)
         self.prior = None
@@ -465,7 +486,7 @@ class DenoisingObjective(Objective):
 
     def draw(self, step: int, count: int, generator: torch.Generator) -> dict[str, Any]:
         draws = [_draw(self.instance, self.instance_sampler, step, count, generator, self.noise_scheduler,
-                       self.config.caption_dropout)]
+                       self.config.caption_dropout, self.config.instance_prompt_share)]
         if self.prior is not None:
             draws.append(_draw(self.prior, self.prior_sampler, step, count, generator, self.noise_scheduler,
                                self.config.prior_caption_dropout))
@@ -742,8 +763,10 @@ def generate_class_images(pipe, class_dir: Path, class_prompt: str, num_images: 
 
 
 @torch.no_grad()
-def _encode(pipe, pixels: torch.Tensor, captions: list[str], chunk: int = 16) -> _Encoded:
-    """VAE posteriors of uint8 `pixels` (N, 3, H, W) and text embeddings of the distinct `captions`."""
+def _encode(pipe, pixels: torch.Tensor, captions: list[str], chunk: int = 16,
+            instance_prompt: str | None = None) -> _Encoded:
+    """VAE posteriors of uint8 `pixels` (N, 3, H, W) and text embeddings of the distinct `captions` (and of
+    `instance_prompt`, for TrainConfig.instance_prompt_share)."""
     vae, device = pipe.vae, pipe.device
     scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
     means, stds = [], []
@@ -751,10 +774,12 @@ def _encode(pipe, pixels: torch.Tensor, captions: list[str], chunk: int = 16) ->
         posterior = vae.encode(batch.to(device, vae.dtype) / 127.5 - 1.0).latent_dist
         means.append((posterior.mean.float() - shift) * scale)
         stds.append(posterior.std.float() * scale)
-    distinct = list(dict.fromkeys([*captions, ""]))  # "" for caption dropout
+    distinct = list(dict.fromkeys([*captions, *([instance_prompt] if instance_prompt else []), ""]))  # "": dropout
     text, pooled = encode_texts(pipe, distinct, chunk)
     caption_index = torch.tensor([distinct.index(c) for c in captions], device=device)
-    return _Encoded(torch.cat(means), torch.cat(stds), text, distinct, caption_index, pooled=pooled)
+    prompt_row = distinct.index(instance_prompt) if instance_prompt else None
+    return _Encoded(torch.cat(means), torch.cat(stds), text, distinct, caption_index, pooled=pooled,
+                    prompt_row=prompt_row)
 
 
 @torch.no_grad()
@@ -771,9 +796,10 @@ def encode_texts(pipe, texts: list[str], chunk: int = 16) -> tuple[torch.Tensor,
 
 
 def _draw(data: _Encoded, sampler: EpochSampler, step: int, count: int, generator: torch.Generator,
-          noise_scheduler: DDPMScheduler, caption_dropout: float = 0.0) -> dict[str, torch.Tensor]:
-    """Step `step`'s `count` examples: a latent sampled from each posterior, its text (the empty caption's
-    with probability `caption_dropout`), noise and timestep."""
+          noise_scheduler: DDPMScheduler, caption_dropout: float = 0.0,
+          prompt_share: float = 0.0) -> dict[str, torch.Tensor]:
+    """Step `step`'s `count` examples: a latent sampled from each posterior, its text (the instance prompt's with
+    probability `prompt_share`, then the empty caption's with probability `caption_dropout`), noise and timestep."""
     index = sampler.take(step * count, count).to(data.latent_mean.device)
     shape = (count, *data.latent_mean.shape[1:])
     eps = torch.randn(shape, generator=generator).to(data.latent_mean.device)
@@ -783,6 +809,9 @@ def _draw(data: _Encoded, sampler: EpochSampler, step: int, count: int, generato
         "noise": torch.randn(shape, generator=generator),
         "timesteps": torch.randint(0, noise_scheduler.config.num_train_timesteps, (count,), generator=generator),
     }
+    if prompt_share > 0:  # drawn only then, so that runs without it keep their random stream
+        swapped = (torch.rand(count, generator=generator) < prompt_share).to(index.device)
+        rows = torch.where(swapped, data.prompt_row, rows)
     if caption_dropout > 0:  # drawn only then, so that runs without dropout keep their random stream
         dropped = (torch.rand(count, generator=generator) < caption_dropout).to(index.device)
         rows = torch.where(dropped, len(data.text) - 1, rows)  # the empty caption is the last row

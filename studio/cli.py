@@ -45,6 +45,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt")
     add_sampling_options(p)
     _add_adapter_options(p)
+    p.add_argument("--no-adapters-on-uncond", dest="adapters_on_uncond", action="store_false",
+                   help="keep the adapters off the unconditional (negative prompt) branch, as A1111's Composable "
+                        "LoRA without 'Use LoRA in uncond': guidance then amplifies all they add (docs/methods.md)")
     p.add_argument("--control", action="append", default=[], metavar="CONDITION:IMAGE[:SCALE]",
                    help="control the image with IMAGE through the CSC-Tuner of CONDITION given by --adapter "
                         "(canny, color, sketch...), at SCALE (default: the tuner's); repeatable")
@@ -107,7 +110,7 @@ def _generate(args: argparse.Namespace) -> None:
         result = generate(model, args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                           guidance_scale=args.guidance, seed=args.seed, width=args.width, height=args.height,
                           num_images_per_prompt=args.n, scheduler=args.scheduler, adapters=adapters,
-                          control=control, callback=progress)
+                          adapters_on_uncond=args.adapters_on_uncond, control=control, callback=progress)
     for path in save_images(result, args.out):
         print(path)
 

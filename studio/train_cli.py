@@ -82,6 +82,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     data.add_argument("--prior-caption-dropout", type=float, default=_UNSET,
                       help="share of class images trained with the empty caption: keeps the unconditional "
                            "branch on the base model (default 0)")
+    data.add_argument("--instance-prompt", default=_UNSET,
+                      help="DreamBooth's instance prompt, e.g. 'a sks' (default: '<trigger> <class prompt>')")
+    data.add_argument("--instance-prompt-share", type=float, default=_UNSET,
+                      help="share of images trained on the instance prompt instead of their caption: the trigger "
+                           "alone then draws the subject (default 0)")
     data.add_argument("--caption-dropout", type=float, default=_UNSET,
                       help="share of images trained with the empty caption (default: the method's, 0.5 for a "
                            "controller, else 0)")

@@ -32,6 +32,7 @@ from adapters import (
     SCTunerConfig,
     SPMConfig,
     call_context,
+    current_context,
     fuse_deltas,
     load_adapter,
     lora_from_deltas,
@@ -181,6 +182,25 @@ def test_a_scale_per_batch_row(case, unet, inputs):
     torch.testing.assert_close(mixed[0], tuned[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(mixed[1], base[1], atol=1e-6, rtol=0)
     adapter.set_row_scales(None)
+    assert torch.equal(run(unet, inputs), tuned)
+
+
+def test_a_call_can_keep_adapters_off_the_unconditional_rows(case, unet, inputs):
+    """adapters_on_uncond=False: the unconditional row is the base model's, the conditional one the adapter's, and
+    after the call every row is tuned again; a method with one scale per call refuses before the UNet runs."""
+    adapter, base, tuned = attached_off_init(case, unet, inputs)
+    enclosing = current_context(unet)  # a controller's hint (controlled_calls)
+    off = CallContext.of_branches(["uncond", "cond"], adapters_on_uncond=False,
+                                  hints=enclosing.hints if enclosing is not None else {})
+    if not case.row_scales:
+        with pytest.raises(ValueError, match="cannot stay off the unconditional rows"), call_context(unet, off):
+            pass
+        return
+    with call_context(unet, off):
+        mixed = run(unet, inputs)
+    torch.testing.assert_close(mixed[0], base[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[1], tuned[1], atol=1e-6, rtol=0)
+    assert not torch.allclose(base[1], tuned[1])
     assert torch.equal(run(unet, inputs), tuned)
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from adapters import SCTuner, load_adapter, save_adapter
+from adapters import SaRA, SCTuner, load_adapter, save_adapter
 from pipelines import InputError, LoadedModel, generate, parse_adapter_arg, parse_infotext
 from pipelines.architectures import build_unet
 from studio.cli import main
@@ -51,6 +51,26 @@ def test_an_adapter_acts_for_the_call_only_and_is_recorded(embedded, sks_file):
     assert np.array_equal(image(generate(embedded, "a red star", **FAST)), before)  # detached: bit-identical
     params = parse_infotext(adapted.settings[0].infotext())
     assert (params["Adapters"], params["Adapter hashes"]) == ("sks:0.8", f"sks: {short_sha256(sks_file)}")
+
+
+def test_adapters_can_stay_off_the_unconditional_branch_and_the_image_says_so(embedded, sks_file, tmp_path, capsys):
+    """adapters_on_uncond=False changes a guided image and is recorded (A1111 writes an extra parameter only away from
+    its default); without guidance there is no unconditional row, so nothing changes; a SaRA file refuses."""
+    on = generate(embedded, "a red star", adapters=[(sks_file, 0.8)], **FAST)
+    off = generate(embedded, "a red star", adapters=[(sks_file, 0.8)], adapters_on_uncond=False, **FAST)
+    assert not np.array_equal(image(on), image(off))
+    assert parse_infotext(off.settings[0].infotext())["Adapters on uncond"] == "False"
+    assert "Adapters on uncond" not in parse_infotext(on.settings[0].infotext())
+    unguided = dict(FAST, guidance_scale=1.0, adapters=[(sks_file, 0.8)])
+    assert np.array_equal(image(generate(embedded, "a red star", adapters_on_uncond=False, **unguided)),
+                          image(generate(embedded, "a red star", **unguided)))
+    assert main(["generate", "a red star", "--steps", "2", "--seed", "3", "--adapter", f"{sks_file}:0.8",
+                 "--no-adapters-on-uncond", "--out", str(tmp_path / "out")]) == 0
+    saved = Image.open(capsys.readouterr().out.split()[0])
+    assert np.array_equal(np.asarray(saved.convert("RGB")), image(off))
+    sara = save_adapter(SaRA.from_unet(embedded.pipe.unet), tmp_path / "sara.safetensors")
+    with pytest.raises(InputError, match="SaRA acts on every row of the UNet batch alike"):
+        generate(embedded, "a red star", adapters=[(sara, 1.0)], adapters_on_uncond=False, **FAST)
 
 
 def test_an_attached_adapter_keeps_its_own_scale_and_stays_attached(embedded, sks_file):

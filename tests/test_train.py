@@ -165,6 +165,21 @@ def test_prior_caption_dropout_trains_class_images_on_the_empty_caption(data, tm
     assert losses("square", 0.0) != losses("circle", 0.0)
 
 
+def test_instance_prompt_share_trains_images_on_the_instance_prompt_instead_of_their_captions(tmp_path):
+    """At share 1 the images' own captions never reach the UNet and the instance prompt does; at 0 the captions do."""
+    def losses(caption: str, share: float, instance_prompt: str = "a sks") -> list[float]:
+        data = tmp_path / f"data-{caption}"
+        for path in write_images(data, 3):
+            path.with_suffix(".txt").write_text(f"a sks {caption}")
+        pipe = tiny_sd15_pipeline(str(EMBEDDED_MODEL / "tokenizer"))
+        out = tmp_path / f"{caption}-{share}-{instance_prompt}"
+        return train(pipe, config(data, out, instance_prompt=instance_prompt, instance_prompt_share=share)).losses
+
+    assert losses("on the left", 1.0) == losses("on a black background", 1.0)
+    assert losses("on the left", 1.0) != losses("on the left", 1.0, instance_prompt="a qq")
+    assert losses("on the left", 0.0) != losses("on a black background", 0.0)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"method": "dora"}, r"method='dora': is unknown; use one of \[.*'lora'.*'sc_tuner'"),
     ({"method_options": {"hidden_ratio": -1}}, "method_options=.*hidden_ratio must be a number > 0"),
@@ -180,6 +195,10 @@ def test_prior_caption_dropout_trains_class_images_on_the_empty_caption(data, tm
                                      "num_class_images=0"),
     ({"prior_caption_dropout": -0.1, "class_prompt": "star", "num_class_images": 1},
      r"prior_caption_dropout=-0.1: must be a number in \[0, 1\]"),
+    ({"instance_prompt_share": 1.5}, r"instance_prompt_share=1.5: must be a number in \[0, 1\]"),
+    ({"instance_prompt_share": 0.5, "trigger": None}, "instance_prompt_share=0.5: trains on the instance prompt, "
+                                                      "but there is none; set instance_prompt or trigger"),
+    ({"instance_prompt": " "}, "instance_prompt=' ': must be a non-empty prompt"),
     ({"sample_every": 2}, "sample_every=2: is set but sample_prompts is empty"),
     ({"name": "a/b"}, "the adapter file's name 'a/b' contains a slash"),
     ({"resume": "nowhere"}, "resume='nowhere': must be 'latest' or a checkpoint folder"),
@@ -457,6 +476,9 @@ def test_cli_flags_override_the_config_file(data, tmp_path):
                              "--sample-prompt", "sks star", "--sample-prompt", "a star"))
     assert (cfg.steps, cfg.learning_rate, cfg.trigger) == (7, 1e-3, "sks")  # flags win, the file's rest stands
     assert cfg.method_options == {"rank": 8, "alpha": 4} and cfg.sample_prompts == ["sks star", "a star"]
+    cfg = build_config(parse("--config", str(path), "--trigger", "sks", "--instance-prompt", "a sks",
+                             "--instance-prompt-share", "0.5"))
+    assert (cfg.instance_prompt, cfg.instance_prompt_share, cfg.instance_prompt_text) == ("a sks", 0.5, "a sks")
     with pytest.raises(TrainConfigError, match="expected KEY=VALUE"):
         build_config(parse("--data", str(data), "--option", "rank"))
 

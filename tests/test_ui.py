@@ -138,8 +138,9 @@ def test_train_api_adds_the_adapter_to_the_library_for_generate_and_the_adapters
 def test_train_tab_trains_a_lora_on_the_chosen_layers(app_url, stars, tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
     client = Client(app_url, verbose=False)
-    # The options follow the /train inputs' order: csc_tuner condition, lora rank and target, sara threshold.
-    _, status = client.predict(stars, "", "sks", "lora", 1, None, "locon", "", 0, "canny", 4, "attn_conv", 2e-3,
+    # After the share of steps on the trigger alone (0), the options follow the /train inputs' order: csc_tuner
+    # condition, lora rank and target, sara threshold.
+    _, status = client.predict(stars, "", "sks", "lora", 1, None, "locon", "", 0, 0, "canny", 4, "attn_conv", 2e-3,
                                api_name="/train")
     assert "'locon' is in the adapter library" in status
     [entry] = AdapterLibrary().list()
@@ -152,7 +153,7 @@ def test_a_controller_trained_in_the_train_tab_steers_generate_and_previews_its_
         app_url, stars, tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
     client = Client(app_url, verbose=False)
-    _, status = client.predict(stars, "", "sks", "csc_tuner", 2, 1e-2, "canny-stars", "", 0, "canny",
+    _, status = client.predict(stars, "", "sks", "csc_tuner", 2, 1e-2, "canny-stars", "", 0, 0, "canny",
                                api_name="/train")
     assert "'canny-stars' is in the adapter library" in status
     assert [e.method for e in AdapterLibrary().list()] == ["csc_tuner"]

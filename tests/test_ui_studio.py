@@ -310,7 +310,8 @@ def test_browser_a_clicked_image_shows_its_own_settings_and_seed(page):  # noqa:
 def made_png(path: Path) -> str:
     settings = GenerationSettings(prompt="a green star", negative_prompt="blurry", steps=7, sampler="Euler",
                                   guidance_scale=5.5, seed=1234, width=96, height=64, model_name="shapes-sd",
-                                  model_hash="0", model_family="SD1", extra_params={"Adapters": "stars:0.7"})
+                                  model_hash="0", model_family="SD1",
+                                  extra_params={"Adapters": "stars:0.7", "Adapters on uncond": "False"})
     return str(save_png(Image.new("RGB", (96, 64), "green"), settings, path))
 
 
@@ -338,6 +339,7 @@ def test_browser_png_info_reads_the_settings_and_sends_them_to_generate(page, tm
     expect(page.locator("#gen-scheduler input")).to_have_value("Euler")
     page.get_by_text("Adapters (from the library").click()
     expect(page.locator("#gen-adapters").get_by_text("0.7", exact=True).filter(visible=True)).to_be_visible()
+    expect(page.locator("#gen-adapters-uncond input")).not_to_be_checked()
 
 
 @pytest.mark.browser

@@ -8,6 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from adapters import call_context
+from pipelines.generate import encode_call
+
 from .analyzer import analyze, score_scene
 from .world import BASE_SHAPES, COLORS, HELD_OUT_SHAPES, PAIRS, POSITIONS, Scene, ShapeObject, render, sample_scene
 
@@ -32,24 +35,29 @@ def two_object_scenes(n: int = 30, seed: int = 1234, shapes: Sequence[str] = BAS
 
 
 def generate_at_seeds(pipe, prompt: str, seeds: Sequence[int], *, num_inference_steps: int,
-                      guidance_scale: float) -> list:
-    """One 64x64 image of `prompt` per seed, in one batch (each seed its own CPU generator)."""
+                      guidance_scale: float, adapters_on_uncond: bool = True) -> list:
+    """One 64x64 image of `prompt` per seed, in one batch (each seed its own CPU generator), in the call context
+    the studio's pipelines give the attached adapters (adapters_on_uncond: as `generate`'s)."""
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    return pipe(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                num_images_per_prompt=len(seeds), generator=generators, height=64, width=64).images
+    embeds, context = encode_call(pipe, prompt, "", len(seeds), guidance_scale)
+    context.adapters_on_uncond = adapters_on_uncond
+    with call_context(pipe.unet, context):
+        return pipe(**embeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                    num_images_per_prompt=len(seeds), generator=generators, height=64, width=64).images
 
 
 @torch.no_grad()
 def score_prompts(pipe, scenes: Sequence[Scene], seeds: Sequence[int], *, num_inference_steps: int = 25,
                   guidance_scale: float = 7.5, attributes: Sequence[str] = ("color", "shape", "position"),
-                  prompts: Sequence[str] | None = None) -> dict[str, float]:
+                  prompts: Sequence[str] | None = None, adapters_on_uncond: bool = True) -> dict[str, float]:
     """Generate every scene (prompted by its caption, or by `prompts[i]`, e.g. with a trigger word standing
     for the concept) at every seed and return the analyzer's accuracy per attribute (and "all": every
     attribute of every object right)."""
     hits: dict[str, list[bool]] = {}
     for i, scene in enumerate(scenes):
         images = generate_at_seeds(pipe, scene.caption() if prompts is None else prompts[i], seeds,
-                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                   adapters_on_uncond=adapters_on_uncond)
         for image in images:
             for key, ok in score_scene(image, scene, attributes).items():
                 hits.setdefault(key, []).append(ok)

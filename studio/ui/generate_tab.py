@@ -137,7 +137,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
     def run(prompt: str, negative: str, seed: float | None, steps: float, guidance: float, width: float, height: float,
             scheduler: str, n: float, adapter_table: list[list] | None = None, controller: str | None = None,
             control_image: dict | None = None, ready_hint: bool = False, control_scale: float = 1.0,
-            request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple:
+            on_uncond: bool = True, request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple:
         warn_if_empty(prompt)
         adapters = adapter_files(adapter_table)
         control = control_of(controller, control_image, ready_hint, control_scale)
@@ -145,7 +145,8 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
             model, prompt or "", negative_prompt=negative or "",
             seed=None if seed is None or seed < 0 else int(seed), num_inference_steps=int(steps),
             guidance_scale=guidance, width=int(width), height=int(height), scheduler=scheduler,
-            num_images_per_prompt=int(n), adapters=adapters, control=control, callback=callback,
+            num_images_per_prompt=int(n), adapters=adapters, adapters_on_uncond=bool(on_uncond), control=control,
+            callback=callback,
         ), request, progress, "denoising")
         if result is None:  # stopped: the previous images and settings stay
             return gr.skip(), gr.skip()
@@ -234,6 +235,9 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
             with gr.Accordion("Adapters (from the library; click a name to use it and add its trigger word)",
                               open=False):
                 adapters = adapter_picker("gen-adapters")
+                on_uncond = gr.Checkbox(True, label="Adapters on the negative prompt too (untick to leave guidance's "
+                                        "unconditional branch to the base model: CFG then amplifies all they add)",
+                                        elem_id="gen-adapters-uncond")
                 refresh = gr.Button("Refresh the list", size="sm", elem_id="gen-adapters-refresh")
             with gr.Accordion("Control (a CSC-Tuner from the library steered by an image)", open=False) as control_box:
                 controller = gr.Dropdown([("none", "")] + [(c, c) for c in controller_choices()], value="",
@@ -270,7 +274,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
 
     event = gr.on([button.click, prompt.submit], run,
                   inputs=[prompt, negative, seed, steps, guidance, width, height, scheduler, n, adapters, controller,
-                          control_image, ready_hint, control_scale],
+                          control_image, ready_hint, control_scale, on_uncond],
                   outputs=[gallery, settings], api_name="generate", concurrency_id=MODEL_QUEUE,
                   show_progress_on=[status])
     # The first new image is the selected one; the History gains the new images.
@@ -293,7 +297,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
     adapters.select(use_adapter, [adapters, prompt], [prompt, adapters], api_visibility="private",
                     show_progress="hidden")
     share(generate_prompt=prompt, generate_negative=negative, generate_seed=seed, generate_steps=steps,
-          generate_adapters=adapters,
+          generate_adapters=adapters, generate_on_uncond=on_uncond,
           generate_guidance=guidance, generate_width=width, generate_height=height, generate_scheduler=scheduler,
           generate_control_image=control_image, generate_control_box=control_box, generate_selected=selected,
           generate_send_edit=send_edit, generate_send_control=send_control)

@@ -9,6 +9,7 @@ import gradio as gr
 from PIL import Image
 
 from pipelines import SCHEDULERS, InputError, LoadedModel, parse_infotext
+from pipelines.attach import ON_UNCOND_PARAM
 from pipelines.generate import MAX_SEED
 
 from .common import handler, refuse_unreadable, share
@@ -67,9 +68,9 @@ def build(model: LoadedModel, out_dir: Path) -> None:
 
 
 def link(shared: dict, tabs: gr.Tabs) -> None:
-    """"Send to Generate": the prompt, negative prompt, seed, steps, CFG scale, size, sampler and adapter scales of
-    the text read, into the Generate tab, which is then shown. A value the Generate tab cannot take is left as it
-    was, and said."""
+    """"Send to Generate": the prompt, negative prompt, seed, steps, CFG scale, size, sampler, adapter scales and
+    whether the adapters acted on the negative prompt, of the text read, into the Generate tab, which is then shown.
+    A value the Generate tab cannot take is left as it was, and said."""
     # The ranges the Generate tab's sliders take (the model's sizes).
     width, steps, guidance = shared["generate_width"], shared["generate_steps"], shared["generate_guidance"]
 
@@ -107,10 +108,10 @@ def link(shared: dict, tabs: gr.Tabs) -> None:
         return (fields.get("Prompt", ""), fields.get("Negative prompt", ""), number("Seed", int, -1, MAX_SEED),
                 number("Steps", int, steps.minimum, steps.maximum),
                 number("CFG scale", float, guidance.minimum, guidance.maximum), w, h,
-                sampler if sampler in SCHEDULERS else gr.skip(), rows)
+                sampler if sampler in SCHEDULERS else gr.skip(), rows, fields.get(ON_UNCOND_PARAM) != "False")
 
     outputs = [shared[f"generate_{name}"] for name in ("prompt", "negative", "seed", "steps", "guidance", "width",
-                                                       "height", "scheduler", "adapters")]
+                                                       "height", "scheduler", "adapters", "on_uncond")]
     shared["png_info_send"].click(to_generate, [shared["png_info_text"], shared["generate_adapters"]], outputs,
                                   api_visibility="private",
                                   show_progress="hidden").success(

@@ -195,7 +195,9 @@ def method_help(method: str, concept: str) -> str:
     else:
         settings = ", ".join([f"{k} {v}" for k, v in found.options.items()]
                              + ([f"{found.steps} steps"] if found.steps else [])
-                             + ([f"learning rate {found.learning_rate:g}"] if found.learning_rate else []))
+                             + ([f"learning rate {found.learning_rate:g}"] if found.learning_rate else [])
+                             + ([f"trigger alone {found.instance_prompt_share:.0%} of steps"]
+                                if found.instance_prompt_share else []))
         advice = (f"Recommended for a {concept}: **{REGISTRY[chosen].label}**"
                   f"{f' ({settings})' if settings else ''}: {found.reason}.")
     return f"**{cls.label}**: {cls.summary}\n\n{advice}"
@@ -242,7 +244,7 @@ def build(model: LoadedModel, out_dir: Path) -> None:
     @handler
     def run(files: list[str] | None, folder: str | None, trigger: str | None, method: str, steps: float,
             learning_rate: str | float | None, name: str | None, sample_prompt: str | None,
-            sample_every: float | None, *options: Any) -> Iterator[tuple]:
+            sample_every: float | None, trigger_share: float | None, *options: Any) -> Iterator[tuple]:
         # No gr.Progress parameter: Gradio finds it only among positional parameters, and the options are
         # variadic. The status line reports each step instead.
         # A section never opened (Samples) sends None for its boxes: every text is read through text().
@@ -256,6 +258,7 @@ def build(model: LoadedModel, out_dir: Path) -> None:
             data_dir=_data_dir(files, text(folder), run_dir), output_dir=run_dir, method=method,
             method_options=options_chosen, trigger=text(trigger) or None, name=text(name) or None, steps=int(steps),
             learning_rate=rate,  # None (blank): the method's default
+            instance_prompt_share=float(trigger_share or 0),  # the instance prompt: the trigger word alone
             sample_prompts=prompts, sample_every=every if prompts else 0,
         )
         yield from follow(config, AdapterLibrary(), [], [])
@@ -308,6 +311,10 @@ def build(model: LoadedModel, out_dir: Path) -> None:
                                        label="Learning rate (blank: the method's default)",
                                        placeholder="blank: the method's default")
             name = gr.Textbox(label="Adapter name (blank: the trigger word)", elem_id="train-name")
+            trigger_share = gr.Slider(0, 1, value=advised.instance_prompt_share if advised else 0, step=0.05,
+                                      label="Share of steps on the trigger word alone, for captioned images (the "
+                                            "trigger then draws the concept without its captions' context)",
+                                      elem_id="train-trigger-share")
             with gr.Accordion("Samples", open=False):
                 sample_prompt = gr.Textbox(label="Sample prompt (blank: the trigger word)",
                                            elem_id="train-sample-prompt")
@@ -349,14 +356,16 @@ def build(model: LoadedModel, out_dir: Path) -> None:
         values = [gr.update(value=options.get(field.name, field.default)) if m == chosen else gr.update()
                   for m, field in inputs]
         return [gr.update(value=chosen), gr.update(value=found.steps if found and found.steps else DEFAULT_STEPS),
-                gr.update(value=_number_text(found.learning_rate if found else None)), *values]
+                gr.update(value=_number_text(found.learning_rate if found else None)),
+                gr.update(value=found.instance_prompt_share if found else 0), *values]
 
     method.change(show_method, [method, concept], [*options, about], api_visibility="private")
-    concept.change(follow_concept, concept, [method, steps, learning_rate, *options], api_visibility="private")
+    concept.change(follow_concept, concept, [method, steps, learning_rate, trigger_share, *options],
+                   api_visibility="private")
     # Progress and errors show on the status line only: a refused run leaves the last samples and curve in place.
     outputs = [gallery, status, curve, stopped]
     button.click(run, inputs=[files, folder, trigger, method, steps, learning_rate, name, sample_prompt, sample_every,
-                              *options],
+                              trigger_share, *options],
                  outputs=outputs, api_name="train", concurrency_id=MODEL_QUEUE, show_progress_on=[status])
     resume_button.click(resume, stopped, outputs, api_name="train_resume", concurrency_id=MODEL_QUEUE,
                         show_progress_on=[status])
