@@ -17,7 +17,9 @@ Every score is taken at each --guidance (CFG) scale: 7.5, diffusers' default, an
 is already 100 % right. On the shipped base the subject breaks at CFG 7.5: the trigger has a colour of its own
 there ("a sks" draws a red square), and an adapter that edits every row makes the unconditional branch draw the
 star too, so guidance amplifies only the colour difference (docs/benchmarks.md, customization, session 12).
---prior-caption-dropout trains the regularisation images on the empty caption a share of the time.
+--prior-caption-dropout trains the regularisation images on the empty caption a share of the time;
+--instance-prompt-share trains the subject's images on "a sks" a share of the time; --uncond off scores with the
+adapters off the unconditional branch (generate(adapters_on_uncond=False)), --uncond on off both ways (session 13).
 Targets (issue #4): fidelity >= 80 %, context >= 80 %, preservation drop <= 5 points.
 """
 
