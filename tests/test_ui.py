@@ -203,6 +203,12 @@ def test_train_api_without_images_is_a_readable_error(app_url):
         client.predict(None, "", "sks", "sc_tuner", 2, None, "", "", 50, api_name="/train")
 
 
+def test_train_api_refuses_a_trigger_share_without_a_trigger_word(app_url, stars):
+    client = Client(app_url, verbose=False)
+    with pytest.raises(Exception, match="needs a trigger word: fill in the trigger word, or set the share to 0"):
+        client.predict(stars, "", "", "lora", 2, None, "", "", 50, 0.5, api_name="/train")
+
+
 @pytest.fixture
 def page(app_url):
     """A page of the app in Debian's Chromium driven by Playwright, or a skip saying why it cannot run here."""
@@ -268,10 +274,14 @@ def test_browser_shows_method_options_for_the_chosen_method_and_the_control_pane
     expect(page.locator("#train-csc_tuner-condition")).to_be_hidden(timeout=10_000)
     expect(page.locator("#train-sara-threshold input")).to_have_value(re.compile(r"M trainable.*\(default\)"),
                                                                       timeout=10_000)
-    # The kind of concept picks the method measured to meet the targets on it, and says why.
+    # The kind of concept picks the method measured to meet the targets on it, and says why; with its settings, as
+    # the share of steps on the trigger alone (the subject's recommendation has one, a controller's none).
+    share = page.locator("#train-trigger-share input[type=number]")
+    expect(share).to_have_value("0.5")
     page.locator("#train-concept").get_by_text("control").click()
     expect(page.locator("#train-csc_tuner-condition")).to_be_visible(timeout=10_000)
     expect(page.locator("#train-method-help")).to_contain_text("Recommended for a control", timeout=10_000)
+    expect(share).to_have_value("0")
     page.get_by_role("tab", name="Generate").click()
     page.get_by_text("Control (a CSC-Tuner").click()
     expect(page.locator("#gen-controller")).to_be_visible(timeout=10_000)

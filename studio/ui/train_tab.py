@@ -251,6 +251,9 @@ def build(model: LoadedModel, out_dir: Path) -> None:
         prompts = [p for p in [text(sample_prompt) or text(trigger)] if p]  # blank: the trigger word alone
         every = DEFAULT_SAMPLE_EVERY if sample_every is None else int(sample_every)
         rate = learning_rate_of(learning_rate)  # before any folder is made
+        if trigger_share and not text(trigger):
+            raise InputError("The share of steps on the trigger word alone needs a trigger word: fill in the "
+                             "trigger word, or set the share to 0")
         options_chosen = method_options(inputs, method, list(options))
         out_dir.mkdir(parents=True, exist_ok=True)
         run_dir = Path(tempfile.mkdtemp(prefix="train-", dir=out_dir))
