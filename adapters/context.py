@@ -90,7 +90,7 @@ class CallContext:
     added_cond: Mapping[str, torch.Tensor] | None = None
     # False: the adapters leave classifier-free guidance's unconditional rows to the base model (A1111's Composable
     # LoRA, "Use LoRA in uncond" off), so guidance amplifies the whole of what they add (docs/methods.md,
-    # "Adapters on the unconditional branch").
+    # "A subject at CFG 7.5").
     adapters_on_uncond: bool = True
 
     def __post_init__(self) -> None:

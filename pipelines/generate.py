@@ -141,6 +141,9 @@ def generate(
                  num_images_per_prompt, scheduler, seed, generator)
     check_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps)
     check_adapters(adapters)
+    if not isinstance(adapters_on_uncond, bool):
+        raise InputError(f"adapters_on_uncond={adapters_on_uncond!r} must be True or False (False: the adapters stay "
+                         "off the unconditional branch)")
     check_controls(control)
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         _warn_if_truncated(pipe.tokenizer, name, text)

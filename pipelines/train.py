@@ -147,8 +147,8 @@ class TrainConfig:
     # preservation of the unconditional branch").
     prior_caption_dropout: float = 0.0
     # Share of instance images trained on the instance prompt instead of their own caption: the trigger then draws
-    # the subject without the context words it was photographed with (docs/methods.md, "The instance prompt beside
-    # the captions"). instance_prompt: DreamBooth's (diffusers' --instance_prompt), default "<trigger> <class>".
+    # the subject without the context words it was photographed with (docs/methods.md, "A subject at CFG 7.5").
+    # instance_prompt: DreamBooth's (diffusers' --instance_prompt), default "<trigger> <class>".
     instance_prompt: str | None = None
     instance_prompt_share: float = 0.0
     # Share of instance images trained with the empty caption (kohya's caption_dropout_rate). None: the method's

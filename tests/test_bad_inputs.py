@@ -166,6 +166,7 @@ API_CASES = [
     ("seed a string", _generate(seed="7"), InputError, "seed='7'"),
     ("seed and generator", _generate(generator=torch.Generator()), InputError, "seed or generator"),
     ("prompt not a string", lambda m, f: generate(m, None, num_inference_steps=1), InputError, "prompt"),
+    ("adapters_on_uncond a string", _generate(adapters_on_uncond="no"), InputError, "adapters_on_uncond='no'"),
     # generate: adapters
     ("adapter file missing", lambda m, f: generate(m, "a", num_inference_steps=1,
                                                    adapters=[(f["image"].parent / "nope.safetensors", 1.0)]),
@@ -207,6 +208,8 @@ API_CASES = [
     ("model dtype", lambda m, f: load_model(dtype="float8", device="cpu"), ModelLoadError, "dtype 'float8'"),
     # training settings, data and config files
     ("train steps 0", _train(steps=0), TrainConfigError, "steps=0"),
+    ("train instance prompt share a string", _train(trigger="sks", instance_prompt_share="half"), TrainConfigError,
+     "instance_prompt_share='half'"),
     ("train steps ten million", _train(steps=10_000_000), TrainConfigError, "steps=10000000"),
     ("train learning rate nan", _train(learning_rate=NAN), TrainConfigError, "learning_rate=nan"),
     ("train learning rate inf", _train(learning_rate=INF), TrainConfigError, "learning_rate=inf"),
