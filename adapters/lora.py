@@ -154,11 +154,11 @@ class LoRA(Adapter):
     is_weight_delta = True
     recommended_for = {
         "subject": Recommendation(
-            {"target": "attn_conv", "rank": 8}, learning_rate=1e-3, steps=1000, instance_prompt_share=0.5,
+            {"target": "attn_conv", "rank": 8}, learning_rate=1e-3, steps=2000, instance_prompt_share=0.5,
             reason="the closest measured on the Shapes subject, yet short of the targets: at CFG 7.5 with the trigger "
                    "alone on half the steps and 'Adapters on the negative prompt too' unticked in Generate, the "
-                   "bare trigger draws the subject 4 of 4 (fidelity 100 %), in new contexts 46 % (target 80 %), "
-                   "and base prompts lose 8.8 points (target 5; docs/benchmarks.md, session 13)"),
+                   "bare trigger draws the subject 4 of 4 (fidelity 100 %) and base prompts lose 0.5 points, but "
+                   "new contexts are right in 62.5 % (target 80 %; docs/benchmarks.md, session 13)"),
     }
 
     def __init__(self, config: LoRAConfig, shapes: dict[str, tuple[int, int]]):
