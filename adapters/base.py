@@ -220,12 +220,18 @@ class Adapter(nn.Module):
         self.prepare(context)
         off = context.adapter_row_scales() if context is not None else None
         if off is not None:
-            if not self.per_row or self.merged:
+            if not self.acts_per_row:
                 raise ValueError(f"a {'merged ' if self.merged else ''}{self.label} adapter acts on every row of the "
                                  "UNet batch alike, so it cannot stay off the unconditional rows; keep adapters on "
                                  "the unconditional branch" + (" or unmerge it" if self.merged else ""))
             self.set_row_scales(off if self.row_scales is None else self.row_scales * off)
             self._off_uncond = True
+
+    @property
+    def acts_per_row(self) -> bool:
+        """Whether a scale per UNet batch row takes effect now: not for a method with one scale per call, nor
+        while merged into the weights every row shares."""
+        return self.per_row and not self.merged
 
     def prepare(self, context: CallContext | None) -> None:
         """Read the pipeline's per-call context before its denoising loop (None: the call ended). The default

@@ -184,7 +184,7 @@ def main() -> None:
             try:
                 for g, uncond in itertools.product(args.guidance, args.uncond):
                     on = uncond == "on"
-                    if not (on or adapter.per_row):  # SaRA: one scale per call (its delta is in the weights)
+                    if not (on or adapter.acts_per_row):  # SaRA: one scale per call (its delta is in the weights)
                         scores[g, uncond] = None
                         continue
                     s = (evaluate_subject(pipe, seeds, args.sample_steps, g, on) if concept == "subject"

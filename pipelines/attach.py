@@ -95,7 +95,7 @@ def check_off_uncond(unet: nn.Module, adapters_on_uncond: bool) -> None:
     per row (SaRA's delta is in the weights every row shares; a merged adapter's too)."""
     if adapters_on_uncond:
         return
-    whole = [a.label + (" (merged)" if a.merged else "") for a in attached_adapters(unet) if not a.per_row or a.merged]
+    whole = [a.label + (" (merged)" if a.merged else "") for a in attached_adapters(unet) if not a.acts_per_row]
     if whole:
         raise InputError(f"adapters_on_uncond=False: {', '.join(whole)} acts on every row of the UNet batch alike, "
                          "so it cannot stay off the unconditional branch; keep adapters on it (CLI: drop "

@@ -202,6 +202,11 @@ def test_a_call_can_keep_adapters_off_the_unconditional_rows(case, unet, inputs)
     torch.testing.assert_close(mixed[1], tuned[1], atol=1e-6, rtol=0)
     assert not torch.allclose(base[1], tuned[1])
     assert torch.equal(run(unet, inputs), tuned)
+    if case.mergeable:  # merged into the weights every row shares: refused, not silently applied to every row
+        adapter.merge()
+        with pytest.raises(ValueError, match="merged .* cannot stay off the unconditional rows"), \
+                call_context(unet, off):
+            pass
 
 
 def test_delta_weights_are_what_merging_adds(case, unet):
