@@ -19,20 +19,24 @@ there ("a sks" draws a red square), and an adapter that edits every row makes th
 star too, so guidance amplifies only the colour difference (docs/benchmarks.md, customization, session 12).
 --prior-caption-dropout trains the regularisation images on the empty caption a share of the time;
 --instance-prompt-share trains the subject's images on "a sks" a share of the time; --uncond off scores with the
-adapters off the unconditional branch (generate(adapters_on_uncond=False)), --uncond on off both ways (session 13).
+adapters off the unconditional branch (generate(adapters_on_uncond=False)), --uncond on off both ways (session 13);
+--masked-loss learns only the subject's pixels, so its background is not learnt into the trigger (session 14).
 Targets (issue #4): fidelity >= 80 %, context >= 80 %, preservation drop <= 5 points.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import random
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from adapters import load_adapter
 from pipelines import load_model
@@ -68,6 +72,18 @@ def subject_set(out: Path, seed: int = 0, subject: tuple[str, str, str] = SUBJEC
     scenes = [Scene((ShapeObject(color, shape, p, rng.choice((None, "small", "large"))),),
                     rng.choice(("white", "white", "gray", "black"))) for p in positions]
     write_captioned(out, scenes, [s.caption().replace(f"{color} {shape}", trigger) for s in scenes])
+    write_masks(out.parent / f"{out.name}_masks", scenes)
+
+
+def write_masks(out: Path, scenes: list[Scene]) -> None:
+    """Each scene's object coverage as a mask image of the same name (TrainConfig.mask_dir): a pixel's coverage
+    is 1 - (its white-background render - its black-background render) / 255, exact for the anti-aliased edges."""
+    out.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(scenes):
+        on_white, on_black = (np.asarray(render(dataclasses.replace(scene, background=bg)), np.float32)
+                              for bg in ("white", "black"))
+        coverage = 1 - (on_white - on_black).mean(axis=2) / 255
+        Image.fromarray(np.round(255 * coverage).astype(np.uint8), "L").save(out / f"{i:06d}.png")
 
 
 def style_set(out: Path, seed: int = 1) -> list[tuple[str, str]]:
@@ -133,6 +149,8 @@ def main() -> None:
                    help="share of regularisation images trained with the empty caption (TrainConfig)")
     p.add_argument("--instance-prompt-share", type=float, default=0.0,
                    help="subject: share of its images trained on the instance prompt 'a sks' (TrainConfig)")
+    p.add_argument("--masked-loss", action="store_true",
+                   help="subject: learn only the star's pixels (TrainConfig.masked_loss, masks of its coverage)")
     p.add_argument("--uncond", nargs="+", default=["on"], choices=["on", "off"],
                    help="score with the adapters on the unconditional branch (on: diffusers' and A1111's way), "
                         "off it (generate(adapters_on_uncond=False)), or both")
@@ -170,6 +188,8 @@ def main() -> None:
                 prior_caption_dropout=args.prior_caption_dropout, steps=args.steps,
                 instance_prompt=f"a {trigger}" if concept == "subject" else None,
                 instance_prompt_share=args.instance_prompt_share if concept == "subject" else 0.0,
+                masked_loss=args.masked_loss and concept == "subject",
+                mask_dir=work / "data" / "subject_masks" if args.masked_loss and concept == "subject" else None,
                 batch_size=args.batch_size, learning_rate=learning_rates.get(method), checkpoint_every=0, seed=0,
             )
             adapter_path = config.output_dir / f"{config.adapter_name}.safetensors"

@@ -10,6 +10,10 @@ One folder may mix these layouts (those of kohya's sd-scripts and of Hugging Fac
       10_sks star/             kohya repeat folder: each image counts 10 times per epoch, and images
         d.png                  without a caption get the folder's "sks star"
 
+Masked loss (TrainConfig.masked_loss, kohya's --masked_loss) learns only part of each image: the part its mask
+keeps, read from a mask image of the same name in a mask folder (white: learn, black: ignore), else from the
+image's own transparency (kohya's alpha_mask).
+
 Everything is checked before any work starts: a missing folder, no images, an unreadable image or
 an image without a caption raises `DatasetError` naming the file and the fix.
 """
@@ -152,11 +156,46 @@ def load_images(examples: Sequence[Example], resolution: int) -> torch.Tensor:
     return pixels
 
 
-def _read_image(path: Path, resolution: int) -> Image.Image:
+def load_masks(examples: Sequence[Example], resolution: int, mask_dir: Path | None = None) -> torch.Tensor:
+    """Each example's loss mask as float (N, 1, resolution, resolution) in [0, 1], cropped as its image: the
+    image of the same name in `mask_dir` (any image type; white: learn, black: ignore), else the image's own
+    alpha channel. Images without a mask (all named at once), or whose mask keeps nothing, are refused."""
+    masks = torch.zeros(len(examples), 1, resolution, resolution)
+    unmasked = []
+    for i, example in enumerate(examples):
+        found = [p for p in images_in(mask_dir) if p.stem == example.image.stem] if mask_dir is not None else []
+        if len(found) > 1:
+            raise DatasetError(f"{example.image.name} has two masks in {mask_dir} ({', '.join(p.name for p in found)})"
+                               "; keep only one")
+        if found:
+            mask = _read_image(found[0], resolution, mode="L")
+        elif _has_alpha(example.image):
+            mask = _read_image(example.image, resolution, mode="RGBA").getchannel("A")
+        else:
+            unmasked.append(example.image)
+            continue
+        masks[i, 0] = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)
+        if not masks[i].any():
+            raise DatasetError(f"the mask of {example.image} keeps nothing (all black or fully transparent); "
+                               "mark the part to learn in white (or opaque), or drop the image")
+    if unmasked:
+        where = f"no mask of the same name in {mask_dir} and " if mask_dir is not None else ""
+        raise DatasetError(f"{', '.join(map(str, unmasked))} {'have' if len(unmasked) > 1 else 'has'} {where}no "
+                           "transparency to mask the loss with; save them as PNGs whose transparent pixels are the "
+                           "part to ignore, put a mask of the same name in the mask folder, or turn masked loss off")
+    return masks
+
+
+def _has_alpha(path: Path) -> bool:
+    with Image.open(path) as image:  # readable: load_images read it before
+        return "A" in image.getbands() or "transparency" in image.info
+
+
+def _read_image(path: Path, resolution: int, mode: str = "RGB") -> Image.Image:
     try:
         with Image.open(path) as image:
             # Phones store rotation in EXIF; without the transpose a portrait photo trains sideways.
-            image = ImageOps.exif_transpose(image).convert("RGB")
+            image = ImageOps.exif_transpose(image).convert(mode)
     except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for unknown, truncated or corrupt files
         raise DatasetError(f"cannot read image {path} ({e}); re-save it as PNG or JPEG, or delete it") from e
     return ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC, centering=(0.5, 0.5))

@@ -60,7 +60,7 @@ from adapters.io import adapter_name_problem, default_library_root
 
 from .annotators import training_hints
 from .control import ControlSpec
-from .datasets import EpochSampler, Example, images_in, load_images, scan_folder
+from .datasets import EpochSampler, Example, images_in, load_images, load_masks, scan_folder
 from .errors import InputError, StudioError
 from .generate import MAX_GUIDANCE, MAX_STEPS, added_conditions, generate, save_png
 from .images import check_out_dir
@@ -74,7 +74,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 MAX_TRAIN_STEPS = 100_000  # optimizer steps: adapters train in hundreds to a few thousand; 10**6 would take days
 # Settings that fix the data order, the noise or the adapter's shape: a resume must keep them.
 RESUME_KEYS = ("method", "method_options", "hint_dir", "caption_dropout", "prior_caption_dropout",
-               "instance_prompt", "instance_prompt_share", "batch_size",
+               "instance_prompt", "instance_prompt_share", "masked_loss", "batch_size",
                "gradient_accumulation_steps", "seed")
 
 
@@ -151,6 +151,11 @@ class TrainConfig:
     # instance_prompt: DreamBooth's (diffusers' --instance_prompt), default "<trigger> <class>".
     instance_prompt: str | None = None
     instance_prompt_share: float = 0.0
+    # Learn only the masked part of each instance image (kohya's --masked_loss): the loss is the mean over the
+    # mask, so what surrounds the subject (its background) is not learnt into the trigger. Masks: mask_dir's image
+    # of the same name, else the image's transparency (pipelines/datasets.py). Class images keep the full loss.
+    masked_loss: bool = False
+    mask_dir: Path | None = None
     # Share of instance images trained with the empty caption (kohya's caption_dropout_rate). None: the method's
     # own default (0, and 0.5 for a controller as ControlNet drops: it then has to read the hint, not the text).
     caption_dropout: float | None = None
@@ -182,6 +187,7 @@ class TrainConfig:
         self.output_dir = Path(self.output_dir).expanduser()
         self.class_dir = Path(self.class_dir).expanduser() if self.class_dir is not None else None
         self.hint_dir = Path(self.hint_dir).expanduser() if self.hint_dir is not None else None
+        self.mask_dir = Path(self.mask_dir).expanduser() if self.mask_dir is not None else None
         self.library_dir = Path(self.library_dir).expanduser() if self.library_dir is not None else None
         self.method_options = dict(self.method_options or {})
         self.sample_prompts, self.sample_seeds = list(self.sample_prompts), list(self.sample_seeds)
@@ -233,6 +239,14 @@ class TrainConfig:
               "must be a number in [0, 1] (0: instance images always keep their own caption)")
         check(self.instance_prompt_share == 0 or self.instance_prompt_text is not None, "instance_prompt_share",
               "trains on the instance prompt, but there is none; set instance_prompt or trigger")
+        check(isinstance(self.masked_loss, bool), "masked_loss", "must be true or false")
+        check(not self.masked_loss or objective_of(method).needs_data, "masked_loss",
+              f"masks the loss on training images, but {self.method} learns without images; turn it off")
+        check(self.mask_dir is None or self.masked_loss, "mask_dir",
+              "is set but masked_loss is off; turn masked_loss on, or unset mask_dir")
+        check(self.mask_dir is None or self.mask_dir.is_dir(), "mask_dir",
+              "is not a folder; pass the folder of masks (one per image, same name), or unset it to use the "
+              "images' transparency")
         if self.caption_dropout is None:
             self.caption_dropout = method.caption_dropout
         check(is_number(self.caption_dropout, 0, maximum=1), "caption_dropout",
@@ -330,8 +344,8 @@ class TrainConfig:
 
     def training_metadata(self) -> dict[str, Any]:
         """The settings recorded in the adapter file (local paths and run control left out)."""
-        skip = {"data_dir", "output_dir", "class_dir", "hint_dir", "resume", "checkpoint_every", "keep_last",
-                "library_dir"}
+        skip = {"data_dir", "output_dir", "class_dir", "hint_dir", "mask_dir", "resume", "checkpoint_every",
+                "keep_last", "library_dir"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -371,6 +385,7 @@ class _Encoded:
     hints: torch.Tensor | None = None  # (N, 3, H, W) uint8: a controller's hint for each image
     pooled: torch.Tensor | None = None  # (U, P) pooled text of each caption (SDXL's second encoder), else None
     prompt_row: int | None = None  # row of `text` holding the instance prompt, if one was encoded
+    loss_mask: torch.Tensor | None = None  # (N, 1, h, w) each image's loss mask at the latents' size (masked_loss)
 
 
 class _Denoiser(nn.Module):
@@ -442,6 +457,7 @@ class DenoisingObjective(Objective):
         super().__init__(pipe, config, adapter_config)
         self.examples = scan_folder(config.data_dir, fallback_caption=config.fallback_caption)
         self.pixels: torch.Tensor | None = load_images(self.examples, self.resolution)
+        self.masks = load_masks(self.examples, self.resolution, config.mask_dir) if config.masked_loss else None
         method = REGISTRY[config.method]
         self.condition = method.hint_condition(adapter_config) if method.needs_hints else None
         if self.condition is not None:
@@ -474,12 +490,15 @@ class DenoisingObjective(Objective):
                                 if self.config.instance_prompt_share else None)
         if self.sample_hints is not None:
             self.instance.hints = self.sample_hints.to(self.device)
+        if self.masks is not None:  # area: a latent cell's weight is the share of its pixels the mask keeps
+            size = self.instance.latent_mean.shape[-2:]
+            self.instance.loss_mask = F.interpolate(self.masks, size=size, mode="area").to(self.device)
         self.prior = None
         if self.class_examples:
             self.prior = _encode(self.pipe, load_images(self.class_examples, self.resolution),
                                  [e.caption for e in self.class_examples])
         self.prior_sampler = EpochSampler([e.repeats for e in self.class_examples], self.config.seed, stream=1)
-        self.pixels = None  # encoded: the images are no longer needed
+        self.pixels = self.masks = None  # encoded: the images and masks are no longer needed
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "num_images": len(self.examples), "num_class_images": len(self.class_examples)}
@@ -510,8 +529,13 @@ class DenoisingObjective(Objective):
             noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
             pred = denoiser(noisy_latents, timesteps, text, context.added_cond)
         target = _target(self.noise_scheduler, latents, noise, timesteps)
-        per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = per_image[:batch_size].mean()
+        error = F.mse_loss(pred.float(), target.float(), reduction="none")
+        per_image = error.mean(dim=(1, 2, 3))
+        instance = per_image[:batch_size]
+        if self.instance.loss_mask is not None:  # the instance rows' error averaged over their masks only
+            mask = draws[0]["loss_mask"][rows].to(self.device)  # (n, 1, h, w): the same for every channel
+            instance = (error[:batch_size] * mask).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) * error.shape[1])
+        loss = instance.mean()
         if self.prior is not None:
             loss = loss + self.config.prior_loss_weight * per_image[batch_size:].mean()
         return loss
@@ -821,6 +845,8 @@ def _draw(data: _Encoded, sampler: EpochSampler, step: int, count: int, generato
     draw["prompts"] = [data.captions[i] for i in rows.tolist()]
     if data.hints is not None:
         draw["hints"] = data.hints[index]
+    if data.loss_mask is not None:
+        draw["loss_mask"] = data.loss_mask[index]
     return draw
 
 

@@ -87,6 +87,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     data.add_argument("--instance-prompt-share", type=float, default=_UNSET,
                       help="share of images trained on the instance prompt instead of their caption: the trigger "
                            "alone then draws the subject (default 0)")
+    data.add_argument("--masked-loss", action="store_const", const=True, default=_UNSET,
+                      help="learn only the masked part of each image (kohya's --masked_loss): masks from "
+                           "--mask-dir, else the images' transparency")
+    data.add_argument("--mask-dir", default=_UNSET,
+                      help="with --masked-loss: one mask per image, same name (white: learn, black: ignore)")
     data.add_argument("--caption-dropout", type=float, default=_UNSET,
                       help="share of images trained with the empty caption (default: the method's, 0.5 for a "
                            "controller, else 0)")

@@ -33,7 +33,7 @@ from pipelines import (
     load_model,
 )
 from pipelines.compose import ComposeRegion, compose
-from pipelines.datasets import DatasetError, scan_folder
+from pipelines.datasets import DatasetError, load_masks, scan_folder
 from pipelines.train import TrainConfig, TrainConfigError
 from studio.cli import main
 from studio.jobs.manifest import ManifestError, read_manifest
@@ -226,6 +226,8 @@ API_CASES = [
     ("train config TOML broken", lambda m, f: TrainConfig.from_file(f["toml_broken"]), TrainConfigError,
      "broken.toml is not valid TOML"),
     ("caption not UTF-8", lambda m, f: scan_folder(f["data_latin1"]), DatasetError, "a.txt is not UTF-8"),
+    ("masked loss on an image without transparency",
+     lambda m, f: load_masks(scan_folder(f["data"], fallback_caption="x"), 64), DatasetError, "good-data/a.png"),
     ("jobs manifest YAML broken", lambda m, f: read_manifest(f["manifest_broken"]), ManifestError, "batch.yaml"),
 ]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
@@ -22,7 +23,7 @@ from pipelines.datasets import DatasetError, EpochSampler, load_images, scan_fol
 from pipelines.errors import StudioError
 from pipelines.loading import EMBEDDED_MODEL
 from pipelines.statefile import load_state, save_state
-from pipelines.train import TrainConfig, TrainConfigError, TrainingDiverged, list_checkpoints, train
+from pipelines.train import DenoisingObjective, TrainConfig, TrainConfigError, TrainingDiverged, list_checkpoints, train
 from studio.cli import main as cli_main
 from studio.library import AdapterLibrary, LibraryError
 from studio.shapes.world import Scene, ShapeObject, render
@@ -180,6 +181,64 @@ def test_instance_prompt_share_trains_images_on_the_instance_prompt_instead_of_t
     assert losses("on the left", 0.0) != losses("on a black background", 0.0)
 
 
+def write_masks(images: list[Path], folder: Path, keep: slice) -> None:
+    """A mask per image, same name: white (learn) in the columns `keep`, black elsewhere."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for image in images:
+        mask = np.zeros((64, 64), np.uint8)
+        mask[:, keep] = 255
+        Image.fromarray(mask, "L").save(folder / image.name)
+
+
+def test_masked_loss_costs_nothing_outside_the_mask(tmp_path):
+    """The instance loss is the error over each image's mask only: a prediction wrong only where the mask is black
+    costs 0, one wrong where it is white costs what the masked mean says."""
+    images = write_images(tmp_path / "data", 2)
+    write_masks(images, tmp_path / "masks", keep=slice(0, 32))  # the left half of each image
+    pipe = tiny_sd15_pipeline(str(EMBEDDED_MODEL / "tokenizer"))
+    cfg = config(tmp_path / "data", tmp_path / "out", method="lora", masked_loss=True, mask_dir=tmp_path / "masks")
+    objective = DenoisingObjective(pipe, cfg, cfg.adapter_config())
+    objective.begin(adapter=None)
+    batch = objective.draw(step=0, count=2, generator=torch.Generator().manual_seed(0))
+    noise = batch["draws"][0]["noise"]  # the epsilon target
+    half = noise.shape[-1] // 2
+
+    def loss_with_error(columns: slice, on=objective) -> float:
+        error = torch.zeros_like(noise)
+        error[..., columns] = 1.0
+        return on.loss(lambda *args: noise + error, batch, slice(0, 2)).item()
+
+    assert loss_with_error(slice(half, None)) == 0.0  # wrong only on the right: the black half
+    assert loss_with_error(slice(0, half // 2)) == pytest.approx(0.5)  # wrong on half the white columns
+    assert loss_with_error(slice(0, half)) == pytest.approx(1.0)
+    cfg.masked_loss, cfg.mask_dir = False, None
+    unmasked = DenoisingObjective(pipe, cfg, cfg.adapter_config())
+    unmasked.begin(adapter=None)
+    assert loss_with_error(slice(half, None), on=unmasked) == pytest.approx(0.5)
+
+
+def test_masked_loss_reads_the_images_transparency_and_refuses_images_without_a_mask(tmp_path):
+    """Opaque everywhere: the same run as without a mask; a transparent half changes it; an image with no alpha
+    and no mask file, or a mask that keeps nothing, is refused by name before training."""
+    pipe = tiny_sd15_pipeline(str(EMBEDDED_MODEL / "tokenizer"))
+
+    def run(name: str, opaque: slice | None, masked: bool = True) -> list[float]:
+        for image in write_images(tmp_path / name, 3):
+            if opaque is not None:
+                rgba = np.dstack([np.asarray(Image.open(image)), np.zeros((64, 64), np.uint8)])
+                rgba[:, opaque, 3] = 255
+                Image.fromarray(rgba, "RGBA").save(image)
+        return train(pipe, config(tmp_path / name, tmp_path / f"out-{name}", masked_loss=masked)).losses
+
+    assert run("opaque", slice(0, 64)) == pytest.approx(run("plain", None, masked=False), rel=1e-5)
+    assert run("half", slice(0, 32)) != pytest.approx(run("plain", None, masked=False), rel=1e-3)
+    with pytest.raises(DatasetError, match=r"0-red.png, \S+1-blue.png, \S+2-green.png have no transparency to mask "
+                                           "the loss with; save them as PNGs .* or turn masked loss off"):
+        run("no-alpha", None)
+    with pytest.raises(DatasetError, match=r"the mask of .*0-red.png keeps nothing .*; mark the part to learn"):
+        run("transparent", slice(0, 0))
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"method": "dora"}, r"method='dora': is unknown; use one of \[.*'lora'.*'sc_tuner'"),
     ({"method_options": {"hidden_ratio": -1}}, "method_options=.*hidden_ratio must be a number > 0"),
@@ -199,6 +258,9 @@ def test_instance_prompt_share_trains_images_on_the_instance_prompt_instead_of_t
     ({"instance_prompt_share": 0.5, "trigger": None}, "instance_prompt_share=0.5: trains on the instance prompt, "
                                                       "but there is none; set instance_prompt or trigger"),
     ({"instance_prompt": " "}, "instance_prompt=' ': must be a non-empty prompt"),
+    ({"mask_dir": "."}, "mask_dir=.*: is set but masked_loss is off; turn masked_loss on, or unset mask_dir"),
+    ({"masked_loss": True, "mask_dir": "nowhere"}, "mask_dir=.*nowhere.*: is not a folder; pass the folder of masks"),
+    ({"masked_loss": "yes"}, "masked_loss='yes': must be true or false"),
     ({"sample_every": 2}, "sample_every=2: is set but sample_prompts is empty"),
     ({"name": "a/b"}, "the adapter file's name 'a/b' contains a slash"),
     ({"resume": "nowhere"}, "resume='nowhere': must be 'latest' or a checkpoint folder"),
@@ -479,6 +541,8 @@ def test_cli_flags_override_the_config_file(data, tmp_path):
     cfg = build_config(parse("--config", str(path), "--trigger", "sks", "--instance-prompt", "a sks",
                              "--instance-prompt-share", "0.5"))
     assert (cfg.instance_prompt, cfg.instance_prompt_share, cfg.instance_prompt_text) == ("a sks", 0.5, "a sks")
+    cfg = build_config(parse("--config", str(path), "--masked-loss", "--mask-dir", str(data)))
+    assert (cfg.masked_loss, cfg.mask_dir) == (True, data)
     with pytest.raises(TrainConfigError, match="expected KEY=VALUE"):
         build_config(parse("--data", str(data), "--option", "rank"))
 

@@ -3,10 +3,12 @@ and a real browser."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from PIL import Image
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
 
-from adapters import load_adapter
+from adapters import load_adapter, read_metadata
 from pipelines import LoadedModel, parse_infotext
 from pipelines.images import load_mask
 from studio.library import AdapterLibrary
@@ -138,10 +140,10 @@ def test_train_api_adds_the_adapter_to_the_library_for_generate_and_the_adapters
 def test_train_tab_trains_a_lora_on_the_chosen_layers(app_url, stars, tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
     client = Client(app_url, verbose=False)
-    # After the share of steps on the trigger alone (0), the options follow the /train inputs' order: csc_tuner
-    # condition, lora rank and target, sara threshold.
-    _, status = client.predict(stars, "", "sks", "lora", 1, None, "locon", "", 0, 0, "canny", 4, "attn_conv", 2e-3,
-                               api_name="/train")
+    # After the share of steps on the trigger alone (0) and masked loss (off), the options follow the /train
+    # inputs' order: csc_tuner condition, lora rank and target, sara threshold.
+    _, status = client.predict(stars, "", "sks", "lora", 1, None, "locon", "", 0, 0, False, "canny", 4, "attn_conv",
+                               2e-3, api_name="/train")
     assert "'locon' is in the adapter library" in status
     [entry] = AdapterLibrary().list()
     lora = load_adapter(entry.path)
@@ -153,7 +155,7 @@ def test_a_controller_trained_in_the_train_tab_steers_generate_and_previews_its_
         app_url, stars, tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
     client = Client(app_url, verbose=False)
-    _, status = client.predict(stars, "", "sks", "csc_tuner", 2, 1e-2, "canny-stars", "", 0, 0, "canny",
+    _, status = client.predict(stars, "", "sks", "csc_tuner", 2, 1e-2, "canny-stars", "", 0, 0, False, "canny",
                                api_name="/train")
     assert "'canny-stars' is in the adapter library" in status
     assert [e.method for e in AdapterLibrary().list()] == ["csc_tuner"]
@@ -207,6 +209,26 @@ def test_train_api_refuses_a_trigger_share_without_a_trigger_word(app_url, stars
     client = Client(app_url, verbose=False)
     with pytest.raises(Exception, match="needs a trigger word: fill in the trigger word, or set the share to 0"):
         client.predict(stars, "", "", "lora", 2, None, "", "", 50, 0.5, api_name="/train")
+
+
+def test_train_tab_masks_the_loss_with_the_uploads_transparency(app_url, stars, tmp_path, monkeypatch):
+    """Masked loss trains on PNGs whose background is transparent; an upload without transparency is refused by
+    its name, with the fix, before any step."""
+    monkeypatch.setenv("STUDIO_ADAPTER_DIR", str(tmp_path / "library"))
+    client = Client(app_url, verbose=False)
+    with pytest.raises(Exception, match=r"blue-star.png, \S+green-star.png, \S+red-star.png have no transparency "
+                                        "to mask the loss with; save them as PNGs"):
+        client.predict(stars, "", "sks", "lora", 1, None, "", "", 0, 0, True, api_name="/train")
+    cutouts = []
+    for star in stars:
+        rgba = np.asarray(Image.open(star["path"]).convert("RGBA")).copy()
+        rgba[..., 3] = np.where((rgba[..., :3] < 250).any(axis=2), 255, 0)  # the white background transparent
+        cutouts.append(tmp_path / Path(star["path"]).name)
+        Image.fromarray(rgba, "RGBA").save(cutouts[-1])
+    _, status = client.predict([handle_file(str(p)) for p in cutouts], "", "sks", "lora", 1, None, "", "", 0, 0,
+                               True, api_name="/train")
+    assert "'sks' is in the adapter library" in status
+    assert json.loads(read_metadata(AdapterLibrary().list()[0].path)["studio.training"])["masked_loss"] is True
 
 
 @pytest.fixture

@@ -244,7 +244,8 @@ def build(model: LoadedModel, out_dir: Path) -> None:
     @handler
     def run(files: list[str] | None, folder: str | None, trigger: str | None, method: str, steps: float,
             learning_rate: str | float | None, name: str | None, sample_prompt: str | None,
-            sample_every: float | None, trigger_share: float | None, *options: Any) -> Iterator[tuple]:
+            sample_every: float | None, trigger_share: float | None, masked: bool | None,
+            *options: Any) -> Iterator[tuple]:
         # No gr.Progress parameter: Gradio finds it only among positional parameters, and the options are
         # variadic. The status line reports each step instead.
         # A section never opened (Samples) sends None for its boxes: every text is read through text().
@@ -262,6 +263,7 @@ def build(model: LoadedModel, out_dir: Path) -> None:
             method_options=options_chosen, trigger=text(trigger) or None, name=text(name) or None, steps=int(steps),
             learning_rate=rate,  # None (blank): the method's default
             instance_prompt_share=float(trigger_share or 0),  # the instance prompt: the trigger word alone
+            masked_loss=bool(masked),  # the masks: the uploads' transparency
             sample_prompts=prompts, sample_every=every if prompts else 0,
         )
         yield from follow(config, AdapterLibrary(), [], [])
@@ -318,6 +320,9 @@ def build(model: LoadedModel, out_dir: Path) -> None:
                                       label="Share of steps on the trigger word alone, for captioned images (the "
                                             "trigger then draws the concept without its captions' context)",
                                       elem_id="train-trigger-share")
+            masked = gr.Checkbox(False, label="Learn only the opaque part of each image (masked loss: what is "
+                                 "transparent in a PNG, such as the background, is not learnt)",
+                                 elem_id="train-masked-loss")
             with gr.Accordion("Samples", open=False):
                 sample_prompt = gr.Textbox(label="Sample prompt (blank: the trigger word)",
                                            elem_id="train-sample-prompt")
@@ -368,7 +373,7 @@ def build(model: LoadedModel, out_dir: Path) -> None:
     # Progress and errors show on the status line only: a refused run leaves the last samples and curve in place.
     outputs = [gallery, status, curve, stopped]
     button.click(run, inputs=[files, folder, trigger, method, steps, learning_rate, name, sample_prompt, sample_every,
-                              trigger_share, *options],
+                              trigger_share, masked, *options],
                  outputs=outputs, api_name="train", concurrency_id=MODEL_QUEUE, show_progress_on=[status])
     resume_button.click(resume, stopped, outputs, api_name="train_resume", concurrency_id=MODEL_QUEUE,
                         show_progress_on=[status])
