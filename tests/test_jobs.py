@@ -156,7 +156,7 @@ output: out
 defaults: {method: lora, method_options: {rank: 2}, steps: 400, learning_rate: 1e-4, trigger: sks}
 subjects:
   - {name: red-star, data_dir: stars/red}
-  - {data_dir: stars/blue, steps: 9, trigger: zkz, sample_prompts: [a zkz]}
+  - {data_dir: stars/blue, steps: 9, trigger: zkz, sample_prompts: [a zkz], masked_loss: true, mask_dir: stars/blue}
 """)
     batch = read_manifest(manifest, defaults={"steps": 50, "seed": 3})
     red, blue = batch.specs
@@ -166,6 +166,7 @@ subjects:
     config = red.train_config()
     assert (config.method, config.method_options, config.learning_rate, config.seed) == ("lora", {"rank": 2}, 1e-4, 3)
     assert config.data_dir == tmp_path / "stars" / "red"  # relative to the manifest
+    assert blue.train_config().mask_dir == tmp_path / "stars" / "blue"  # every path setting is
     assert config.sample_prompts == ["sks"] and blue.train_config().sample_prompts == ["a zkz"]
     assert config.output_dir == red.work_dir and config.resume == "latest"
 

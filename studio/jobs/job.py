@@ -36,7 +36,7 @@ from studio.library import AdapterLibrary, LibraryError
 
 # Fields the job sets itself: its folder, and resuming whatever a previous attempt left.
 JOB_FIELDS = ("output_dir", "resume")
-PATH_FIELDS = ("data_dir", "class_dir", "hint_dir", "library_dir")
+PATH_FIELDS = ("data_dir", "class_dir", "hint_dir", "mask_dir", "library_dir")
 
 
 class JobError(StudioError):
