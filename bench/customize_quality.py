@@ -87,10 +87,12 @@ def write_masks(out: Path, scenes: list[Scene]) -> None:
 
 
 def style_set(out: Path, seed: int = 1) -> list[tuple[str, str]]:
-    """8 renders in the outline style; returns the (colour, shape) pairs trained, to test on others."""
+    """8 renders in the outline style, their backgrounds drawn as the subject's (a style's images vary in all but
+    the style; until session 14 they were all white); returns the (colour, shape) pairs trained, to test on others."""
     rng = random.Random(seed)
     pairs = rng.sample([(c, s) for c in COLORS for s in BASE_SHAPES], 8)
-    scenes = [Scene((ShapeObject(c, s, rng.choice(list(POSITIONS)), None, True),)) for c, s in pairs]
+    scenes = [Scene((ShapeObject(c, s, rng.choice(list(POSITIONS)), None, True),),
+                    rng.choice(("white", "white", "gray", "black"))) for c, s in pairs]
     write_captioned(out, scenes, [s.caption().replace("outline", STYLE_TRIGGER) for s in scenes])
     return pairs
 

@@ -151,9 +151,9 @@ class TrainConfig:
     # instance_prompt: DreamBooth's (diffusers' --instance_prompt), default "<trigger> <class>".
     instance_prompt: str | None = None
     instance_prompt_share: float = 0.0
-    # Learn only the masked part of each instance image (kohya's --masked_loss): the loss is the mean over the
-    # mask, so what surrounds the subject (its background) is not learnt into the trigger. Masks: mask_dir's image
-    # of the same name, else the image's transparency (pipelines/datasets.py). Class images keep the full loss.
+    # Learn only the masked part of each instance image (kohya's --masked_loss): the error outside the mask is
+    # zeroed, so what surrounds the subject (its background) is not learnt into the trigger. Masks: mask_dir's
+    # image of the same name, else the image's transparency (pipelines/datasets.py). Class images keep the full loss.
     masked_loss: bool = False
     mask_dir: Path | None = None
     # Share of instance images trained with the empty caption (kohya's caption_dropout_rate). None: the method's
@@ -532,9 +532,9 @@ class DenoisingObjective(Objective):
         error = F.mse_loss(pred.float(), target.float(), reduction="none")
         per_image = error.mean(dim=(1, 2, 3))
         instance = per_image[:batch_size]
-        if self.instance.loss_mask is not None:  # the instance rows' error averaged over their masks only
+        if self.instance.loss_mask is not None:  # kohya's: the error outside the mask zeroed, the mean kept whole
             mask = draws[0]["loss_mask"][rows].to(self.device)  # (n, 1, h, w): the same for every channel
-            instance = (error[:batch_size] * mask).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) * error.shape[1])
+            instance = (error[:batch_size] * mask).mean(dim=(1, 2, 3))
         loss = instance.mean()
         if self.prior is not None:
             loss = loss + self.config.prior_loss_weight * per_image[batch_size:].mean()
