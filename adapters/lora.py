@@ -158,7 +158,14 @@ class LoRA(Adapter):
             reason="the closest measured on the Shapes subject, yet short of the targets: at CFG 7.5 with the trigger "
                    "alone on half the steps and 'Adapters on the negative prompt too' unticked in Generate, the "
                    "bare trigger draws the subject 4 of 4 (fidelity 100 %) and base prompts lose 0.5 points, but "
-                   "new contexts are right in 62.5 % (target 80 %; docs/benchmarks.md, session 13)"),
+                   "new contexts are right in 62.5 % (target 80 %; 67 % at 3000 steps; docs/benchmarks.md, sessions "
+                   "13 and 14)"),
+        "style": Recommendation(
+            {"target": "attn", "rank": 8}, learning_rate=1e-3, steps=1000,
+            reason="the closest measured on the Shapes style, far short of the targets: at CFG 7.5 with 'Adapters on "
+                   "the negative prompt too' unticked in Generate, new colours and shapes are drawn in the style in "
+                   "42-58 % (target 80 %), new contexts in 35-45 %, base prompts lose 3-4 points; SC-Tuner learns "
+                   "less of it (33-50 %, contexts 0-5 %; docs/benchmarks.md, session 14)"),
     }
 
     def __init__(self, config: LoRAConfig, shapes: dict[str, tuple[int, int]]):

@@ -100,8 +100,9 @@ class SCTuner(Adapter):
     label = "SC-Tuner"
     summary = ("SCEdit's skip-connection tuners: light (no graph through the encoder). It edits the skip features "
                "of every batch row, the unconditional one too: on the Shapes style it draws the outlines at CFG 1.5 "
-               "and loses them at CFG 7.5, where guidance amplifies what both branches now share "
-               "(docs/benchmarks.md).")
+               "and loses them at CFG 7.5, where guidance amplifies what both branches now share. Off the "
+               "unconditional branch (untick 'Adapters on the negative prompt too' in Generate) it keeps 33-50 % of "
+               "them, less than attention LoRA (42-58 %; docs/benchmarks.md, session 14).")
 
     def __init__(self, config: SCTunerConfig, widths: dict[str, int]):
         super().__init__(config)

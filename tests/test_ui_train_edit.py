@@ -150,7 +150,7 @@ def test_browser_trains_without_opening_the_samples_section_and_plots_the_loss(p
 @pytest.mark.browser
 def test_browser_a_blank_learning_rate_stays_blank_and_trains_and_0_is_refused(page, stars, library):  # noqa: F811
     open_train(page, stars, "zq-blank", 2)
-    page.locator("#train-concept").get_by_text("style").click()  # no recommended rate: the method's default
+    page.locator("#train-concept").get_by_text("control").click()  # no recommended rate: the method's default
     rate = page.locator("#train-lr textarea")
     expect(rate).to_have_value("", timeout=10_000)
     expect(page.locator("#train-steps input[type=number]")).to_have_value("200")  # the concept's default
