@@ -304,6 +304,11 @@ def test_browser_shows_method_options_for_the_chosen_method_and_the_control_pane
     expect(page.locator("#train-csc_tuner-condition")).to_be_visible(timeout=10_000)
     expect(page.locator("#train-method-help")).to_contain_text("Recommended for a control", timeout=10_000)
     expect(share).to_have_value("0")
+    page.locator("#train-concept").get_by_text("style").click()  # attention LoRA: the closest measured on a style
+    expect(page.locator("#train-method-help")).to_contain_text("Recommended for a style: LoRA", timeout=10_000)
+    expect(page.locator("#train-method-help")).to_contain_text("far short of the targets")
+    expect(page.locator("#train-steps input[type=number]")).to_have_value("1000")
+    expect(page.locator("#train-lr textarea")).to_have_value("0.001")
     page.get_by_role("tab", name="Generate").click()
     page.get_by_text("Control (a CSC-Tuner").click()
     expect(page.locator("#gen-controller")).to_be_visible(timeout=10_000)
