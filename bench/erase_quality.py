@@ -1,6 +1,7 @@
 """Concept erasure with SPM membranes on the Shapes model (issue #18): erase "triangle", and separately "yellow".
 
-    python bench/erase_quality.py [--steps 400] [--lr 1e-4] [--anchor-weight 1000] [--seeds 4] [--work runs/erase-bench]
+    python bench/erase_quality.py [--steps 400] [--lr 1e-4] [--anchor-weight 1000] [--eta 1] [--seeds 4] \
+        [--work runs/erase-bench]
 
 For each membrane, side by side for transport off (a static membrane), additive (gamma U D x) and squared
 (gamma^2, the reference code's), the Shapes analyzer scores at CFG 7.5:
@@ -214,6 +215,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=400, help="training steps of each membrane")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the erase default, 1e-4)")
     p.add_argument("--anchor-weight", type=float, default=1000.0, help="latent anchoring weight lambda")
+    p.add_argument("--eta", type=float, default=1.0, help="strength of the negative guidance away from the concept")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--attack-steps", type=int, default=50)
     p.add_argument("--work", type=Path, default=Path("runs/erase-bench"))
@@ -236,7 +238,7 @@ def main() -> None:
         if not path.exists():
             t0 = time.time()
             erase(model, concept, surrogate=args.surrogate, steps=args.steps, output_dir=path.parent,
-                  checkpoint_every=0, anchor_weight=args.anchor_weight,
+                  checkpoint_every=0, anchor_weight=args.anchor_weight, eta=args.eta,
                   **({"learning_rate": args.lr} if args.lr else {}))
             print(f"trained the {concept} membrane: {args.steps} steps, {time.time() - t0:.0f}s", flush=True)
         files[concept] = path
