@@ -1,6 +1,6 @@
 """Concept erasure with SPM membranes on the Shapes model (issue #18): erase "triangle", and separately "yellow".
 
-    python bench/erase_quality.py [--steps 400] [--lr 1e-4] [--anchor-weight 1000] [--eta 1] [--seeds 4] \
+    python bench/erase_quality.py [--steps 400] [--lr 1e-4] [--anchor-weight 1000] [--eta 1] [--seeds 4]
         [--work runs/erase-bench]
 
 For each membrane, side by side for transport off (a static membrane), additive (gamma U D x) and squared
