@@ -164,8 +164,8 @@ class LoRA(Adapter):
             {"target": "attn", "rank": 8}, learning_rate=1e-3, steps=1000,
             reason="the closest measured on the Shapes style, far short of the targets: at CFG 7.5 with 'Adapters on "
                    "the negative prompt too' unticked in Generate, new colours and shapes are drawn in the style in "
-                   "42-58 % (target 80 %), new contexts in 35-45 %, base prompts lose 3-4 points; SC-Tuner learns "
-                   "less of it (33-50 %, contexts 0-5 %; docs/benchmarks.md, session 14)"),
+                   "42-58 % (target 80 %; 62.5 % at 2000 steps), new contexts in 35-45 %, base prompts lose 3-4 "
+                   "points; SC-Tuner learns less of it (33-50 %, contexts 0-5 %; docs/benchmarks.md, session 14)"),
     }
 
     def __init__(self, config: LoRAConfig, shapes: dict[str, tuple[int, int]]):
