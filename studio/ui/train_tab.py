@@ -358,17 +358,18 @@ def build(model: LoadedModel, out_dir: Path) -> None:
         return [gr.update(visible=m == chosen) for m, _ in inputs] + [method_help(chosen, kind)]
 
     def follow_concept(kind: str) -> list:
-        """The method recommended for this kind of concept, with its recommended options, steps and rate."""
+        """The method recommended for this kind of concept, with its recommended options, steps and rate, and the
+        advice (set here too: when the method stays the same, its change event does not fire)."""
         chosen, found = recommendation(kind)
         options = found.options if found else {}
         values = [gr.update(value=options.get(field.name, field.default)) if m == chosen else gr.update()
                   for m, field in inputs]
         return [gr.update(value=chosen), gr.update(value=found.steps if found and found.steps else DEFAULT_STEPS),
                 gr.update(value=_number_text(found.learning_rate if found else None)),
-                gr.update(value=found.instance_prompt_share if found else 0), *values]
+                gr.update(value=found.instance_prompt_share if found else 0), method_help(chosen, kind), *values]
 
     method.change(show_method, [method, concept], [*options, about], api_visibility="private")
-    concept.change(follow_concept, concept, [method, steps, learning_rate, trigger_share, *options],
+    concept.change(follow_concept, concept, [method, steps, learning_rate, trigger_share, about, *options],
                    api_visibility="private")
     # Progress and errors show on the status line only: a refused run leaves the last samples and curve in place.
     outputs = [gallery, status, curve, stopped]
