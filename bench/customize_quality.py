@@ -151,6 +151,7 @@ def main() -> None:
                    help="share of regularisation images trained with the empty caption (TrainConfig)")
     p.add_argument("--instance-prompt-share", type=float, default=0.0,
                    help="subject: share of its images trained on the instance prompt 'a sks' (TrainConfig)")
+    p.add_argument("--scale", type=float, default=1.0, help="the adapter's scale when scoring (as generate's)")
     p.add_argument("--masked-loss", action="store_true",
                    help="subject: learn only the star's pixels (TrainConfig.masked_loss, masks of its coverage)")
     p.add_argument("--uncond", nargs="+", default=["on"], choices=["on", "off"],
@@ -201,6 +202,7 @@ def main() -> None:
                 adapter_path = train(pipe, config).adapter_path
                 train_s = time.time() - t0
             adapter = load_adapter(adapter_path, pipe.unet)
+            adapter.set_scale(args.scale)
             n_params = sum(p.numel() for p in adapter.trainable_parameters())
             scores = {}
             try:
@@ -221,7 +223,8 @@ def main() -> None:
                 adapter.detach()
             rows.append((method, concept, f"{n_params / 1e3:.1f}k", f"{train_s:.0f}s", scores))
 
-    print(f"\n{args.steps} steps x batch {args.batch_size} (+ prior batch) per method, learning rates "
+    print(f"\n{args.steps} steps x batch {args.batch_size} (+ prior batch) per method, adapter scale {args.scale:g}, "
+          "learning rates "
           f"{ {m: learning_rates.get(m) or 'auto' for m in args.methods} }; evaluation: "
           f"{args.sample_steps} DDIM steps, {len(seeds)} seeds; {torch.get_num_threads()} threads")
     print(f"{'CFG':>4s} {'uncond':6s} {'method':10s} {'concept':8s} {'params':>9s} {'train':>6s} {'fidelity':>9s} "
