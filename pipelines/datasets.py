@@ -162,8 +162,11 @@ def load_masks(examples: Sequence[Example], resolution: int, mask_dir: Path | No
     alpha channel. Images without a mask (all named at once), or whose mask keeps nothing, are refused."""
     masks = torch.zeros(len(examples), 1, resolution, resolution)
     unmasked = []
+    by_stem: dict[str, list[Path]] = {}  # the mask folder, listed once
+    for path in images_in(mask_dir) if mask_dir is not None else []:
+        by_stem.setdefault(path.stem, []).append(path)
     for i, example in enumerate(examples):
-        found = [p for p in images_in(mask_dir) if p.stem == example.image.stem] if mask_dir is not None else []
+        found = by_stem.get(example.image.stem, [])
         if len(found) > 1:
             raise DatasetError(f"{example.image.name} has two masks in {mask_dir} ({', '.join(p.name for p in found)})"
                                "; keep only one")
