@@ -20,7 +20,8 @@ star too, so guidance amplifies only the colour difference (docs/benchmarks.md, 
 --prior-caption-dropout trains the regularisation images on the empty caption a share of the time;
 --instance-prompt-share trains the subject's images on "a sks" a share of the time; --uncond off scores with the
 adapters off the unconditional branch (generate(adapters_on_uncond=False)), --uncond on off both ways (session 13);
---masked-loss learns only the subject's pixels, so its background is not learnt into the trigger (session 14).
+--masked-loss learns only the subject's pixels, so its background is not learnt into the trigger (session 14);
+--prior-loss-weight weighs the regularisation images' loss (DreamBooth's lambda, default 1; session 15).
 Targets (issue #4): fidelity >= 80 %, context >= 80 %, preservation drop <= 5 points.
 """
 
@@ -149,6 +150,8 @@ def main() -> None:
                    help="CFG scales to evaluate at (the Shapes base model is 100 %% right from 1.5 up)")
     p.add_argument("--prior-caption-dropout", type=float, default=0.0,
                    help="share of regularisation images trained with the empty caption (TrainConfig)")
+    p.add_argument("--prior-loss-weight", type=float, default=1.0,
+                   help="weight of the regularisation images' loss (TrainConfig.prior_loss_weight, DreamBooth's lambda)")
     p.add_argument("--instance-prompt-share", type=float, default=0.0,
                    help="subject: share of its images trained on the instance prompt 'a sks' (TrainConfig)")
     p.add_argument("--scale", type=float, default=1.0, help="the adapter's scale when scoring (as generate's)")
@@ -188,7 +191,7 @@ def main() -> None:
                 data_dir=work / "data" / concept, output_dir=work / "runs" / f"{method}-{concept}",
                 method=adapter_method, method_options=options, name=f"{method}-{concept}", trigger=trigger,
                 class_prompt="a shape", class_dir=work / "data" / "reg", num_class_images=64,
-                prior_caption_dropout=args.prior_caption_dropout, steps=args.steps,
+                prior_loss_weight=args.prior_loss_weight, prior_caption_dropout=args.prior_caption_dropout, steps=args.steps,
                 instance_prompt=f"a {trigger}" if concept == "subject" else None,
                 instance_prompt_share=args.instance_prompt_share if concept == "subject" else 0.0,
                 masked_loss=args.masked_loss and concept == "subject",

@@ -164,6 +164,9 @@ def main() -> None:
     default_mask_start = inspect.signature(edit).parameters["mask_start_t"].default
     p.add_argument("--mask-start", type=int, default=default_mask_start,
                    help=f"UAM's T_mask: blend on 0 < t < T_mask (default {default_mask_start}, edit()'s)")
+    default_mode = inspect.signature(edit).parameters["threshold_mode"].default
+    p.add_argument("--threshold-mode", choices=["reference", "paper"], default=default_mode,
+                   help=f"UAM's mask threshold (default {default_mode!r}, edit()'s; docs/methods.md, UAM)")
     p.add_argument("--model", default=None, help="model source (default: the embedded Shapes model)")
     p.add_argument("--save", type=Path, default=None,
                    help="also write one strip per case: source | UAM edit | no-uniform edit | UAM reconstruction")
@@ -180,7 +183,8 @@ def main() -> None:
     print(f"machine: {machine(pipe.device)}")
     print(f"model {model.name} (hash {model.hash}); {len(todo)} rendered images "
           f"({', '.join(f'{sum(c.kind == k for c in todo)} {k}' for k in KINDS)} edits), {steps} DDIM steps, "
-          f"CFG {GUIDANCE}, UAM mask quantile {args.quantile}, dilation {args.dilation}, T_mask {args.mask_start}")
+          f"CFG {GUIDANCE}, UAM mask quantile {args.quantile}, dilation {args.dilation}, T_mask {args.mask_start}, "
+          f"threshold {args.threshold_mode}")
     # Warm-up: the first calls pay one-off allocation and kernel selection, which no edit should be charged.
     generate(model, "a red circle", num_inference_steps=2, seed=0)
     edit(model, render(todo[0].source), "", "", num_inference_steps=2, use_cache=False)
@@ -197,12 +201,13 @@ def main() -> None:
         INVERSION_CACHE.clear()  # the first edit of each image pays for its inversion
 
         uam, seconds = timed(edit, model, image, source, target, num_inference_steps=steps, guidance_scale=GUIDANCE,
-                             quantile=args.quantile, dilation=args.dilation, mask_start_t=args.mask_start)
+                             quantile=args.quantile, dilation=args.dilation, mask_start_t=args.mask_start,
+                             threshold_mode=args.threshold_mode)
         add("uam time", seconds)
         add("uam rows", uam.unet_rows)
         again, seconds = timed(edit, model, image, source, case.second.caption(), num_inference_steps=steps,
                                guidance_scale=GUIDANCE, quantile=args.quantile, dilation=args.dilation,
-                               mask_start_t=args.mask_start)
+                               mask_start_t=args.mask_start, threshold_mode=args.threshold_mode)
         add("cached time", seconds)
         add("cached rows", again.unet_rows)
         plain, seconds = timed(edit_without_uniform, model, image, source, target, num_inference_steps=steps,
