@@ -151,7 +151,7 @@ def main() -> None:
     p.add_argument("--prior-caption-dropout", type=float, default=0.0,
                    help="share of regularisation images trained with the empty caption (TrainConfig)")
     p.add_argument("--prior-loss-weight", type=float, default=1.0,
-                   help="weight of the regularisation images' loss (TrainConfig.prior_loss_weight, DreamBooth's lambda)")
+                   help="the regularisation images' loss weight (TrainConfig.prior_loss_weight: DreamBooth's lambda)")
     p.add_argument("--instance-prompt-share", type=float, default=0.0,
                    help="subject: share of its images trained on the instance prompt 'a sks' (TrainConfig)")
     p.add_argument("--scale", type=float, default=1.0, help="the adapter's scale when scoring (as generate's)")
@@ -191,7 +191,8 @@ def main() -> None:
                 data_dir=work / "data" / concept, output_dir=work / "runs" / f"{method}-{concept}",
                 method=adapter_method, method_options=options, name=f"{method}-{concept}", trigger=trigger,
                 class_prompt="a shape", class_dir=work / "data" / "reg", num_class_images=64,
-                prior_loss_weight=args.prior_loss_weight, prior_caption_dropout=args.prior_caption_dropout, steps=args.steps,
+                prior_loss_weight=args.prior_loss_weight, prior_caption_dropout=args.prior_caption_dropout,
+                steps=args.steps,
                 instance_prompt=f"a {trigger}" if concept == "subject" else None,
                 instance_prompt_share=args.instance_prompt_share if concept == "subject" else 0.0,
                 masked_loss=args.masked_loss and concept == "subject",

@@ -56,8 +56,10 @@ def caption(objects: list[tuple[tuple[str, str, str], str]]) -> str:
     return text
 
 
-def train_concepts(pipe, subjects, work: Path, steps: int, lr: float) -> dict[str, list[Path]]:
-    """method -> the two subjects' adapter files, trained unless already in `work`."""
+def train_concepts(pipe, subjects, work: Path, steps: int, lr: float,
+                   instance_prompt_share: float = 0.0) -> dict[str, list[Path]]:
+    """method -> the two subjects' adapter files, trained unless already in `work`; a share of each subject's images
+    is trained on its bare instance prompt "a <trigger>" (TrainConfig.instance_prompt_share)."""
     regularisation_set(work / "data" / "reg")
     files: dict[str, list[Path]] = {}
     for method, options in METHODS.items():
@@ -72,6 +74,7 @@ def train_concepts(pipe, subjects, work: Path, steps: int, lr: float) -> dict[st
                     data_dir=work / "data" / trigger, output_dir=path.parent, method=method, method_options=options,
                     name=name, trigger=trigger, class_prompt="a shape", class_dir=work / "data" / "reg",
                     num_class_images=64, steps=steps, batch_size=4, learning_rate=lr, checkpoint_every=0, seed=0,
+                    instance_prompt=f"a {trigger}", instance_prompt_share=instance_prompt_share,
                     library_dir=work / "library"))
                 print(f"trained {name}: {time.time() - t0:.0f}s", flush=True)
             files.setdefault(method, []).append(path)
@@ -216,6 +219,8 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the evaluation images")
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 7.5])
     p.add_argument("--step-size", type=float, default=ComposerSettings().step_size, help="the composer's latent step")
+    p.add_argument("--instance-prompt-share", type=float, default=0.0,
+                   help="share of each subject's images trained on 'a <trigger>' (TrainConfig; session 13's recipe)")
     p.add_argument("--subjects", nargs=2, default=[":".join(s) for s in SUBJECTS], metavar="COLOUR:SHAPE:TRIGGER",
                    help="the two subjects (default: %(default)s)")
     p.add_argument("--work", type=Path, default=Path("runs/fusion"))
@@ -229,13 +234,14 @@ def main() -> None:
         model = load_model("assets/shapes-sd")
         model.pipe.set_progress_bar_config(disable=True)
         subjects = [tuple(text.split(":")) for text in args.subjects]
-        files = train_concepts(model.pipe, subjects, args.work, args.steps, args.lr)
+        files = train_concepts(model.pipe, subjects, args.work, args.steps, args.lr, args.instance_prompt_share)
         settings = ComposerSettings(step_size=args.step_size)
         print(f"subjects: {', '.join(f'{t} = {c} {s}' for c, s, t in subjects)}")
         for guidance in args.guidance:
             report(evaluate(model, subjects, files, args.seeds, guidance, args.sample_steps, settings), subjects,
                    guidance)
-        print(f"\n{args.steps} steps x batch 4 (+ prior batch), lr {args.lr:g}, rank 4 on attention; {args.seeds} "
+        print(f"\n{args.steps} steps x batch 4 (+ prior batch), lr {args.lr:g}, rank 4 on attention, instance prompt "
+              f"share {args.instance_prompt_share:g}; {args.seeds} "
               f"seeds, {args.sample_steps} DDIM steps; composer: {settings.params()}; "
               f"{torch.get_num_threads()} threads")
     if args.only in (None, "merge_time"):

@@ -22,7 +22,7 @@ from adapters import CSCTuner, CSCTunerConfig, LoRA, LoRAConfig, SCTuner, load_a
 from pipelines import EMBEDDED_MODEL, GenerationSettings, load_model, save_png
 from pipelines.architectures import unet_inputs
 from pipelines.attach import attached
-from studio.ui.common import display_size
+from studio.ui.common import display_size, refreshed_dropdown
 from studio.ui.generate_tab import adapter_scales, size_limits, size_presets
 from studio.ui.png_info_tab import with_adapters
 from tests.adapter_helpers import perturb
@@ -197,6 +197,19 @@ def test_browser_placeholders_read_as_hints_and_an_empty_prompt_says_so(page):  
     toast(page, "Empty prompt: generating unconditionally").to_be_visible(timeout=10_000)
 
 
+def test_a_library_refresh_never_sends_back_the_value_it_was_called_with():
+    """Showing a tab re-reads the library; the artist may pick an adapter before that refresh returns. The update
+    must then leave the pick alone (a value sent back undid it, and Add concept failed with a bare "Error" under
+    load); it clears the value only when that adapter left the library."""
+    choices = [("sks (lora)", "sks"), ("zkz (lora)", "zkz")]
+    for current in (None, "", "sks"):
+        update = refreshed_dropdown(choices, current)
+        assert update.constructor_args == {"choices": choices}, current  # no value: the page keeps its own
+    assert refreshed_dropdown(choices, "deleted").constructor_args == {"choices": choices, "value": None}
+    assert refreshed_dropdown(["a", "b"], "b").constructor_args == {"choices": ["a", "b"]}
+    assert refreshed_dropdown(["a", "b"], "c").constructor_args == {"choices": ["a", "b"], "value": None}
+
+
 def test_display_size_enlarges_small_images_by_a_whole_factor_with_nearest_neighbour():
     pixels = np.zeros((64, 48, 3), np.uint8)
     pixels[0, 0] = 255
@@ -227,8 +240,9 @@ def test_browser_a_large_control_upload_says_it_is_shrunk_and_the_map_is_shown_e
     Image.new("RGB", (600, 400), "white").save(large)
     page.reload()
     page.get_by_text("Control (a CSC-Tuner").click()
-    page.locator("#gen-controller input").fill("edges")
-    page.locator("#gen-controller input").press("Enter")
+    page.locator("#gen-controller input").click()  # picked from the list once the page's library refresh has it
+    page.get_by_role("option", name="edges").click()
+    expect(page.locator("#gen-controller input")).to_have_value("edges")
     page.locator("#gen-control-image input[type=file]").set_input_files(str(large))
     toast(page, "The control image (600×400) is scaled down and center-cropped to the image size 64×64").to_be_visible(
         timeout=30_000)

@@ -16,7 +16,7 @@ from pipelines.export import export_checkpoint
 from pipelines.interop import export_lora
 from studio.library import AdapterEntry, AdapterLibrary
 
-from .common import MODEL_QUEUE, OnShow, handler
+from .common import MODEL_QUEUE, OnShow, handler, refreshed_dropdown
 
 TITLE = "Adapters"
 
@@ -99,7 +99,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
 
     def names(rows: list[list[str]], current: str | None) -> gr.Dropdown:
         choices = [row[0] for row in rows]
-        return gr.Dropdown(choices=choices, value=current if current in choices else None)
+        return refreshed_dropdown(choices, current)
 
     def pick(event: gr.SelectData) -> str:  # a click on a row chooses its adapter
         return event.row_value[0]

@@ -21,7 +21,7 @@ from pipelines.compose import ComposeRegion, ComposerLossWeights, ComposerSettin
 from pipelines.generate import MAX_SEED
 from studio.library import AdapterLibrary, LibraryError
 
-from .common import MODEL_QUEUE, OnShow, handler, stop_button, until_stopped
+from .common import MODEL_QUEUE, OnShow, handler, refreshed_dropdown, stop_button, until_stopped
 from .generate_tab import editor_image
 
 TITLE = "Compose"
@@ -313,8 +313,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
         return rows, strokes, draw_preview(rows, size, strokes)
 
     def refresh(current: str | None) -> gr.Dropdown:
-        choices = concept_choices()
-        return gr.Dropdown(choices=choices, value=current if current in [c[1] for c in choices] else None)
+        return refreshed_dropdown(concept_choices(), current)
 
     with gr.Row():
         with gr.Column(scale=1):

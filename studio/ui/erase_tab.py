@@ -18,7 +18,7 @@ from pipelines.erase import DEFAULT_STEPS, erase_config
 from pipelines.train import TrainResult, training_refusal
 from studio.library import AdapterLibrary, LibraryError
 
-from .common import MODEL_QUEUE, OnShow, handler, stream_training
+from .common import MODEL_QUEUE, OnShow, handler, refreshed_dropdown, stream_training
 
 TITLE = "Erase"
 
@@ -105,8 +105,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
         return "Stopping after this step, with a checkpoint..."
 
     def refresh(current: str | None) -> gr.Dropdown:
-        choices = membrane_choices()
-        return gr.Dropdown(choices=choices, value=current if current in choices else None)
+        return refreshed_dropdown(membrane_choices(), current)
 
     with gr.Row():
         with gr.Column(scale=1):

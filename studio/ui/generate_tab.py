@@ -37,6 +37,7 @@ from .common import (
     adapter_scales,
     display_size,
     handler,
+    refreshed_dropdown,
     refuse_unreadable,
     share,
     stop_button,
@@ -172,10 +173,8 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
         return display_size(Image.fromarray((hint[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")))
 
     def refresh_lists(table: list[list] | None, controller: str | None) -> tuple[list[list], gr.Dropdown, list[str]]:
-        choices = controller_choices()
-        return (adapter_rows(table), gr.Dropdown(choices=[("none", "")] + [(c, c) for c in choices],
-                                                 value=controller if controller in choices else ""),
-                history(out_dir))
+        choices = [("none", "")] + [(c, c) for c in controller_choices()]
+        return adapter_rows(table), refreshed_dropdown(choices, controller), history(out_dir)
 
     def show_image(images: list | None, event: gr.SelectData) -> tuple[str, str | None]:
         """A click on an image: its own settings (from its file) in the settings box, and it becomes the selected
