@@ -208,6 +208,10 @@ def test_a_library_refresh_never_sends_back_the_value_it_was_called_with():
     assert refreshed_dropdown(choices, "deleted").constructor_args == {"choices": choices, "value": None}
     assert refreshed_dropdown(["a", "b"], "b").constructor_args == {"choices": ["a", "b"]}
     assert refreshed_dropdown(["a", "b"], "c").constructor_args == {"choices": ["a", "b"], "value": None}
+    # Generate's controller list has "none" as the value "": a controller that left the library goes back to it.
+    controllers = [("none", ""), ("edges", "edges")]
+    assert refreshed_dropdown(controllers, "gone", cleared="").constructor_args == {"choices": controllers, "value": ""}
+    assert refreshed_dropdown(controllers, "", cleared="").constructor_args == {"choices": controllers}
 
 
 def test_display_size_enlarges_small_images_by_a_whole_factor_with_nearest_neighbour():

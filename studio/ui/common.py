@@ -216,13 +216,14 @@ def stop_on_close(request: gr.Request) -> None:
     STOP.stop_session(request.session_hash)
 
 
-def refreshed_dropdown(choices: list[str] | list[tuple[str, str]], current: str | None) -> gr.Dropdown:
+def refreshed_dropdown(choices: list[str] | list[tuple[str, str]], current: str | None,
+                       cleared: str | None = None) -> gr.Dropdown:
     """A dropdown's update to new `choices` ((label, value) pairs or values). Its value is sent only to clear a
-    choice that left the list: the refresh carries the value as it was when the event fired, and sending that back
-    would undo a pick the artist made while the refresh ran (tab shown, then an adapter picked at once)."""
+    choice that left the list (to `cleared`): the refresh carries the value as it was when the event fired, and
+    sending that back would undo a pick the artist made while the refresh ran (tab shown, then an adapter picked)."""
     values = [c[1] if isinstance(c, tuple) else c for c in choices]
     if current and current not in values:
-        return gr.Dropdown(choices=choices, value=None)
+        return gr.Dropdown(choices=choices, value=cleared)
     return gr.Dropdown(choices=choices)
 
 

@@ -174,7 +174,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
 
     def refresh_lists(table: list[list] | None, controller: str | None) -> tuple[list[list], gr.Dropdown, list[str]]:
         choices = [("none", "")] + [(c, c) for c in controller_choices()]
-        return adapter_rows(table), refreshed_dropdown(choices, controller), history(out_dir)
+        return adapter_rows(table), refreshed_dropdown(choices, controller, cleared=""), history(out_dir)
 
     def show_image(images: list | None, event: gr.SelectData) -> tuple[str, str | None]:
         """A click on an image: its own settings (from its file) in the settings box, and it becomes the selected
