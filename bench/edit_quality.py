@@ -167,6 +167,12 @@ def main() -> None:
     default_mode = inspect.signature(edit).parameters["threshold_mode"].default
     p.add_argument("--threshold-mode", choices=["reference", "paper"], default=default_mode,
                    help=f"UAM's mask threshold (default {default_mode!r}, edit()'s; docs/methods.md, UAM)")
+    default_floor = inspect.signature(edit).parameters["mask_floor"].default
+    p.add_argument("--mask-floor", type=float, default=default_floor,
+                   help=f"UAM's mask floor: |Δ| up to it is never an edit (default {default_floor}, edit()'s)")
+    p.add_argument("--case-seed", type=int, default=2024,
+                   help="seed of the rendered cases (default 2024; another seed gives a held-out set on which to "
+                        "check a setting chosen on the default one)")
     p.add_argument("--model", default=None, help="model source (default: the embedded Shapes model)")
     p.add_argument("--save", type=Path, default=None,
                    help="also write one strip per case: source | UAM edit | no-uniform edit | UAM reconstruction")
@@ -179,12 +185,12 @@ def main() -> None:
     if pipe.unet.config.sample_size * pipe.vae_scale_factor != CANVAS:
         p.error(f"{model.name} does not work at {CANVAS}x{CANVAS}: pass a Shapes-world model")
     steps = args.steps
-    todo = cases(args.n)
+    todo = cases(args.n, args.case_seed)
     print(f"machine: {machine(pipe.device)}")
-    print(f"model {model.name} (hash {model.hash}); {len(todo)} rendered images "
+    print(f"model {model.name} (hash {model.hash}); {len(todo)} rendered images (case seed {args.case_seed}) "
           f"({', '.join(f'{sum(c.kind == k for c in todo)} {k}' for k in KINDS)} edits), {steps} DDIM steps, "
           f"CFG {GUIDANCE}, UAM mask quantile {args.quantile}, dilation {args.dilation}, T_mask {args.mask_start}, "
-          f"threshold {args.threshold_mode}")
+          f"threshold {args.threshold_mode}, mask floor {args.mask_floor}")
     # Warm-up: the first calls pay one-off allocation and kernel selection, which no edit should be charged.
     generate(model, "a red circle", num_inference_steps=2, seed=0)
     edit(model, render(todo[0].source), "", "", num_inference_steps=2, use_cache=False)
@@ -194,20 +200,19 @@ def main() -> None:
     def add(key: str, value: float) -> None:
         rec.setdefault(key, []).append(value)
 
+    uam_settings = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, quantile=args.quantile,
+                        dilation=args.dilation, mask_start_t=args.mask_start, threshold_mode=args.threshold_mode,
+                        mask_floor=args.mask_floor)
     t0 = time.perf_counter()
     for i, case in enumerate(todo):
         image, source, target = render(case.source), case.source.caption(), case.target.caption()
         source_analysis = analyze(image)
         INVERSION_CACHE.clear()  # the first edit of each image pays for its inversion
 
-        uam, seconds = timed(edit, model, image, source, target, num_inference_steps=steps, guidance_scale=GUIDANCE,
-                             quantile=args.quantile, dilation=args.dilation, mask_start_t=args.mask_start,
-                             threshold_mode=args.threshold_mode)
+        uam, seconds = timed(edit, model, image, source, target, **uam_settings)
         add("uam time", seconds)
         add("uam rows", uam.unet_rows)
-        again, seconds = timed(edit, model, image, source, case.second.caption(), num_inference_steps=steps,
-                               guidance_scale=GUIDANCE, quantile=args.quantile, dilation=args.dilation,
-                               mask_start_t=args.mask_start, threshold_mode=args.threshold_mode)
+        again, seconds = timed(edit, model, image, source, case.second.caption(), **uam_settings)
         add("cached time", seconds)
         add("cached rows", again.unet_rows)
         plain, seconds = timed(edit_without_uniform, model, image, source, target, num_inference_steps=steps,

@@ -4,8 +4,9 @@
     python bench/fusion_quality.py --only merge_time     # 5 orthogonal LoRAs merged on the full SD 1.5 layout
     python bench/fusion_quality.py --only memory         # LoRA-Composer's peak memory with 1, 2 and 4 concepts
 
-Subjects: an orange star ("sks") and a purple cross ("zkz"), shapes the base model draws only unnamed
-(SHAPES.md, "Seen but unnamed"). Each is trained alone on 5 renders with prior preservation, as a plain LoRA and
+Subjects (default): an orange triangle ("sks") and a purple square ("zkz"), new words for things the base draws;
+`--subjects orange:star:sks purple:cross:zkz` takes shapes the base draws only unnamed (SHAPES.md, "Seen but
+unnamed"). Each is trained alone on 5 renders with prior preservation, as a plain LoRA and
 as an orthogonal LoRA (attention layers, rank 4, the same steps and learning rate; the orthogonal ones take slots
 0 and 1 of one registry). The Shapes analyzer scores, at each CFG scale:
 - single: each concept's own prompts ("a sks on the left", ... at three positions), colour and shape right,

@@ -162,7 +162,7 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
 
 def adaptive_keep_mask(x0_source: torch.Tensor, x0_target: torch.Tensor, level: float, *,
                        threshold_mode: ThresholdMode = "reference", dilation: int = 1,
-                       mask_channels: MaskChannels = "per_channel") -> torch.Tensor:
+                       mask_channels: MaskChannels = "per_channel", floor: float = 0.0) -> torch.Tensor:
     """The keep mask M (1 = copy the auxiliary branch) from where the branches disagree (UAM sec. 3.3.2; the
     reference code's variant: docs/methods.md, UAM).
 
@@ -173,11 +173,13 @@ def adaptive_keep_mask(x0_source: torch.Tensor, x0_target: torch.Tensor, level: 
       |Δ − clamp(Δ, ±λ)| > λ, which is |Δ| > 2λ; the edit region grows.
 
     mask_channels "per_channel" keeps one mask per latent channel (the reference); "max" marks a position
-    edited in every channel once any channel is (our extension). x0_*: (B, C, H, W) -> M: (B, C, H, W).
+    edited in every channel once any channel is (our extension). `floor` (our extension): |Δ| at or below it
+    never counts as edited, whatever λ; in scaled-latent units, whose variance the VAE's scaling factor sets
+    to about 1 on every SD family. x0_*: (B, C, H, W) -> M: (B, C, H, W).
     """
     delta = (x0_source - x0_target).abs().float()
     lam = torch.quantile(delta.flatten(1), level, dim=1).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    edit = delta > (2 * lam if threshold_mode == "reference" else lam)
+    edit = delta > (2 * lam if threshold_mode == "reference" else lam).clamp(min=floor)
     if mask_channels == "max":
         edit = edit.any(dim=1, keepdim=True).expand_as(edit)
     edit = edit.float()
@@ -516,6 +518,8 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
          dilation: int = 1,  # radius of the mask's dilation (3x3 max-pool)
          threshold_mode: ThresholdMode = "reference",  # "reference": |Δ| > 2λ, dilate the edit region
          mask_channels: MaskChannels = "per_channel",  # one mask per latent channel, as the reference
+         mask_floor: float = 0.8,  # |Δ| up to this never counts as an edit: guidance's faint tone shift over
+         # the whole canvas stays the source's (0: the reference's rule; docs/benchmarks.md, issue #20)
          source_blend: bool = True,  # also blend the source branch (better numbers in UAM's ablation; docs/methods.md)
          user_mask: ImageInput | np.ndarray | None = None,  # edit only inside it; empty = no limit
          invert_with_source_prompt: bool = False,  # False: MasaCtrl setup (""), True: P2P setup
@@ -538,7 +542,7 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
     pipe = _check_model(model, num_inference_steps)
     check_edit_inputs(source_prompt, target_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, mask_start_t=mask_start_t, quantile=quantile, dilation=dilation,
-                      threshold_mode=threshold_mode, mask_channels=mask_channels)
+                      threshold_mode=threshold_mode, mask_channels=mask_channels, mask_floor=mask_floor)
     check_edit_adapters(adapters)
     image = load_image(image, size=_image_size(pipe, height, width))
     allowed = load_mask(user_mask, image.size)
@@ -579,7 +583,7 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
                 return x0
             x0_aux, x0_source, x0_target = x0.chunk(3)
             keep = adaptive_keep_mask(x0_source, x0_target, float(levels[i]), threshold_mode=threshold_mode,
-                                      dilation=dilation, mask_channels=mask_channels)
+                                      dilation=dilation, mask_channels=mask_channels, floor=mask_floor)
             if allowed is not None:
                 keep = restrict_edit(keep, allowed)
             last_keep = keep
@@ -605,7 +609,7 @@ def edit(model: Model, image: ImageInput, source_prompt: str, target_prompt: str
         model_family=family, scheduler_config=dict(pipe.scheduler.config),
         extra_params={"Edit": "UAM", "Source prompt": source_prompt, "Mask start": mask_start_t,
                       "Mask quantile": quantile, "Mask dilation": dilation, "Threshold mode": threshold_mode,
-                      "Mask channels": mask_channels, "Source blend": source_blend,
+                      "Mask channels": mask_channels, "Mask floor": mask_floor, "Source blend": source_blend,
                       "User mask": allowed is not None, "Invert with source prompt": invert_with_source_prompt,
                       **adapter_params(adapters)},
     )
@@ -636,7 +640,7 @@ def check_edit_adapters(adapters: Sequence[AdapterUse]) -> None:
 
 def check_edit_inputs(source_prompt: str, target_prompt: str, *, num_inference_steps: int, guidance_scale: float,
                       mask_start_t: int, quantile: float, dilation: int, threshold_mode: str,
-                      mask_channels: str = "per_channel") -> None:
+                      mask_channels: str = "per_channel", mask_floor: float = 0.8) -> None:
     """Refuse bad settings in milliseconds, before any model work (the CLI calls it before loading);
     each message: the argument, the value, the rule, the fix."""
     if not isinstance(source_prompt, str) or not isinstance(target_prompt, str):
@@ -652,6 +656,8 @@ def check_edit_inputs(source_prompt: str, target_prompt: str, *, num_inference_s
         raise InputError(f"dilation={dilation!r} must be an integer radius >= 0: use e.g. 1 (a 3x3 max-pool)")
     if threshold_mode not in ("paper", "reference"):
         raise InputError(f"threshold_mode={threshold_mode!r} is unknown: use 'reference' or 'paper'")
+    if not is_number(mask_floor, 0):
+        raise InputError(f"mask_floor={mask_floor!r} must be a number >= 0: use e.g. 0.8 (0: no floor)")
     if mask_channels not in ("per_channel", "max"):
         raise InputError(f"mask_channels={mask_channels!r} is unknown: use 'per_channel' or 'max'")
 

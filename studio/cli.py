@@ -170,6 +170,9 @@ def _add_edit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantile", type=float, default=0.25,
                    help="the mask threshold's quantile level (default 0.25; the paper's 0.5 misses background edits)")
     p.add_argument("--dilation", type=int, default=1, help="radius of the mask's dilation (default 1)")
+    p.add_argument("--mask-floor", type=float, default=0.8,
+                   help="a latent change up to this never counts as an edit, so guidance's faint tone shift "
+                        "leaves the background alone (default 0.8; 0: the reference's rule)")
     p.add_argument("--threshold-mode", default="reference", choices=["reference", "paper"],
                    help="reference: the reference code's |Δ| > 2λ (default); paper: |Δ| > λ")
     p.add_argument("--no-source-blend", dest="source_blend", action="store_false",
@@ -194,7 +197,7 @@ def _edit(args: argparse.Namespace) -> None:
     # Refuse bad settings and unreadable files before the (possibly slow) model load.
     check_edit_inputs(args.source, args.target, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       mask_start_t=args.mask_start, quantile=args.quantile, dilation=args.dilation,
-                      threshold_mode=args.threshold_mode)
+                      threshold_mode=args.threshold_mode, mask_floor=args.mask_floor)
     check_out_dir(args.out)
     image = load_image(args.image)
     user_mask = None if args.mask is None else load_mask(args.mask, image.size)
@@ -206,8 +209,8 @@ def _edit(args: argparse.Namespace) -> None:
     with _progress_bar("inverting and editing", 2 * args.steps) as progress:
         result = edit(model, image, args.source, args.target, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, mask_start_t=args.mask_start, quantile=args.quantile,
-                      dilation=args.dilation, threshold_mode=args.threshold_mode, source_blend=args.source_blend,
-                      user_mask=user_mask, adapters=adapters, callback=progress)
+                      dilation=args.dilation, threshold_mode=args.threshold_mode, mask_floor=args.mask_floor,
+                      source_blend=args.source_blend, user_mask=user_mask, adapters=adapters, callback=progress)
     for path in save_edit(result, args.out).values():
         print(path)
 

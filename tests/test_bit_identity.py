@@ -65,7 +65,7 @@ def _cases() -> dict[str, np.ndarray]:
                                               control=[ControlSpec("canny", photo, scale=0.8, adapter=csc)]))
     source = render(Scene((ShapeObject("red", "circle", "center"),), "white"))
     result = edit(pipe, source, "a red circle", "a blue circle", num_inference_steps=4, mask_start_t=600,
-                  quantile=0.5, use_cache=False)  # the recording's default
+                  quantile=0.5, mask_floor=0.0, use_cache=False)  # the recording's defaults
     out["edit"] = np.stack([np.asarray(result.image), np.asarray(result.reconstruction)])
     return out
 

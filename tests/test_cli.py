@@ -45,8 +45,9 @@ def test_edit_writes_the_edit_its_reconstruction_and_mask_and_prints_their_paths
     left[:, :64] = 255
     Image.fromarray(left).save(tmp_path / "left.png")
     code = main(["edit", str(tmp_path / "in.png"), "--source", "a red square", "--target", "a blue square",
-                 "--steps", "2", "--mask-start", "600", "--quantile", "0.4", "--dilation", "0", "--threshold-mode",
-                 "paper", "--no-source-blend", "--mask", str(tmp_path / "left.png"), "--out", str(tmp_path / "out")])
+                 "--steps", "2", "--mask-start", "600", "--quantile", "0.4", "--dilation", "0", "--mask-floor", "0.5",
+                 "--threshold-mode", "paper", "--no-source-blend", "--mask", str(tmp_path / "left.png"),
+                 "--out", str(tmp_path / "out")])
     assert code == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(tmp_path / "out" / name) for name in ("edited.png", "reconstruction.png", "mask.png")]
@@ -54,6 +55,7 @@ def test_edit_writes_the_edit_its_reconstruction_and_mask_and_prints_their_paths
     params = parse_infotext(Image.open(printed[0]).text["parameters"])
     assert (params["Prompt"], params["Source prompt"], params["Steps"]) == ("a blue square", "a red square", "2")
     assert (params["Mask start"], params["Mask quantile"], params["Mask dilation"]) == ("600", "0.4", "0")
+    assert params["Mask floor"] == "0.5"
     assert (params["Threshold mode"], params["Source blend"], params["User mask"]) == ("paper", "False", "True")
     assert np.asarray(Image.open(printed[2]))[:, 32:].max() == 0  # nothing edited outside the user's mask
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["edited.png", "mask.png", "reconstruction.png"]

@@ -263,6 +263,24 @@ def test_adaptive_keep_mask_threshold_modes_dilation_and_channels():
     assert levels[0] == 0 and levels[-1] == 0.5 and len(levels) == 50
 
 
+def test_the_mask_floor_keeps_a_faint_shift_everywhere_and_still_edits_the_strong_change():
+    """Guidance shifts the whole background a little (|Δ| 0.3 in every cell of channel 0): under the floor it is
+    kept, while the object's change (|Δ| 2) is edited; floor 0 is the reference's rule, which edits the shift too."""
+    target = torch.zeros(1, 2, 6, 6)
+    source = torch.zeros(1, 2, 6, 6)
+    source[0, 0] = 0.3  # the faint shift over channel 0
+    source[0, :, 2:4, 2:4] = 2.0  # the object
+    object_cells = torch.zeros(1, 2, 6, 6, dtype=torch.bool)
+    object_cells[0, :, 2:4, 2:4] = True
+    level = 0.25  # λ = 0: three quarters of |Δ| is 0, so 2λ = 0 and any change counts without a floor
+
+    without = adaptive_keep_mask(source, target, level, dilation=0)
+    assert (without[0, 0] == 0).all()  # the whole channel is edited, the shift with it
+    floored = adaptive_keep_mask(source, target, level, dilation=0, floor=0.8)
+    assert torch.equal(floored, (~object_cells).float())  # only the object is edited
+    assert torch.equal(adaptive_keep_mask(source, target, level, dilation=0, floor=2.0), torch.ones(1, 2, 6, 6))
+
+
 def test_blend_copies_the_auxiliary_branch_where_kept_and_the_user_mask_limits_the_edit():
     aux, source, target = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2), torch.full((1, 1, 2, 2), 2.0)
     keep = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])

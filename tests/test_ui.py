@@ -78,7 +78,7 @@ def test_edit_api_returns_before_after_reconstruction_and_a_mask_limited_to_the_
     client = Client(app_url, verbose=False)
     (before, after), reconstruction, mask, settings = client.predict(
         handle_file(red_circle), "a red circle on the left on a gray background",
-        "a blue circle on the left on a gray background", painted, 4, 7.5, 200, 0.5, 1, "reference", True,
+        "a blue circle on the left on a gray background", painted, 4, 7.5, 200, 0.5, 1, "reference", 0.6, True,
         api_name="/edit")
     assert np.array_equal(np.asarray(Image.open(before)), np.asarray(Image.open(red_circle)))
     edited = Image.open(after)
@@ -86,7 +86,7 @@ def test_edit_api_returns_before_after_reconstruction_and_a_mask_limited_to_the_
     params = parse_infotext(edited.text["parameters"])  # the served file keeps its metadata
     assert params["Prompt"] == "a blue circle on the left on a gray background"
     assert params["Source prompt"] == "a red circle on the left on a gray background"
-    assert (params["Steps"], params["User mask"]) == ("4", "True")
+    assert (params["Steps"], params["User mask"], params["Mask floor"]) == ("4", "True", "0.6")
     assert settings == edited.text["parameters"]
     region = np.asarray(Image.open(mask))
     assert region[:, 32:].max() == 0 and region[:, :32].max() > 0  # the edit stays where it was painted
@@ -95,7 +95,7 @@ def test_edit_api_returns_before_after_reconstruction_and_a_mask_limited_to_the_
 def test_edit_api_without_an_image_is_a_readable_error(app_url):
     client = Client(app_url, verbose=False)
     with pytest.raises(Exception, match="no image to edit: upload one first"):
-        client.predict(None, "a", "b", None, 4, 7.5, 200, 0.5, 1, "reference", True, api_name="/edit")
+        client.predict(None, "a", "b", None, 4, 7.5, 200, 0.5, 1, "reference", 0.8, True, api_name="/edit")
 
 
 def test_painted_mask_is_the_union_of_the_layers_alpha_and_nothing_painted_is_no_limit():

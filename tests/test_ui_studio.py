@@ -292,7 +292,7 @@ def test_stop_ends_an_edit_at_its_next_step(app_url, tmp_path):  # noqa: F811
     Image.new("RGB", (64, 64), "gray").save(image)
     client = Client(app_url, verbose=False)
     job = client.submit(handle_file(str(image)), "a gray square", "a red square", None, LONG, 7.5, 200, 0.5, 1,
-                        "reference", True, api_name="/edit")
+                        "reference", 0.8, True, api_name="/edit")
     while not job.status().progress_data:  # a step done
         assert not job.done()
         time.sleep(0.1)

@@ -335,7 +335,7 @@ def test_edit_api_with_a_library_lora_at_scale_1_differs_from_scale_0(app_url, r
 
     def edit_with(table: list[list]) -> tuple[np.ndarray, str]:
         (_, after), _, _, settings = client.predict(
-            handle_file(red_circle), SOURCE, TARGET, None, 3, 7.5, 200, 0.25, 1, "reference", True,
+            handle_file(red_circle), SOURCE, TARGET, None, 3, 7.5, 200, 0.25, 1, "reference", 0.8, True,
             {"headers": ["Adapter", "Trigger words", "Scale"], "data": table}, api_name="/edit")
         return np.asarray(Image.open(after)), settings
 

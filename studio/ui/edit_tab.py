@@ -87,7 +87,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
     @handler
     def run(image: Image.Image | None, source: str, target: str, painted: dict | None, steps: float,
             guidance: float, mask_start: float, quantile: float, dilation: float, threshold_mode: str,
-            source_blend: bool, adapter_table: list[list] | None = None, request: gr.Request = None,
+            mask_floor: float, source_blend: bool, adapter_table: list[list] | None = None, request: gr.Request = None,
             progress: gr.Progress = gr.Progress()) -> tuple[tuple, str, str, str]:
         if image is None:
             raise InputError("no image to edit: upload one first")
@@ -105,7 +105,8 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
         result = until_stopped(lambda callback: edit(
             model, image, source, target, num_inference_steps=int(steps), guidance_scale=guidance,
             mask_start_t=int(mask_start), quantile=quantile, dilation=int(dilation), threshold_mode=threshold_mode,
-            source_blend=source_blend, user_mask=painted_mask(painted), adapters=adapters, callback=callback,
+            mask_floor=mask_floor, source_blend=source_blend, user_mask=painted_mask(painted), adapters=adapters,
+            callback=callback,
         ), request, progress, "inverting and editing")
         if result is None:  # stopped: the previous results stay
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -164,6 +165,8 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                 threshold_mode = gr.Radio(["reference", "paper"], value="reference",
                                           label="Threshold (reference: |Δ| > 2λ; paper: |Δ| > λ)",
                                           elem_id="edit-threshold")
+                mask_floor = gr.Slider(0, 2, value=0.8, step=0.1, elem_id="edit-mask-floor",
+                                       label="Mask floor (a latent change up to it is never an edit; 0: none)")
                 source_blend = gr.Checkbox(value=True, label="Also blend the source branch", elem_id="edit-blend")
             with gr.Row():
                 button = gr.Button("Edit", variant="primary", elem_id="edit-button", scale=3)
@@ -187,7 +190,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
     painted.clear(show_on_canvas, image, painted, show_progress="hidden", api_visibility="private")
     gr.on([button.click, target.submit], run,
           inputs=[image, source, target, painted, steps, guidance, mask_start, quantile, dilation, threshold_mode,
-                  source_blend, adapters],
+                  mask_floor, source_blend, adapters],
           outputs=[result, reconstruction, mask, settings], api_name="edit", concurrency_id=MODEL_QUEUE,
           show_progress_on=[status],
           ).success(enlarge, [result, reconstruction, mask], [result, reconstruction, mask], queue=False,
