@@ -224,6 +224,11 @@ def main() -> None:
     p.add_argument("--surrogate", default="", help="what the concepts turn into ('' : the unconditional image)")
     p.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS),
                    help="the transports to score")
+    p.add_argument("--similarity", choices=["full", "no_padding"], default="full",
+                   help="the embedding similarity of gamma when scoring (default full, the paper's; no_padding: the "
+                        "ablation that leaves out the padding positions every prompt shares)")
+    p.add_argument("--facilitate-factor", type=float, default=1.0,
+                   help="scales each prompt's gamma when scoring (default 1; SPMConfig.facilitate_factor)")
     p.add_argument("--timing-only", action="store_true", help="only time generation with the membranes in --work")
     p.add_argument("--timing-rounds", type=int, default=5, help="rounds of the generation timing (the fastest counts)")
     args = p.parse_args()
@@ -250,9 +255,11 @@ def main() -> None:
         print(f"\nerase {concept!r}: base model erasure {base['erasure']:.1f}% pairs {base['pairs']:.1f}% "
               f"kept {base['kept']:.1f}%; the surrogate {args.surrogate!r} itself shows it in "
               f"{surrogate_rate(model, args.surrogate, concept):.1f}% of its images")
+        print(f"gamma: {args.similarity} similarity, facilitate factor {args.facilitate_factor:g}")
         print(f"{'transport':10s} {'erasure':>8s} {'pairs':>7s} {'kept':>7s} {'drop':>6s} {'attack':>7s}")
         for transport in args.transports:
-            membrane.config = dataclasses.replace(membrane.config, transport=transport)
+            membrane.config = dataclasses.replace(membrane.config, transport=transport, similarity=args.similarity,
+                                                  facilitate_factor=args.facilitate_factor)
             s = score(model, concept, [(membrane, 1.0)], args.seeds)
             recovered = attack(model, membrane, concept, args.attack_steps, args.seeds)
             print(f"{transport:10s} {s['erasure']:7.1f}% {s['pairs']:6.1f}% {s['kept']:6.1f}% "
