@@ -12,7 +12,7 @@ import pytest
 from gradio_client import Client
 from PIL import Image
 
-from adapters import SPM, SPMConfig, save_adapter
+from adapters import SPM, SPMConfig, load_adapter, save_adapter
 from pipelines import InputError, parse_infotext
 from pipelines.train import image_methods
 from studio.library import AdapterLibrary
@@ -37,26 +37,33 @@ def erase_url(embedded, tmp_path, monkeypatch):
 
 def test_erase_api_trains_into_the_library_and_compares_with_gamma(erase_url):
     client = Client(erase_url, verbose=False)
+    # The membrane options of the accordion: eta, lambda, transport, similarity, facilitate factor.
     gallery, table, status, membrane = client.predict(
-        "triangle", "", 1, "", "a red triangle\na blue circle", 1.0, 3, 2, api_name="/erase")
+        "triangle", "", 1, "", "a red triangle\na blue circle", 1.0, 3, 2, 1.0, 1000.0, "squared", "no_padding", 1.4,
+        api_name="/erase")
     assert status == "Done: 'erase-triangle' is in the adapter library (the Generate tab lists it)."
     assert [e.method for e in AdapterLibrary().list()] == ["spm"] and membrane["value"] == "erase-triangle"
+    config = load_adapter(AdapterLibrary().get("erase-triangle").path).config
+    assert (config.transport, config.similarity, config.facilitate_factor) == ("squared", "no_padding", 1.4)
     rows = table["data"] if isinstance(table, dict) else table
-    assert rows[0] == ["a red triangle", 1.0] and 0 < rows[1][1] < 1
+    assert rows[0] == ["a red triangle", 1.4] and 0 < rows[1][1] < 1
     captions = [item["caption"] for item in gallery]
-    assert captions == ["a red triangle: before", "a red triangle: after, gamma 1.000", "a blue circle: before",
+    assert captions == ["a red triangle: before", "a red triangle: after, gamma 1.400", "a blue circle: before",
                         f"a blue circle: after, gamma {rows[1][1]:.3f}"]
     after = parse_infotext(Image.open(gallery[1]["image"]).text["parameters"])
-    assert (after["SPM gamma"], after["Seed"], after["Adapters"]) == ("triangle: 1.000", "3", "erase-triangle:1")
+    assert (after["SPM gamma"], after["Seed"], after["Adapters"]) == ("triangle: 1.400", "3", "erase-triangle:1")
 
     # The same membrane again from the library, at another strength.
     again, _ = client.predict("erase-triangle", "a red triangle", 0.5, 3, 2, api_name="/erase_compare")
     assert parse_infotext(Image.open(again[1]["image"]).text["parameters"])["Adapters"] == "erase-triangle:0.5"
 
     with pytest.raises(Exception, match="already holds 'erase-triangle': set another name"):
-        client.predict("triangle", "", 1, "", "", 1.0, 0, 2, api_name="/erase")
+        client.predict("triangle", "", 1, "", "", 1.0, 0, 2, 1.0, 1000.0, "additive", "full", 1.0, api_name="/erase")
     with pytest.raises(Exception, match="no concept to erase: write one per line"):
-        client.predict(" \n ", "", 1, "", "", 1.0, 0, 2, api_name="/erase")
+        client.predict(" \n ", "", 1, "", "", 1.0, 0, 2, 1.0, 1000.0, "additive", "full", 1.0, api_name="/erase")
+    with pytest.raises(Exception, match="less than minimum value 0"):  # the option's range, checked by the input
+        client.predict("circle", "", 1, "", "", 1.0, 0, 2, 1.0, 1000.0, "additive", "full", -1.0, api_name="/erase")
+    assert [e.name for e in AdapterLibrary().list()] == ["erase-triangle"]
 
 
 def test_compare_refuses_missing_choices_and_other_architectures(embedded, tiny_sd15, tmp_path, monkeypatch):

@@ -1,10 +1,12 @@
 """What every tab shares: the one queue for model work, the one place errors become alerts, how a tab
 re-reads what other tabs change, the Stop switch of the running model event, the components a tab lends
-to others (send-to buttons), and the adapter table of the Generate and Edit tabs."""
+to others (send-to buttons), the adapter table of the Generate and Edit tabs, and the input of a method's option
+(from its config's metadata)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import math
@@ -19,6 +21,7 @@ from typing import Any, NamedTuple, TypeVar
 import gradio as gr
 from PIL import Image
 
+from adapters import REGISTRY
 from pipelines import GenerationInterrupted, InputError, LoadedModel, StudioError
 from pipelines.train import TrainConfig, TrainingDiverged, TrainProgress, TrainResult, train
 from studio.jobs import ModelGate
@@ -319,3 +322,27 @@ def adapter_files(rows: list[list] | None) -> list[tuple[Path, float]]:
     does not hold (any more) is refused by name, with what it holds."""
     library = AdapterLibrary()
     return [(library.get(name).path, scale) for name, scale in adapter_scales(rows)]
+
+
+def option_component(method: str, field: dataclasses.Field, unet, shown: bool, value: Any,
+                     tab: str = "train") -> gr.Component:
+    """The input for one option of a method's config, from its metadata: a dropdown of its choices (labelled for
+    the loaded model where the method knows how), a checkbox, a number in its range, or a text box; `value` at
+    start; elem_id "<tab>-<method>-<option>"."""
+    meta, default = field.metadata, value
+    label, elem_id = f"{REGISTRY[method].label}: {meta['help']}", f"{tab}-{method}-{field.name}"
+    if meta.get("labels_for_model") is not None:
+        choices = meta["labels_for_model"](unet)
+    else:
+        choices = [c if isinstance(c, tuple) else (str(c), c) for c in meta["choices"]]
+    if choices:
+        return gr.Dropdown(choices, value=default, label=label, elem_id=elem_id, visible=shown)
+    if isinstance(default, bool):
+        return gr.Checkbox(default, label=label, elem_id=elem_id, visible=shown)
+    if field.default is None:  # blank: the method's default. Not a gr.Number: it shows (and sends) None as 0
+        return gr.Textbox(None if value is None else str(value), label=f"{label} (blank: the default)",
+                          placeholder="blank: the method's default", elem_id=elem_id, visible=shown)
+    if isinstance(default, (int, float)):
+        return gr.Number(default, label=label, minimum=meta["minimum"], maximum=meta["maximum"], elem_id=elem_id,
+                         precision=0 if isinstance(default, int) else None, visible=shown)
+    return gr.Textbox(default, label=label, elem_id=elem_id, visible=shown)

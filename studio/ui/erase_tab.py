@@ -5,22 +5,28 @@ prompt naming an erased concept, lower for others: there the membrane acts only 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
-from adapters import REGISTRY, SPM
+from adapters import REGISTRY, SPM, SPMConfig
 from pipelines import InputError, LoadedModel, generate, membrane_gammas, save_images
 from pipelines.erase import DEFAULT_STEPS, erase_config
 from pipelines.train import TrainResult, training_refusal
 from studio.library import AdapterLibrary, LibraryError
 
-from .common import MODEL_QUEUE, OnShow, handler, refreshed_dropdown, stream_training
+from .common import MODEL_QUEUE, OnShow, handler, option_component, refreshed_dropdown, stream_training
 
 TITLE = "Erase"
+# The membrane's options under "Membrane options" (the CLI's flags of the same names): the balance of its losses,
+# and how strongly it opens per prompt (docs/benchmarks.md: yellow erased at 92.9 % with the squared, padding-free
+# transport at factor 1.4).
+OPTIONS = ("eta", "anchor_weight", "transport", "similarity", "facilitate_factor")
 
 
 def unavailable(model: LoadedModel) -> str | None:
@@ -63,15 +69,15 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
 
     @handler
     def run(concepts: str, surrogate: str, steps: float, name: str, prompts: str, strength: float, seed: float,
-            sample_steps: float) -> Iterator[tuple]:
+            sample_steps: float, *options: Any) -> Iterator[tuple]:
         """Train the membrane (status per step), add it to the library, then the grid over the prompts (blank:
-        the concepts)."""
+        the concepts); `options`: the values of OPTIONS."""
         names = lines(concepts)
         if not names:
             raise InputError("no concept to erase: write one per line")
         run_dir = Path(tempfile.mkdtemp(prefix="erase-", dir=out_dir))
         config = erase_config(names, surrogate=surrogate.strip(), steps=int(steps), name=name.strip() or None,
-                              output_dir=run_dir)
+                              output_dir=run_dir, **dict(zip(OPTIONS, options)))
         library = AdapterLibrary()
         if config.adapter_name in library:  # refused now, not after the training
             raise LibraryError(f"the adapter library already holds {config.adapter_name!r}: set another name, "
@@ -117,6 +123,10 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
             with gr.Row():
                 button = gr.Button("Erase", variant="primary", elem_id="erase-button")
                 stop_button = gr.Button("Cancel", variant="stop", elem_id="erase-cancel")
+            with gr.Accordion("Membrane options", open=False):
+                fields = {field.name: field for field in dataclasses.fields(SPMConfig)}
+                options = [option_component(SPM.method, fields[name], model.pipe.unet, shown=True,
+                                            value=fields[name].default, tab="erase") for name in OPTIONS]
             status = gr.Textbox(label="Status", interactive=False, elem_id="erase-status")
         with gr.Column(scale=1):
             membrane = gr.Dropdown(membrane_choices(), value=None, label="Membrane (from the library)",
@@ -133,7 +143,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
     gallery = gr.Gallery(label="Before / after", columns=4, format="png", elem_id="erase-gallery")
     gammas = gr.Dataframe(headers=["Prompt", "gamma"], datatype=["str", "number"], type="array", interactive=False,
                           label="Permeability gamma per prompt", elem_id="erase-gammas")
-    button.click(run, inputs=[concepts, surrogate, steps, name, prompts, strength, seed, sample_steps],
+    button.click(run, inputs=[concepts, surrogate, steps, name, prompts, strength, seed, sample_steps, *options],
                  outputs=[gallery, gammas, status, membrane], api_name="erase", concurrency_id=MODEL_QUEUE)
     compare_button.click(run_compare, inputs=[membrane, prompts, strength, seed, sample_steps],
                          outputs=[gallery, gammas], api_name="erase_compare", concurrency_id=MODEL_QUEUE)

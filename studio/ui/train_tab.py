@@ -31,7 +31,7 @@ from pipelines.filetypes import IMAGE_EXTENSIONS
 from pipelines.train import TrainConfig, TrainResult, image_methods, training_refusal
 from studio.library import AdapterLibrary, LibraryError
 
-from .common import MODEL_QUEUE, handler, stream_training
+from .common import MODEL_QUEUE, handler, option_component, stream_training
 
 TITLE = "Train"
 
@@ -51,28 +51,6 @@ def option_inputs() -> list[tuple[str, dataclasses.Field]]:
     """(method, field) of every option component, in the order the /train API takes their values: every
     registered method's (read when the tab is built, so a method registered before that appears)."""
     return [(method, field) for method in sorted(REGISTRY) for field in ui_fields(REGISTRY[method])]
-
-
-def option_component(method: str, field: dataclasses.Field, unet, shown: bool, value: Any) -> gr.Component:
-    """The input for one option, from its metadata: a dropdown of its choices (labelled for the loaded model
-    where the method knows how), a checkbox, a number in its range, or a text box; `value` at start."""
-    meta, default = field.metadata, value
-    label, elem_id = f"{REGISTRY[method].label}: {meta['help']}", f"train-{method}-{field.name}"
-    if meta.get("labels_for_model") is not None:
-        choices = meta["labels_for_model"](unet)
-    else:
-        choices = [c if isinstance(c, tuple) else (str(c), c) for c in meta["choices"]]
-    if choices:
-        return gr.Dropdown(choices, value=default, label=label, elem_id=elem_id, visible=shown)
-    if isinstance(default, bool):
-        return gr.Checkbox(default, label=label, elem_id=elem_id, visible=shown)
-    if field.default is None:  # blank: the method's default. Not a gr.Number: it shows (and sends) None as 0
-        return gr.Textbox(None if value is None else str(value), label=f"{label} (blank: the default)",
-                          placeholder="blank: the method's default", elem_id=elem_id, visible=shown)
-    if isinstance(default, (int, float)):
-        return gr.Number(default, label=label, minimum=meta["minimum"], maximum=meta["maximum"], elem_id=elem_id,
-                         precision=0 if isinstance(default, int) else None, visible=shown)
-    return gr.Textbox(default, label=label, elem_id=elem_id, visible=shown)
 
 
 def method_options(inputs: list[tuple[str, dataclasses.Field]], method: str, values: list) -> dict[str, Any]:
