@@ -201,7 +201,9 @@ def transfer(model, membrane, concept: str, customized: Path, seeds: int) -> Non
         derived = score(model, concept, [], seeds)
         with_membrane = score(model, concept, [(membrane, 1.0)], seeds)
     drop = derived["kept"] - with_membrane["kept"]
-    print(f"transfer to base + merged LoRA ({membrane.config.transport}): erasure {derived['erasure']:.1f}% -> "
+    config = membrane.config
+    print(f"transfer to base + merged LoRA ({config.transport}, {config.similarity} similarity, factor "
+          f"{config.facilitate_factor:g}): erasure {derived['erasure']:.1f}% -> "
           f"{with_membrane['erasure']:.1f}%, pairs {derived['pairs']:.1f}% -> {with_membrane['pairs']:.1f}%, kept "
           f"{derived['kept']:.1f}% -> {with_membrane['kept']:.1f}% (drop {drop:+.1f})", flush=True)
 
@@ -269,7 +271,9 @@ def main() -> None:
             gammas = membrane_gammas(model, membrane, UNRELATED)
             print(f"gamma of unrelated prompts ({similarity}): mean {sum(gammas) / len(gammas):.2f}, "
                   f"max {max(gammas):.2f}")
-        membrane.config = dataclasses.replace(membrane.config, similarity="full", transport="additive")
+        # The transfer with the first scored transport and the scoring's similarity and factor.
+        membrane.config = dataclasses.replace(membrane.config, transport=args.transports[0],
+                                              similarity=args.similarity, facilitate_factor=args.facilitate_factor)
         if concept == "triangle":
             transfer(model, membrane, concept, customized, args.seeds)
     # Timed with every membrane trained in --work so far (both, once both runs are done).
