@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters import CallContext, Row, call_context, load_adapter, merge_into
+from adapters.spm import SIMILARITIES
 from pipelines import generate, load_model
 from pipelines.architectures import count_parameters
 from pipelines.erase import erase, membrane_gammas
@@ -208,6 +209,12 @@ def transfer(model, membrane, concept: str, customized: Path, seeds: int) -> Non
           f"{derived['kept']:.1f}% -> {with_membrane['kept']:.1f}% (drop {drop:+.1f})", flush=True)
 
 
+def scoring_config(config, transport: str, args: argparse.Namespace):
+    """The membrane's config with `transport` and the scoring's similarity and facilitate factor."""
+    return dataclasses.replace(config, transport=transport, similarity=args.similarity,
+                               facilitate_factor=args.facilitate_factor)
+
+
 def membrane_path(work: Path, concept: str) -> Path:
     return work / concept / f"erase-{concept}.safetensors"
 
@@ -226,7 +233,7 @@ def main() -> None:
     p.add_argument("--surrogate", default="", help="what the concepts turn into ('' : the unconditional image)")
     p.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS),
                    help="the transports to score")
-    p.add_argument("--similarity", choices=["full", "no_padding"], default="full",
+    p.add_argument("--similarity", choices=SIMILARITIES, default="full",
                    help="the embedding similarity of gamma when scoring (default full, the paper's; no_padding: the "
                         "ablation that leaves out the padding positions every prompt shares)")
     p.add_argument("--facilitate-factor", type=float, default=1.0,
@@ -260,8 +267,7 @@ def main() -> None:
         print(f"gamma: {args.similarity} similarity, facilitate factor {args.facilitate_factor:g}")
         print(f"{'transport':10s} {'erasure':>8s} {'pairs':>7s} {'kept':>7s} {'drop':>6s} {'attack':>7s}")
         for transport in args.transports:
-            membrane.config = dataclasses.replace(membrane.config, transport=transport, similarity=args.similarity,
-                                                  facilitate_factor=args.facilitate_factor)
+            membrane.config = scoring_config(membrane.config, transport, args)
             s = score(model, concept, [(membrane, 1.0)], args.seeds)
             recovered = attack(model, membrane, concept, args.attack_steps, args.seeds)
             print(f"{transport:10s} {s['erasure']:7.1f}% {s['pairs']:6.1f}% {s['kept']:6.1f}% "
@@ -271,9 +277,7 @@ def main() -> None:
             gammas = membrane_gammas(model, membrane, UNRELATED)
             print(f"gamma of unrelated prompts ({similarity}): mean {sum(gammas) / len(gammas):.2f}, "
                   f"max {max(gammas):.2f}")
-        # The transfer with the first scored transport and the scoring's similarity and factor.
-        membrane.config = dataclasses.replace(membrane.config, transport=args.transports[0],
-                                              similarity=args.similarity, facilitate_factor=args.facilitate_factor)
+        membrane.config = scoring_config(membrane.config, args.transports[0], args)  # the transfer's
         if concept == "triangle":
             transfer(model, membrane, concept, customized, args.seeds)
     # Timed with every membrane trained in --work so far (both, once both runs are done).

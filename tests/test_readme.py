@@ -42,7 +42,7 @@ def test_ci_runs_the_readme_test_command():
     assert ci_commands[-1] == command
 
 
-def test_erase_examples_run_with_fewer_steps(tmp_path, monkeypatch, capsys):
+def test_erase_examples_run_with_fewer_steps(tmp_path, monkeypatch):
     """The erase section's API and first command as written but for the step count (500 steps: the bench's, minutes
     on a CPU): the names, arguments and the membrane they hand to `generate` are right."""
     monkeypatch.setattr(sys.modules["pipelines.erase"], "SAMPLING_STEPS", 6)  # x_t on a shorter schedule
