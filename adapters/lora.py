@@ -155,11 +155,11 @@ class LoRA(Adapter):
     recommended_for = {
         "subject": Recommendation(
             {"target": "attn_conv", "rank": 8}, learning_rate=1e-3, steps=2000, instance_prompt_share=0.5,
-            reason="the closest measured on the Shapes subject, yet short of the targets: at CFG 7.5 with the trigger "
-                   "alone on half the steps and 'Adapters on the negative prompt too' unticked in Generate, the "
-                   "bare trigger draws the subject 4 of 4 (fidelity 100 %) and base prompts lose 0.5 points, but "
-                   "new contexts are right in 62.5 % (target 80 %; 67 % at 3000 steps; docs/benchmarks.md, sessions "
-                   "13 and 14)"),
+            reason="meets the targets on the Shapes subject given 20 images that vary position, size and "
+                   "background: at CFG 7.5 with the trigger alone on half the steps and 'Adapters on the negative "
+                   "prompt too' unticked in Generate, the bare trigger draws the subject 8 of 8 (fidelity 100 %), "
+                   "new contexts are right in 92 % and base prompts lose 0.7 points; with 5 images it memorises "
+                   "them and new contexts fall to 54 % (docs/benchmarks.md, session 19)"),
         "style": Recommendation(
             {"target": "attn", "rank": 8}, learning_rate=1e-3, steps=1000,
             reason="the closest measured on the Shapes style, far short of the targets: at CFG 7.5 with 'Adapters on "

@@ -21,7 +21,10 @@ star too, so guidance amplifies only the colour difference (docs/benchmarks.md, 
 --instance-prompt-share trains the subject's images on "a sks" a share of the time; --uncond off scores with the
 adapters off the unconditional branch (generate(adapters_on_uncond=False)), --uncond on off both ways (session 13);
 --masked-loss learns only the subject's pixels, so its background is not learnt into the trigger (session 14);
---prior-loss-weight weighs the regularisation images' loss (DreamBooth's lambda, default 1; session 15).
+--prior-loss-weight weighs the regularisation images' loss (DreamBooth's lambda, default 1; session 15);
+--subject-backgrounds every shows the subject on each background at least once (session 18); --subject-images
+renders more of the subject, each position again in a new size and background, --style-images more of the style
+(session 19).
 Targets (issue #4): fidelity >= 80 %, context >= 80 %, preservation drop <= 5 points.
 """
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import random
 import tempfile
 import time
@@ -44,7 +48,7 @@ from pipelines import load_model
 from pipelines.train import TrainConfig, train
 from studio.shapes.dataset import write_atomic, write_scenes
 from studio.shapes.quality import score_prompts, single_object_grid
-from studio.shapes.world import BASE_SHAPES, COLORS, POSITIONS, Scene, ShapeObject, render, sample_scene
+from studio.shapes.world import BACKGROUNDS, BASE_SHAPES, COLORS, POSITIONS, Scene, ShapeObject, render, sample_scene
 
 SUBJECT = ("orange", "star", "sks")
 STYLE_TRIGGER = "zwx"
@@ -63,15 +67,24 @@ def write_captioned(out: Path, scenes: list[Scene], captions: list[str]) -> None
         write_atomic(out / f"{i:06d}.txt", text.encode())
 
 
-def subject_set(out: Path, seed: int = 0, subject: tuple[str, str, str] = SUBJECT) -> None:
-    """5 renders of the subject (colour, shape, trigger; default the orange star) at the five positions, varied
-    size/background; the trigger replaces "orange star" in the world caption, so the rest of the caption still
-    teaches the context words."""
+def subject_set(out: Path, seed: int = 0, subject: tuple[str, str, str] = SUBJECT,
+                every_background: bool = False, images: int = 5) -> None:
+    """`images` renders of the subject (colour, shape, trigger; default the orange star), cycling through the five
+    positions, varied size/background; the trigger replaces "orange star" in the world caption, so the rest of the
+    caption still teaches the context words. The backgrounds are drawn (the 5 of seed 0: gray, gray, white, white,
+    white, never black); `every_background` shows each background at least once, the positions and sizes kept:
+    DreamBooth's advice to vary all but the subject; more `images` vary each position's size and background: 20 meet
+    the targets where 5 memorise (docs/benchmarks.md, session 19)."""
     color, shape, trigger = subject
     rng = random.Random(seed)
     positions = rng.sample(list(POSITIONS), 5)
-    scenes = [Scene((ShapeObject(color, shape, p, rng.choice((None, "small", "large"))),),
-                    rng.choice(("white", "white", "gray", "black"))) for p in positions]
+    scenes = [Scene((ShapeObject(color, shape, positions[i % 5], rng.choice((None, "small", "large"))),),
+                    rng.choice(("white", "white", "gray", "black"))) for i in range(images)]
+    if every_background:
+        backgrounds = list(BACKGROUNDS) + ["white", "gray"]
+        random.Random(seed).shuffle(backgrounds)
+        scenes = [dataclasses.replace(scene, background=backgrounds[i % len(backgrounds)])
+                  for i, scene in enumerate(scenes)]
     write_captioned(out, scenes, [s.caption().replace(f"{color} {shape}", trigger) for s in scenes])
     write_masks(out.parent / f"{out.name}_masks", scenes)
 
@@ -87,13 +100,14 @@ def write_masks(out: Path, scenes: list[Scene]) -> None:
         Image.fromarray(np.round(255 * coverage).astype(np.uint8), "L").save(out / f"{i:06d}.png")
 
 
-def style_set(out: Path, seed: int = 1) -> list[tuple[str, str]]:
-    """8 renders in the outline style, their backgrounds drawn as the subject's (a style's images vary in all but
-    the style; until session 14 they were all white); returns the (colour, shape) pairs trained, to test on others."""
+def style_set(out: Path, seed: int = 1, images: int = 8) -> list[tuple[str, str]]:
+    """`images` renders in the outline style, cycling through 8 (colour, shape) pairs, their positions and
+    backgrounds drawn as the subject's (a style's images vary in all but the style; until session 14 they were all
+    white); returns the pairs trained, to test on others."""
     rng = random.Random(seed)
     pairs = rng.sample([(c, s) for c in COLORS for s in BASE_SHAPES], 8)
-    scenes = [Scene((ShapeObject(c, s, rng.choice(list(POSITIONS)), None, True),),
-                    rng.choice(("white", "white", "gray", "black"))) for c, s in pairs]
+    scenes = [Scene((ShapeObject(*pairs[i % 8], rng.choice(list(POSITIONS)), None, True),),
+                    rng.choice(("white", "white", "gray", "black"))) for i in range(images)]
     write_captioned(out, scenes, [s.caption().replace("outline", STYLE_TRIGGER) for s in scenes])
     return pairs
 
@@ -111,9 +125,10 @@ def evaluate_subject(pipe, seeds: list[int], steps: int, guidance: float, on_unc
     swap = f"{color} {shape}"
     fid = _score(pipe, plain, seeds, steps, guidance, ("color", "shape"), lambda c: c.replace(swap, trigger),
                  on_uncond)
-    ctx = _score(pipe, contexts, seeds, steps, guidance, ("color", "shape", "position", "background"),
-                 lambda c: c.replace(swap, trigger), on_uncond)
-    return {"fidelity": fid, "context": ctx}
+    per_context = {scene.caption(): _score(pipe, [scene], seeds, steps, guidance,
+                                           ("color", "shape", "position", "background"),
+                                           lambda c: c.replace(swap, trigger), on_uncond) for scene in contexts}
+    return {"fidelity": fid, "context": float(np.mean(list(per_context.values()))), "per_context": per_context}
 
 
 def evaluate_style(pipe, trained: list[tuple[str, str]], seeds: list[int], steps: int,
@@ -142,6 +157,8 @@ def main() -> None:
     p.add_argument("--concepts", nargs="+", default=["subject", "style"], choices=["subject", "style"])
     p.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                    help="learning rate of a method (default: METHOD_LR; 'auto' for the method's own)")
+    p.add_argument("--option", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="an adapter option for every method, e.g. dropout=0.1 (its config's field, parsed as JSON)")
     p.add_argument("--steps", type=int, default=400, help="training steps, the same for every method")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seeds", type=int, default=2, help="seeds per evaluation prompt")
@@ -157,6 +174,13 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0, help="the adapter's scale when scoring (as generate's)")
     p.add_argument("--masked-loss", action="store_true",
                    help="subject: learn only the star's pixels (TrainConfig.masked_loss, masks of its coverage)")
+    p.add_argument("--subject-backgrounds", default="drawn", choices=["drawn", "every"],
+                   help="subject: backgrounds as drawn (sessions 7-17: no black one) or every background at least once")
+    p.add_argument("--subject-images", type=int, default=5,
+                   help="subject: renders, cycling through the five positions (DreamBooth uses 3-5, kohya users 10-20)")
+    p.add_argument("--subject-seed", type=int, default=0, help="subject: the draw of its positions, sizes, backgrounds")
+    p.add_argument("--style-images", type=int, default=8,
+                   help="style: renders, cycling through its 8 colour-shape pairs in new positions and backgrounds")
     p.add_argument("--uncond", nargs="+", default=["on"], choices=["on", "off"],
                    help="score with the adapters on the unconditional branch (on: diffusers' and A1111's way), "
                         "off it (generate(adapters_on_uncond=False)), or both")
@@ -169,13 +193,15 @@ def main() -> None:
         method, _, value = item.partition("=")
         learning_rates[method] = None if value == "auto" else float(value)
 
+    extra_options = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.option)}
     model = load_model(args.model)
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
     seeds = list(range(args.seeds))
     work = args.work or Path(tempfile.mkdtemp(prefix="customize-"))
-    subject_set(work / "data" / "subject")
-    trained_styles = style_set(work / "data" / "style")
+    subject_set(work / "data" / "subject", seed=args.subject_seed, every_background=args.subject_backgrounds == "every",
+                images=args.subject_images)
+    trained_styles = style_set(work / "data" / "style", images=args.style_images)
     regularisation_set(work / "data" / "reg")
     grid = single_object_grid(positions=("center", "left", "right"))
 
@@ -185,6 +211,7 @@ def main() -> None:
     print(f"base model: preservation grid accuracy {base_pres} by CFG ({len(grid)} prompts x {len(seeds)} seeds)")
     for method in args.methods:
         adapter_method, options = METHODS[method]
+        options = {**options, **extra_options}
         for concept in args.concepts:
             trigger = SUBJECT[2] if concept == "subject" else STYLE_TRIGGER
             config = TrainConfig(
@@ -223,6 +250,8 @@ def main() -> None:
                     print(f"{method} {concept} CFG {g:g} uncond {uncond}: fidelity {s['fidelity']:.1%} context "
                           f"{s['context']:.1%} preservation {pres['all']:.1%} (drop "
                           f"{100 * (base_pres[g] - pres['all']):+.1f} pts), {train_s:.0f}s", flush=True)
+                    if "per_context" in s:
+                        print("  per context: " + ", ".join(f"{c!r} {v:.0%}" for c, v in s["per_context"].items()))
             finally:
                 adapter.detach()
             rows.append((method, concept, f"{n_params / 1e3:.1f}k", f"{train_s:.0f}s", scores))
