@@ -102,7 +102,7 @@ class SCTuner(Adapter):
                "of every batch row, the unconditional one too: on the Shapes style it draws the outlines at CFG 1.5 "
                "and loses them at CFG 7.5, where guidance amplifies what both branches now share. Off the "
                "unconditional branch (untick 'Adapters on the negative prompt too' in Generate) it keeps 33-50 % of "
-               "them, less than attention LoRA (42-58 %; docs/benchmarks.md, session 14).")
+               "them, less than LoRA (attention LoRA 42-58 %, LoCon 67 %; docs/benchmarks.md, sessions 14 and 19).")
 
     def __init__(self, config: SCTunerConfig, widths: dict[str, int]):
         super().__init__(config)

@@ -6,7 +6,7 @@
 
 Subjects (default): an orange triangle ("sks") and a purple square ("zkz"), new words for things the base draws;
 `--subjects orange:star:sks purple:cross:zkz` takes shapes the base draws only unnamed (SHAPES.md, "Seen but
-unnamed"). Each is trained alone on 5 renders with prior preservation, as a plain LoRA and
+unnamed"). Each is trained alone on 5 renders (--subject-images) with prior preservation, as a plain LoRA and
 as an orthogonal LoRA (attention layers, rank 4, the same steps and learning rate; the orthogonal ones take slots
 0 and 1 of one registry). The Shapes analyzer scores, at each CFG scale:
 - single: each concept's own prompts ("a sks on the left", ... at three positions), colour and shape right,
@@ -57,10 +57,10 @@ def caption(objects: list[tuple[tuple[str, str, str], str]]) -> str:
     return text
 
 
-def train_concepts(pipe, subjects, work: Path, steps: int, lr: float,
-                   instance_prompt_share: float = 0.0) -> dict[str, list[Path]]:
-    """method -> the two subjects' adapter files, trained unless already in `work`; a share of each subject's images
-    is trained on its bare instance prompt "a <trigger>" (TrainConfig.instance_prompt_share)."""
+def train_concepts(pipe, subjects, work: Path, steps: int, lr: float, instance_prompt_share: float = 0.0,
+                   images: int = 5) -> dict[str, list[Path]]:
+    """method -> the two subjects' adapter files, trained unless already in `work`, each on `images` renders; a share
+    of each subject's images is trained on its bare instance prompt "a <trigger>" (instance_prompt_share)."""
     regularisation_set(work / "data" / "reg")
     files: dict[str, list[Path]] = {}
     for method, options in METHODS.items():
@@ -69,7 +69,7 @@ def train_concepts(pipe, subjects, work: Path, steps: int, lr: float,
             name = f"{method}-{trigger}"
             path = work / "runs" / name / f"{name}.safetensors"
             if not path.exists():
-                subject_set(work / "data" / trigger, subject=subject)
+                subject_set(work / "data" / trigger, subject=subject, images=images)
                 t0 = time.time()
                 train(pipe, TrainConfig(
                     data_dir=work / "data" / trigger, output_dir=path.parent, method=method, method_options=options,
@@ -222,6 +222,8 @@ def main() -> None:
     p.add_argument("--step-size", type=float, default=ComposerSettings().step_size, help="the composer's latent step")
     p.add_argument("--instance-prompt-share", type=float, default=0.0,
                    help="share of each subject's images trained on 'a <trigger>' (TrainConfig; session 13's recipe)")
+    p.add_argument("--subject-images", type=int, default=5,
+                   help="renders per subject (customize_quality's subject_set; 20 meet the subject targets there)")
     p.add_argument("--subjects", nargs=2, default=[":".join(s) for s in SUBJECTS], metavar="COLOUR:SHAPE:TRIGGER",
                    help="the two subjects (default: %(default)s)")
     p.add_argument("--work", type=Path, default=Path("runs/fusion"))
@@ -235,14 +237,15 @@ def main() -> None:
         model = load_model("assets/shapes-sd")
         model.pipe.set_progress_bar_config(disable=True)
         subjects = [tuple(text.split(":")) for text in args.subjects]
-        files = train_concepts(model.pipe, subjects, args.work, args.steps, args.lr, args.instance_prompt_share)
+        files = train_concepts(model.pipe, subjects, args.work, args.steps, args.lr, args.instance_prompt_share,
+                               args.subject_images)
         settings = ComposerSettings(step_size=args.step_size)
         print(f"subjects: {', '.join(f'{t} = {c} {s}' for c, s, t in subjects)}")
         for guidance in args.guidance:
             report(evaluate(model, subjects, files, args.seeds, guidance, args.sample_steps, settings), subjects,
                    guidance)
         print(f"\n{args.steps} steps x batch 4 (+ prior batch), lr {args.lr:g}, rank 4 on attention, instance prompt "
-              f"share {args.instance_prompt_share:g}; {args.seeds} "
+              f"share {args.instance_prompt_share:g}, {args.subject_images} images per subject; {args.seeds} "
               f"seeds, {args.sample_steps} DDIM steps; composer: {settings.params()}; "
               f"{torch.get_num_threads()} threads")
     if args.only in (None, "merge_time"):
