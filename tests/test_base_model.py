@@ -4,13 +4,21 @@ A broken or untrained model (or a broken loader, scheduler or VAE) fails here. T
 the issue's targets are in bench/base_quality.py; these floors sit well below what it measures.
 """
 
+from types import SimpleNamespace
+
+import torch
+
 from studio.shapes.quality import (
     score_prompts,
     single_object_grid,
     two_object_scenes,
     unnamed_content,
+    vae_ceiling,
     vae_reconstruction,
 )
+from studio.shapes.world import Scene, ShapeObject
+
+ATTRIBUTES = ("color", "shape", "outline", "position", "background")
 
 
 def test_generations_score_above_floors(embedded):
@@ -34,6 +42,34 @@ def test_vae_reconstructs_renders(embedded):
     result = vae_reconstruction(embedded.pipe.vae, n=24)
     assert result["psnr_all"] >= 28.0, result
     assert result["analyzer_kept"] >= 0.85, result
+
+
+class PixelVAE:
+    """A stand-in VAE whose latent is the image itself, optionally dimmed toward black on the way back."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def __init__(self, dim: float = 0.0):
+        self.dim = dim
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=(z + 1) * (1 - self.dim) - 1)
+
+
+def test_vae_ceiling_is_the_share_of_renders_the_decoder_gives_back():
+    scene = Scene((ShapeObject("red", "circle", "left", None, True),), "gray")
+    assert vae_ceiling(PixelVAE(), scene, ATTRIBUTES) == 1.0
+    assert vae_ceiling(PixelVAE(dim=0.6), scene, ATTRIBUTES) == 0.0  # the background no longer reads gray
+
+
+def test_the_shipped_vae_loses_a_thin_red_outline_on_gray(embedded):
+    """Why the style's scored scenes are checked against the VAE (docs/benchmarks.md, session 20)."""
+    red_outline = ShapeObject("red", "circle", "center", None, True)
+    assert vae_ceiling(embedded.pipe.vae, Scene((red_outline,)), ATTRIBUTES) == 1.0
+    assert vae_ceiling(embedded.pipe.vae, Scene((red_outline,), "gray"), ATTRIBUTES) <= 0.2
 
 
 def test_named_prompts_draw_no_held_out_shape(embedded):
