@@ -165,8 +165,8 @@ class LoRA(Adapter):
             reason="the closest measured on the Shapes style, short of the targets: at CFG 7.5 with 'Adapters on the "
                    "negative prompt too' unticked in Generate, new colours and shapes are drawn in the style in 67 % "
                    "(target 80 %), new contexts in 40 %, base prompts lose 0.9 points; attention LoRA draws 42 % "
-                   "with a 4-point drop, SC-Tuner 33 % and contexts 0 %; more images, steps or colour-shape pairs "
-                   "do not help, outlines on dark backgrounds are not drawn and thin strokes drift towards red "
+                   "with a 4-point drop, SC-Tuner 33 % and contexts 0 %; 40 varied images come closest (79 % and 70 "
+                   "%), 20 images, more steps or pairs do not, and thin strokes drift towards red "
                    "(docs/benchmarks.md, sessions 14, 19 and 20)"),
     }
 
