@@ -42,8 +42,9 @@ from studio.shapes.analyzer import analyze
 from studio.shapes.world import Scene, ShapeObject
 
 # Two subjects as new words for things the base draws (a DreamBooth subject is something the model can draw but has
-# no word for). The held-out shapes (--subjects orange:star:sks purple:cross:zkz) are not learnt by attention-only
-# LoRAs on this model (single-concept fidelity 0-4 %, docs/benchmarks.md), so their fusion cannot be measured.
+# no word for). The held-out shapes (--subjects orange:star:sks purple:cross:zkz) score 0-4 % single-concept
+# fidelity here, adapters on every row; on 20 images a plain LoRA draws its own 87.5 % off the unconditional rows,
+# and merging drops it to 12.5 % (docs/benchmarks.md, sessions 19-20).
 SUBJECTS = (("orange", "triangle", "sks"), ("purple", "square", "zkz"))
 METHODS = {"lora": {"rank": 4}, "ortho_lora": {"rank": 4}}
 SIDES = ("left", "right")
