@@ -24,8 +24,9 @@ adapters off the unconditional branch (generate(adapters_on_uncond=False)), --un
 --prior-loss-weight weighs the regularisation images' loss (DreamBooth's lambda, default 1; session 15);
 --subject-backgrounds every shows the subject on each background at least once (session 18); --subject-images
 renders more of the subject, each position again in a new size and background, --style-images more of the style
-(session 19); --style-pairs trains the style on more colour-shape pairs (session 20). The style's background contexts
-take new pairs that the VAE gives back right, and the bench prints each scored scene's VAE ceiling (session 20).
+(session 19); --style-pairs trains the style on more colour-shape pairs (session 20), --style-seed draws its images
+anew (session 21). The style's background contexts take new pairs that the VAE gives back right, and the bench
+prints each scored scene's VAE ceiling (session 20).
 Targets (issue #4): fidelity >= 80 %, context >= 80 %, preservation drop <= 5 points.
 """
 
@@ -103,15 +104,17 @@ def write_masks(out: Path, scenes: list[Scene]) -> None:
         Image.fromarray(np.round(255 * coverage).astype(np.uint8), "L").save(out / f"{i:06d}.png")
 
 
-def style_set(out: Path, seed: int = 1, images: int = 8, pairs: int = 8) -> list[tuple[str, str]]:
+def style_set(out: Path, seed: int = 1, images: int = 8, pairs: int = 8, draw: int = 0) -> list[tuple[str, str]]:
     """`images` renders in the outline style, cycling through `pairs` (colour, shape) pairs, their positions and
     backgrounds drawn as the subject's (a style's images vary in all but the style; until session 14 they were all
-    white); returns the pairs trained, to test on others. The first 8 pairs are the same for any `pairs`."""
+    white); returns the pairs trained, to test on others. The first 8 pairs are the same for any `pairs`; `draw`
+    other than 0 draws the positions and backgrounds anew, the pairs kept (session 21)."""
     rng = random.Random(seed)
     drawn = rng.sample([(c, s) for c in COLORS for s in BASE_SHAPES], 8)
     rest = [(c, s) for c in COLORS for s in BASE_SHAPES if (c, s) not in drawn]
     drawn += random.Random(seed + 1).sample(rest, pairs - 8) if pairs > 8 else []
     pairs_trained = drawn[:pairs]
+    rng = random.Random(f"style-draw-{draw}") if draw else rng
     scenes = [Scene((ShapeObject(*pairs_trained[i % pairs], rng.choice(list(POSITIONS)), None, True),),
                     rng.choice(("white", "white", "gray", "black"))) for i in range(images)]
     write_captioned(out, scenes, [s.caption().replace("outline", STYLE_TRIGGER) for s in scenes])
@@ -201,6 +204,8 @@ def main() -> None:
     p.add_argument("--subject-seed", type=int, default=0, help="subject: the draw of its positions, sizes, backgrounds")
     p.add_argument("--style-images", type=int, default=8,
                    help="style: renders, cycling through its 8 colour-shape pairs in new positions and backgrounds")
+    p.add_argument("--style-seed", type=int, default=0,
+                   help="style: the draw of its images' positions and backgrounds (its pairs kept)")
     p.add_argument("--style-pairs", type=int, default=8,
                    help="style: colour-shape pairs its images cycle through (1-12; the 6 scored are never trained)")
     p.add_argument("--uncond", nargs="+", default=["on"], choices=["on", "off"],
@@ -227,7 +232,7 @@ def main() -> None:
                 images=args.subject_images)
     scenes = {"subject": subject_scenes(),
               "style": style_scenes(pipe.vae, style_set(work / "data" / "style", images=args.style_images,
-                                                        pairs=args.style_pairs))}
+                                                        pairs=args.style_pairs, draw=args.style_seed))}
     for concept in args.concepts:  # what the decoder can give back of each scored scene (1 = all of it)
         plain, contexts = scenes[concept]
         print(f"{concept}: VAE ceiling of the scored scenes: " + ", ".join(
@@ -257,11 +262,11 @@ def main() -> None:
                 batch_size=args.batch_size, learning_rate=learning_rates.get(method), checkpoint_every=0, seed=0,
             )
             adapter_path = config.output_dir / f"{config.adapter_name}.safetensors"
-            train_s = float("nan")  # an adapter already in --work is scored again, not retrained
+            train_time = "reused"  # an adapter already in --work is scored again, not retrained
             if not adapter_path.exists():
                 t0 = time.time()
                 adapter_path = train(pipe, config).adapter_path
-                train_s = time.time() - t0
+                train_time = f"{time.time() - t0:.0f}s"
             adapter = load_adapter(adapter_path, pipe.unet)
             adapter.set_scale(args.scale)
             n_params = sum(p.numel() for p in adapter.trainable_parameters())
@@ -278,12 +283,12 @@ def main() -> None:
                     scores[g, uncond] = (s["fidelity"], s["context"], pres["all"])
                     print(f"{method} {concept} CFG {g:g} uncond {uncond}: fidelity {s['fidelity']:.1%} context "
                           f"{s['context']:.1%} preservation {pres['all']:.1%} (drop "
-                          f"{100 * (base_pres[g] - pres['all']):+.1f} pts), {train_s:.0f}s", flush=True)
+                          f"{100 * (base_pres[g] - pres['all']):+.1f} pts), train {train_time}", flush=True)
                     if "per_context" in s:
                         print("  per context: " + ", ".join(f"{c!r} {v:.0%}" for c, v in s["per_context"].items()))
             finally:
                 adapter.detach()
-            rows.append((method, concept, f"{n_params / 1e3:.1f}k", f"{train_s:.0f}s", scores))
+            rows.append((method, concept, f"{n_params / 1e3:.1f}k", train_time, scores))
 
     print(f"\n{args.steps} steps x batch {args.batch_size} (+ prior batch) per method, adapter scale {args.scale:g}, "
           "learning rates "
