@@ -102,7 +102,10 @@ class SCTuner(Adapter):
                "of every batch row, the unconditional one too: on the Shapes style it draws the outlines at CFG 1.5 "
                "and loses them at CFG 7.5, where guidance amplifies what both branches now share. Off the "
                "unconditional branch (untick 'Adapters on the negative prompt too' in Generate) it keeps 33-50 % of "
-               "them, less than LoRA (attention LoRA 42-58 %, LoCon 67 %; docs/benchmarks.md, sessions 14 and 19).")
+               "them on 8-20 images and 4 % on 40, where LoRA meets the targets. It never reads the prompt: it must "
+               "tell the trigger from the skip features alone, so it suits a whole domain more than a triggered "
+               "style beside prior preservation (with the prior's weight at 0.001: 58 %, base prompts lose 7.9 "
+               "points; docs/benchmarks.md, sessions 14, 19 and 21).")
 
     def __init__(self, config: SCTunerConfig, widths: dict[str, int]):
         super().__init__(config)

@@ -25,8 +25,9 @@ adapters off the unconditional branch (generate(adapters_on_uncond=False)), --un
 --subject-backgrounds every shows the subject on each background at least once (session 18); --subject-images
 renders more of the subject, each position again in a new size and background, --style-images more of the style
 (session 19); --style-pairs trains the style on more colour-shape pairs (session 20), --style-seed draws its images
-anew (session 21). The style's background contexts take new pairs that the VAE gives back right, and the bench
-prints each scored scene's VAE ceiling (session 20).
+anew, --style-layout every takes each pair through every position and background (session 21). The style's
+background contexts take new pairs that the VAE gives back right, and the bench prints each scored scene's VAE
+ceiling (session 20).
 Targets (issue #4): fidelity >= 80 %, context >= 80 %, preservation drop <= 5 points.
 """
 
@@ -104,11 +105,15 @@ def write_masks(out: Path, scenes: list[Scene]) -> None:
         Image.fromarray(np.round(255 * coverage).astype(np.uint8), "L").save(out / f"{i:06d}.png")
 
 
-def style_set(out: Path, seed: int = 1, images: int = 8, pairs: int = 8, draw: int = 0) -> list[tuple[str, str]]:
+def style_set(out: Path, seed: int = 1, images: int = 8, pairs: int = 8, draw: int = 0,
+              every_position: bool = False) -> list[tuple[str, str]]:
     """`images` renders in the outline style, cycling through `pairs` (colour, shape) pairs, their positions and
     backgrounds drawn as the subject's (a style's images vary in all but the style; until session 14 they were all
     white); returns the pairs trained, to test on others. The first 8 pairs are the same for any `pairs`; `draw`
-    other than 0 draws the positions and backgrounds anew, the pairs kept (session 21)."""
+    other than 0 draws the positions and backgrounds anew, the pairs kept (session 21). `every_position` takes each
+    pair through the five positions and the backgrounds in turn instead of drawing them: drawn, a shape can miss a
+    position in every image (session 21: the circles never on the left, and "a zwx circle on the left" is drawn
+    centred)."""
     rng = random.Random(seed)
     drawn = rng.sample([(c, s) for c in COLORS for s in BASE_SHAPES], 8)
     rest = [(c, s) for c in COLORS for s in BASE_SHAPES if (c, s) not in drawn]
@@ -117,6 +122,10 @@ def style_set(out: Path, seed: int = 1, images: int = 8, pairs: int = 8, draw: i
     rng = random.Random(f"style-draw-{draw}") if draw else rng
     scenes = [Scene((ShapeObject(*pairs_trained[i % pairs], rng.choice(list(POSITIONS)), None, True),),
                     rng.choice(("white", "white", "gray", "black"))) for i in range(images)]
+    if every_position:  # image i shows pair i % pairs for the (i // pairs)-th time: the next position and background
+        positions, backgrounds = rng.sample(list(POSITIONS), 5), rng.sample(["white", "white", "gray", "black"], 4)
+        scenes = [Scene((dataclasses.replace(scene.objects[0], position=positions[(i % pairs + i // pairs) % 5]),),
+                        backgrounds[(i % pairs + i // pairs) % 4]) for i, scene in enumerate(scenes)]
     write_captioned(out, scenes, [s.caption().replace("outline", STYLE_TRIGGER) for s in scenes])
     return pairs_trained
 
@@ -206,6 +215,8 @@ def main() -> None:
                    help="style: renders, cycling through its 8 colour-shape pairs in new positions and backgrounds")
     p.add_argument("--style-seed", type=int, default=0,
                    help="style: the draw of its images' positions and backgrounds (its pairs kept)")
+    p.add_argument("--style-layout", default="drawn", choices=["drawn", "every"],
+                   help="style: positions and backgrounds drawn per image, or each pair at every position in turn")
     p.add_argument("--style-pairs", type=int, default=8,
                    help="style: colour-shape pairs its images cycle through (1-12; the 6 scored are never trained)")
     p.add_argument("--uncond", nargs="+", default=["on"], choices=["on", "off"],
@@ -232,7 +243,8 @@ def main() -> None:
                 images=args.subject_images)
     scenes = {"subject": subject_scenes(),
               "style": style_scenes(pipe.vae, style_set(work / "data" / "style", images=args.style_images,
-                                                        pairs=args.style_pairs, draw=args.style_seed))}
+                                                        pairs=args.style_pairs, draw=args.style_seed,
+                                                        every_position=args.style_layout == "every"))}
     for concept in args.concepts:  # what the decoder can give back of each scored scene (1 = all of it)
         plain, contexts = scenes[concept]
         print(f"{concept}: VAE ceiling of the scored scenes: " + ", ".join(

@@ -300,15 +300,18 @@ def test_browser_shows_method_options_for_the_chosen_method_and_the_control_pane
     # the share of steps on the trigger alone (the subject's recommendation has one, a controller's none).
     share = page.locator("#train-trigger-share input[type=number]")
     expect(share).to_have_value("0.5")
-    page.locator("#train-concept").get_by_text("style").click()  # LoCon: the closest measured on a style
+    target = page.locator("#train-lora-target input")
+    page.locator("#train-concept").get_by_text("style").click()  # attention + feed-forward LoRA meets a style
     expect(page.locator("#train-method-help")).to_contain_text("Recommended for a style: LoRA", timeout=10_000)
-    expect(page.locator("#train-method-help")).to_contain_text("short of the targets")
+    expect(page.locator("#train-method-help")).to_contain_text("meets the targets on the Shapes style")
+    expect(target).to_have_value("attention + feed-forward")
     expect(page.locator("#train-steps input[type=number]")).to_have_value("1000")
     expect(page.locator("#train-lr textarea")).to_have_value("0.001")
     expect(share).to_have_value("0")
     # Style to subject: LoRA both times, so the method does not change, and the advice must follow all the same.
     page.locator("#train-concept").get_by_text("subject").click()
     expect(page.locator("#train-method-help")).to_contain_text("Recommended for a subject: LoRA", timeout=10_000)
+    expect(target).to_have_value("attention + resnet convolutions (LoCon)")
     expect(page.locator("#train-steps input[type=number]")).to_have_value("2000")
     expect(share).to_have_value("0.5")
     page.locator("#train-concept").get_by_text("control").click()
