@@ -184,7 +184,9 @@ def test_stop_ends_a_composition_at_its_next_step_and_keeps_the_previous_results
 def _add_concept(tab, label: str) -> None:
     """Pick `label` in the "Add concept" dropdown and press Add, as an artist does."""
     tab.locator("#compose-add-choice input").fill(label)
-    tab.locator("#compose-add-choice input").press("Enter")
+    # Click the listed choice rather than press Enter: on a busy machine Enter can land before the list filters,
+    # and the typed label, not the adapter's name, is then the dropdown's value.
+    tab.get_by_role("option", name=label, exact=True).click()
     tab.locator("#compose-add").click()
     expect(tab.locator("#compose-table")).to_contain_text(label.split()[0], timeout=10_000)
 

@@ -287,12 +287,12 @@ def test_browser_shows_the_train_and_adapters_tabs(page):
 def test_browser_shows_method_options_for_the_chosen_method_and_the_control_panel(page):
     page.get_by_role("tab", name="Train").click()
     expect(page.locator("#train-csc_tuner-condition")).to_be_hidden()
-    page.locator("#train-method input").fill("CSC-Tuner (controller)")
-    page.locator("#train-method input").press("Enter")
+    page.locator("#train-method input").fill("CSC-Tuner (controller)")  # then the listed choice, not Enter
+    page.get_by_role("option", name="CSC-Tuner (controller)", exact=True).click()
     expect(page.locator("#train-csc_tuner-condition")).to_be_visible(timeout=10_000)
     expect(page.locator("#train-method-help")).to_contain_text("controllable tuner", timeout=10_000)
     page.locator("#train-method input").fill("SaRA")
-    page.locator("#train-method input").press("Enter")
+    page.get_by_role("option", name="SaRA", exact=True).click()
     expect(page.locator("#train-csc_tuner-condition")).to_be_hidden(timeout=10_000)
     expect(page.locator("#train-sara-threshold input")).to_have_value(re.compile(r"M trainable.*\(default\)"),
                                                                       timeout=10_000)
