@@ -133,6 +133,7 @@ def test_browser_a_non_number_adapter_scale_says_why_and_keeps_the_images(page, 
     page.locator("#gen-adapters").get_by_text("0", exact=True).filter(visible=True).dblclick()
     page.keyboard.type("lots")
     page.keyboard.press("Enter")
+    expect(page.locator("#gen-adapters")).to_contain_text("lots", timeout=10_000)  # committed before the click
     page.locator("#gen-button").click()
     toast(page, "adapter 'stars': scale").to_be_visible(timeout=30_000)
     no_error_badge(page, "gen-gallery")
