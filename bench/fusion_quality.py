@@ -17,6 +17,9 @@ as an orthogonal LoRA (attention layers, rank 4, the same steps and learning rat
 - the identity-swap matrix: what each side shows (sks, zkz, or something else) in those images.
 Targets: orthogonal drop <= 5 points and smaller than LoRA's; both-present >= 70 % with LoRA-Composer and above
 the merged weights'; merging 5 concepts < 1 s; LoRA-Composer's peak memory with 4 concepts <= 1.15x with 1.
+Options: --target attn_ff and --rank (both methods), --ortho-lr (orthogonal LoRA's own rate: only its B trains),
+--subject-images 40 --subject-backgrounds every (customize_quality's subject set), --uncond off (single and merged
+scored with the adapters off the unconditional rows, as bench/customize_quality.py scores a held-out subject).
 Adapters are kept in --work: a second run skips their training.
 """
 
@@ -46,7 +49,7 @@ from studio.shapes.world import Scene, ShapeObject
 # fidelity here, adapters on every row; on 20 images a plain LoRA draws its own 87.5 % off the unconditional rows,
 # and merging drops it to 12.5 % (docs/benchmarks.md, sessions 19-20).
 SUBJECTS = (("orange", "triangle", "sks"), ("purple", "square", "zkz"))
-METHODS = {"lora": {"rank": 4}, "ortho_lora": {"rank": 4}}
+METHODS = {"lora": LoRA, "ortho_lora": OrthoLoRA}
 SIDES = ("left", "right")
 
 
@@ -58,24 +61,27 @@ def caption(objects: list[tuple[tuple[str, str, str], str]]) -> str:
     return text
 
 
-def train_concepts(pipe, subjects, work: Path, steps: int, lr: float, instance_prompt_share: float = 0.0,
-                   images: int = 5) -> dict[str, list[Path]]:
-    """method -> the two subjects' adapter files, trained unless already in `work`, each on `images` renders; a share
-    of each subject's images is trained on its bare instance prompt "a <trigger>" (instance_prompt_share)."""
+def train_concepts(pipe, subjects, work: Path, steps: int, lrs: dict[str, float], options: dict,
+                   instance_prompt_share: float = 0.0, images: int = 5,
+                   every_background: bool = False) -> dict[str, list[Path]]:
+    """method -> the two subjects' adapter files, trained unless already in `work`, each on `images` renders (with
+    every background shown if asked); a share of each subject's images is trained on its bare instance prompt
+    "a <trigger>" (instance_prompt_share). Both methods take the same `options` (rank, target); `lrs` per method."""
     regularisation_set(work / "data" / "reg")
     files: dict[str, list[Path]] = {}
-    for method, options in METHODS.items():
+    for method in METHODS:
         for subject in subjects:
             trigger = subject[2]
             name = f"{method}-{trigger}"
             path = work / "runs" / name / f"{name}.safetensors"
             if not path.exists():
-                subject_set(work / "data" / trigger, subject=subject, images=images)
+                subject_set(work / "data" / trigger, subject=subject, images=images, every_background=every_background)
                 t0 = time.time()
                 train(pipe, TrainConfig(
-                    data_dir=work / "data" / trigger, output_dir=path.parent, method=method, method_options=options,
-                    name=name, trigger=trigger, class_prompt="a shape", class_dir=work / "data" / "reg",
-                    num_class_images=64, steps=steps, batch_size=4, learning_rate=lr, checkpoint_every=0, seed=0,
+                    data_dir=work / "data" / trigger, output_dir=path.parent, method=method,
+                    method_options=dict(options), name=name, trigger=trigger, class_prompt="a shape",
+                    class_dir=work / "data" / "reg", num_class_images=64, steps=steps, batch_size=4,
+                    learning_rate=lrs[method], checkpoint_every=0, seed=0,
                     instance_prompt=f"a {trigger}", instance_prompt_share=instance_prompt_share,
                     library_dir=work / "library"))
                 print(f"trained {name}: {time.time() - t0:.0f}s", flush=True)
@@ -104,24 +110,35 @@ def side_identity(image, subjects) -> tuple[str, str]:
 
 
 def evaluate(model, subjects, files: dict[str, list[Path]], seeds: int, guidance: float, steps: int,
-             settings: ComposerSettings) -> dict[str, dict]:
+             settings: ComposerSettings, on_uncond: bool = True) -> dict[str, dict]:
+    """on_uncond=False scores "single" and "merged" with the adapters off the unconditional rows (`generate`'s
+    adapters_on_uncond=False), "merged" then being both adapters as branches at their merge weights: the sum
+    `merge_into` folds, on the conditional rows only. The composer runs as published either way."""
     results = {}
     common = dict(seed=0, num_images_per_prompt=seeds, num_inference_steps=steps, guidance_scale=guidance)
+
+    def merged(prompt: str, paths: list[Path], method: str, regions=None):
+        if on_uncond:
+            return compose(model, prompt, adapters=[(p, None) for p in paths], regions=regions, mode="merge",
+                           **common)
+        weight = METHODS[method].default_merge_weight
+        return generate(model, prompt, adapters=[(p, weight) for p in paths], adapters_on_uncond=False, **common)
+
     for method, paths in files.items():
         row: dict = {"single": [], "merged": []}
         for subject, path in zip(subjects, paths):
             prompts = [caption([(subject, p)]) for p in ("left", "right", "center")]
             for prompt in prompts:
-                row["single"] += single_rate(generate(model, prompt, adapters=[(path, 1.0)], **common).images, subject)
-                merged = compose(model, prompt, adapters=[(p, None) for p in paths], mode="merge", **common)
-                row["merged"] += single_rate(merged.images, subject)
+                alone = generate(model, prompt, adapters=[(path, 1.0)], adapters_on_uncond=on_uncond, **common)
+                row["single"] += single_rate(alone.images, subject)
+                row["merged"] += single_rate(merged(prompt, paths, method).images, subject)
         both = caption([(subjects[0], "left"), (subjects[1], "right")])
         regions = [ComposeRegion((0, 0, 32, 64), caption([(subjects[0], "left")])),
                    ComposeRegion((32, 0, 64, 64), caption([(subjects[1], "right")]))]
-        for mode in ("merge", "composer"):
-            result = compose(model, both, adapters=[(p, None) for p in paths], regions=regions, mode=mode,
-                             composer=settings, **common)
-            row[mode] = [side_identity(image, subjects) for image in result.images]
+        row["merge"] = [side_identity(image, subjects) for image in merged(both, paths, method, regions).images]
+        composed = compose(model, both, adapters=[(p, None) for p in paths], regions=regions, mode="composer",
+                           composer=settings, **common)
+        row["composer"] = [side_identity(image, subjects) for image in composed.images]
         results[method] = row
     return results
 
@@ -217,6 +234,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=600, help="training steps of every adapter")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ortho-lr", type=float, default=None,
+                   help="orthogonal LoRA's rate (default: --lr); only its B trains, so at LoRA's rate it learns "
+                        "less (docs/benchmarks.md, session 17: 3-10x brings it level)")
+    p.add_argument("--rank", type=int, default=4, help="rank of both methods")
+    p.add_argument("--target", choices=["attn", "attn_ff"], default="attn",
+                   help="the layers both methods adapt (attn_ff: kohya's LoRA, which learns a held-out subject from "
+                        "40 images in bench/customize_quality.py)")
+    p.add_argument("--uncond", choices=["on", "off"], default="on",
+                   help="off: score single and merged with the adapters off the unconditional rows (the composer "
+                        "as published)")
+    p.add_argument("--subject-backgrounds", choices=["drawn", "every"], default="drawn",
+                   help="every: each subject shown on every background (customize_quality's subject_set)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the evaluation images")
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 7.5])
@@ -238,16 +267,19 @@ def main() -> None:
         model = load_model("assets/shapes-sd")
         model.pipe.set_progress_bar_config(disable=True)
         subjects = [tuple(text.split(":")) for text in args.subjects]
-        files = train_concepts(model.pipe, subjects, args.work, args.steps, args.lr, args.instance_prompt_share,
-                               args.subject_images)
+        lrs = {"lora": args.lr, "ortho_lora": args.lr if args.ortho_lr is None else args.ortho_lr}
+        options = {"rank": args.rank, "target": args.target}
+        files = train_concepts(model.pipe, subjects, args.work, args.steps, lrs, options, args.instance_prompt_share,
+                               args.subject_images, args.subject_backgrounds == "every")
         settings = ComposerSettings(step_size=args.step_size)
         print(f"subjects: {', '.join(f'{t} = {c} {s}' for c, s, t in subjects)}")
         for guidance in args.guidance:
-            report(evaluate(model, subjects, files, args.seeds, guidance, args.sample_steps, settings), subjects,
-                   guidance)
-        print(f"\n{args.steps} steps x batch 4 (+ prior batch), lr {args.lr:g}, rank 4 on attention, instance prompt "
-              f"share {args.instance_prompt_share:g}, {args.subject_images} images per subject; {args.seeds} "
-              f"seeds, {args.sample_steps} DDIM steps; composer: {settings.params()}; "
+            report(evaluate(model, subjects, files, args.seeds, guidance, args.sample_steps, settings,
+                            args.uncond == "on"), subjects, guidance)
+        print(f"\n{args.steps} steps x batch 4 (+ prior batch), lr {lrs}, rank {args.rank} on {args.target}, "
+              f"instance prompt share {args.instance_prompt_share:g}, {args.subject_images} images per subject "
+              f"({args.subject_backgrounds} backgrounds); adapters {args.uncond} the unconditional rows (single, "
+              f"merged); {args.seeds} seeds, {args.sample_steps} DDIM steps; composer: {settings.params()}; "
               f"{torch.get_num_threads()} threads")
     if args.only in (None, "merge_time"):
         merge_time()
