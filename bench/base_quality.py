@@ -9,7 +9,9 @@ VAE PSNR >= 30 dB; a held-out shape in <= 1 % of the grid's images (nothing name
 It also prints what the unconditional branch draws (empty prompt, CFG 1, --unconditional-seeds images):
 the share with a held-out shape and with an outline, the content base training shows but never names; and
 what "a <word>" draws for trigger words no caption uses, 8 seeds each: the share of a word's images showing
-its most common colour and shape (100 % when an unknown word means one fixed thing).
+its most common colour and shape (100 % when an unknown word means one fixed thing). Last, how local text is
+(`--only locality` prints this alone): per UNet block, the share of a two-object prompt's object words' cross-attention
+that falls in the object's own half (0.5: not local; regional prompting and LoRA-Composer need it well above).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from pipelines import load_model
 from studio.shapes.quality import (
+    cross_attention_locality,
     score_prompts,
     single_object_grid,
     two_object_scenes,
@@ -42,6 +45,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--unconditional-seeds", type=int, default=96)
+    p.add_argument("--only", choices=["locality"], default=None, help="print the cross-attention locality alone")
     args = p.parse_args()
 
     model = load_model(args.model)
@@ -51,6 +55,9 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"device {pipe.device}; model {model.name}")
     t0 = time.time()
+    if args.only == "locality":
+        print_locality(pipe, seeds, args.steps, args.guidance, t0)
+        return
     single = score_prompts(pipe, single_object_grid(), seeds, num_inference_steps=args.steps,
                            guidance_scale=args.guidance)
     pairs = score_prompts(pipe, two_object_scenes(), seeds, num_inference_steps=args.steps,
@@ -90,6 +97,15 @@ def main() -> None:
     print(f"{'VAE reconstructions read right':36s} {vae['analyzer_kept']:8.1%}")
     print(f"({len(named_prompts)} prompts x {len(seeds)} seeds, {args.steps} DDIM steps, CFG {args.guidance}; "
           f"unconditional: empty prompt x {args.unconditional_seeds} seeds, CFG 1; {time.time() - t0:.0f}s)")
+    print_locality(pipe, seeds, args.steps, args.guidance, time.time())
+
+
+def print_locality(pipe, seeds: list[int], steps: int, guidance: float, t0: float) -> None:
+    locality = cross_attention_locality(pipe, seeds, num_inference_steps=steps, guidance_scale=guidance)
+    print("cross-attention locality: an object's words' attention in its own half (0.5: not local)")
+    for block, share in locality.items():
+        print(f"  {block:34s} {share:8.1%}")
+    print(f"(8 two-object prompts x {len(seeds)} seeds, {steps} DDIM steps, CFG {guidance}; {time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":

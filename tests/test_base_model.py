@@ -6,9 +6,14 @@ the issue's targets are in bench/base_quality.py; these floors sit well below wh
 
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
+from adapters.processors import ProcessorSwap, attention_layers
 from studio.shapes.quality import (
+    CrossAttentionRecorder,
+    generate_at_seeds,
+    object_word_positions,
     score_prompts,
     single_object_grid,
     two_object_scenes,
@@ -88,3 +93,30 @@ def test_the_unconditional_branch_draws_what_no_caption_names(embedded):
     pipe.set_progress_bar_config(disable=True)
     found = unnamed_content(pipe, [""], seeds=list(range(16)), num_inference_steps=20, guidance_scale=1.0)
     assert found["either"] >= 0.15, found
+
+
+def test_object_word_positions_find_each_objects_colour_and_shape(embedded):
+    tokenizer = embedded.pipe.tokenizer
+    scene = Scene((ShapeObject("red", "square", "left"), ShapeObject("blue", "square", "right")))
+    ids = tokenizer(scene.caption()).input_ids
+    positions = object_word_positions(tokenizer, scene.caption(), scene)
+    words = [[tokenizer.decode([ids[i]]).strip() for i in found] for found in positions]
+    assert words == [["red", "square"], ["blue", "square"]]  # the second "square" is the second object's
+    assert positions[1][1] > positions[0][1]
+
+
+def test_recording_cross_attention_changes_no_image(embedded):
+    """The locality bench (bench/base_quality.py --only locality) reads the maps without touching the output."""
+    pipe = embedded.pipe
+    pipe.set_progress_bar_config(disable=True)
+    layers = attention_layers(pipe.unet, "cross")
+    maps = {name: [] for name in layers}
+    kwargs = dict(num_inference_steps=3, guidance_scale=7.5)
+    before = np.asarray(generate_at_seeds(pipe, "a red square on the left", [0], **kwargs)[0])
+    with ProcessorSwap(layers, lambda name, base: CrossAttentionRecorder(base, maps[name])):
+        during = np.asarray(generate_at_seeds(pipe, "a red square on the left", [0], **kwargs)[0])
+    assert np.array_equal(before, during)
+    for recorded in maps.values():
+        assert len(recorded) == 3  # one map per step, the conditional row only
+        assert recorded[0].shape[0] == 1
+        assert torch.allclose(recorded[0].sum(dim=-1), torch.ones(()), atol=1e-5)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 
 from adapters import call_context
+from adapters.composer import grid_of
+from adapters.processors import ProcessorSwap, WrappingProcessor, attention_layers
 from pipelines.generate import encode_call
 
 from .analyzer import analyze, score_scene
@@ -112,6 +114,75 @@ def unknown_word_readings(pipe, words: Sequence[str], seeds: Sequence[int], *, n
             held_out.append(any(o.shape in HELD_OUT_SHAPES for o in objects))
         top.append(max(readings.count(r) for r in set(readings)) / len(readings))
     return {"top_reading": float(np.mean(top)), "held_out_shape": float(np.mean(held_out))}
+
+
+class CrossAttentionRecorder(WrappingProcessor):
+    """Passes the call on unchanged; keeps the conditional rows' cross-attention probabilities (B, queries,
+    tokens), averaged over heads (classifier-free guidance stacks the unconditional rows first)."""
+
+    def __init__(self, base_processor, maps: list[torch.Tensor]):
+        super().__init__(base_processor)
+        self.maps = maps
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k).unflatten(0, (hidden_states.shape[0], attn.heads)).mean(dim=1)
+        self.maps.append(probs[probs.shape[0] // 2:])
+        return self.base_processor(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+def object_word_positions(tokenizer, caption: str, scene: Scene) -> list[list[int]]:
+    """Per object, the token positions of its colour and shape words in the encoded caption."""
+    ids = tokenizer(caption).input_ids
+    positions, start = [], 0
+    for obj in scene.objects:
+        found = []
+        for word in (obj.color, obj.shape):
+            word_ids = tokenizer(word, add_special_tokens=False).input_ids
+            at = next(i for i in range(start, len(ids)) if ids[i:i + len(word_ids)] == word_ids)
+            found += range(at, at + len(word_ids))
+        positions.append(found)
+        start = max(found) + 1
+    return positions
+
+
+def _own_half(position: str, h: int, w: int) -> torch.Tensor:
+    """(h, w) bool: the half of the grid an object at `position` (of a two-object layout) is drawn in."""
+    rows, cols = torch.arange(h)[:, None].expand(h, w), torch.arange(w)[None, :].expand(h, w)
+    return {"left": cols < w // 2, "right": cols >= w // 2, "top": rows < h // 2, "bottom": rows >= h // 2}[position]
+
+
+@torch.no_grad()
+def cross_attention_locality(pipe, seeds: Sequence[int], *, n: int = 8, num_inference_steps: int = 25,
+                             guidance_scale: float = 7.5) -> dict[str, float]:
+    """Whether text acts where its object is drawn: for n two-object prompts (distinct colours and shapes, one
+    object per half), the share of each object's word maps (its colour and shape tokens' cross-attention, summed,
+    averaged over heads) that falls in its own half, per UNet block ("down_blocks.0 16x16", ...), averaged over
+    objects, denoising steps, seeds and prompts. 0.5: the words reach both halves alike. On a real checkpoint a
+    word's map covers its object (DAAM, Tang et al., arXiv 2210.04885), which regional prompting and
+    LoRA-Composer's injection rest on (docs/benchmarks.md, bench/fusion_quality.py)."""
+    scenes = [scene for scene in two_object_scenes(4 * n)
+              if len({o.color for o in scene.objects}) == 2 and len({o.shape for o in scene.objects}) == 2][:n]
+    layers = attention_layers(pipe.unet, "cross")
+    maps: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    shares: dict[str, list[float]] = {}
+    with ProcessorSwap(layers, lambda name, base: CrossAttentionRecorder(base, maps[name])):
+        for scene in scenes:
+            for recorded in maps.values():
+                recorded.clear()
+            generate_at_seeds(pipe, scene.caption(), seeds, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale)
+            words = object_word_positions(pipe.tokenizer, scene.caption(), scene)
+            for name, recorded in maps.items():
+                probs = torch.stack(recorded).float()  # (steps, B, queries, tokens)
+                h, w = grid_of(probs.shape[2], (64, 64))
+                block = ".".join(name.split(".")[:2]) if name.startswith(("down", "up")) else "mid_block"
+                for obj, positions in zip(scene.objects, words):
+                    word_map = probs[..., positions].sum(dim=-1).reshape(*probs.shape[:2], h, w)
+                    own = word_map[..., _own_half(obj.position, h, w)].sum(dim=-1) / word_map.sum(dim=(-2, -1))
+                    shares.setdefault(f"{block} {h}x{w}", []).append(own.mean().item())
+    return {key: float(np.mean(values)) for key, values in shares.items()}
 
 
 @torch.no_grad()
