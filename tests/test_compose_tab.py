@@ -23,10 +23,10 @@ from studio.ui.compose_tab import (
     add_concept,
     boxes_from_layers,
     concepts_from_rows,
+    default_box,
     draw_preview,
     in_table_terms,
     layer_box,
-    strip_box,
     table_rows,
 )
 from tests.adapter_helpers import perturb
@@ -75,19 +75,20 @@ def test_layer_k_sets_the_box_of_row_k_and_empty_layers_keep_the_rows_box():
     rows = add_concept(add_concept([], "sks", ["sks"], SIZE), "zkz", ["zkz"], SIZE)
     layers = [_layer(SIZE, None), _layer(SIZE, (slice(8, 40), slice(36, 60))), _layer(SIZE, (slice(0, 9),) * 2)]
     drawn = boxes_from_layers(rows, layers, SIZE)
-    assert [row[3:] for row in drawn] == [[0, 0, 32, 64], [36, 8, 60, 40]]  # the third layer has no row
-    assert rows[1][3:] == [32, 0, 64, 64]  # the table passed in is not changed
+    assert [row[3:] for row in drawn] == [[4, 16, 28, 48], [36, 8, 60, 40]]  # the third layer has no row
+    assert rows[1][3:] == [36, 16, 60, 48]  # the table passed in is not changed
 
 
-def test_added_concepts_get_trigger_prompts_and_equal_strips_and_drawn_boxes_stay():
+def test_added_concepts_get_trigger_prompts_and_boxes_inside_equal_strips_and_drawn_boxes_stay():
     rows = add_concept([], "sks", ["sks", "star"], SIZE)
-    assert rows == [["sks", "", "a sks", 0, 0, 64, 64]]
+    assert rows == [["sks", "", "a sks", 8, 16, 56, 48]]
     rows = add_concept(rows, "zkz", [], SIZE)  # no trigger word: the adapter's name
-    assert rows == [["sks", "", "a sks", 0, 0, 32, 64], ["zkz", "", "a zkz", 32, 0, 64, 64]]
+    # each box inside its half, the rest of the canvas left to the global prompt (boxes that tile it draw one object)
+    assert rows == [["sks", "", "a sks", 4, 16, 28, 48], ["zkz", "", "a zkz", 36, 16, 60, 48]]
     rows[0][3:] = [2, 4, 20, 60]  # the artist's box
     rows = add_concept(rows, "sks", ["sks"], SIZE)
-    assert [row[3:] for row in rows] == [[2, 4, 20, 60], [21, 0, 43, 64], [43, 0, 64, 64]]
-    assert strip_box(2, 3, SIZE) == (43, 0, 64, 64)
+    assert [row[3:] for row in rows] == [[2, 4, 20, 60], [24, 16, 40, 48], [45, 16, 61, 48]]
+    assert default_box(2, 3, SIZE) == (45, 16, 61, 48)
 
 
 def test_table_rows_become_adapters_and_regions_with_their_boxes(library):
@@ -209,7 +210,7 @@ def test_browser_composes_two_library_concepts_side_by_side(library, page):  # n
     page.get_by_role("tab", name="Compose").click()  # showing the tab re-reads the library
     _add_concept(page, "sks (lora)")
     _add_concept(page, "zkz (lora)")
-    expect(_cell(page, 1, 3)).to_have_text("32")  # the default strips
+    expect(_cell(page, 1, 3)).to_have_text("36")  # the default boxes, each inside its half
     page.locator("#compose-prompt textarea").fill("a sks on the left and a zkz on the right")
     page.locator("#compose-seed input").fill("3")
     steps = page.locator("#compose-steps input[type=number]")
@@ -227,7 +228,7 @@ def test_browser_composes_two_library_concepts_side_by_side(library, page):  # n
     # A refused table says why and leaves the results in place.
     _type_cell(page, 0, 5, "40")
     page.locator("#compose-button").click()
-    expect(page.get_by_text("row 1 (0, 0, 40, 64) and row 2 (32, 0, 64, 64) overlap")).to_be_visible(
+    expect(page.get_by_text("row 1 (4, 16, 40, 48) and row 2 (36, 16, 60, 48) overlap")).to_be_visible(
         timeout=30_000)
     expect(page.locator("#compose-composer img").first).to_be_attached()
     expect(page.locator("#compose-merge img").first).to_be_attached()
@@ -238,10 +239,10 @@ def test_browser_shows_why_a_box_is_refused(library, page):  # noqa: F811
     page.get_by_role("tab", name="Compose").click()
     _add_concept(page, "sks (lora)")
     _add_concept(page, "zkz (lora)")
-    _type_cell(page, 1, 3, "20")  # row 2 now starts inside row 1's strip
+    _type_cell(page, 1, 3, "20")  # row 2 now starts inside row 1's box
     expect(_cell(page, 1, 3)).to_have_text("20")
     page.locator("#compose-button").click()
-    expect(page.get_by_text(re.compile(r"row 1 \(0, 0, 32, 64\) and row 2 \(20, 0, 64, 64\) overlap: .* make "
+    expect(page.get_by_text(re.compile(r"row 1 \(4, 16, 28, 48\) and row 2 \(20, 16, 60, 48\) overlap: .* make "
                                        r"the boxes disjoint"))).to_be_visible(timeout=30_000)
     page.locator("#compose-clear").click()
     page.locator("#compose-button").click()

@@ -57,23 +57,29 @@ def table_rows(value: Any) -> list[list]:
     return [row[:len(COLUMNS)] for row in rows if not all(_blank(cell) for cell in row)]
 
 
-def strip_box(k: int, n: int, size: Size) -> Box:
-    """The k-th of n equal vertical strips of the canvas: concept k's box until the artist draws or types one."""
+def default_box(k: int, n: int, size: Size) -> Box:
+    """Concept k's box until the artist draws or types one: the k-th of n equal vertical strips of the canvas, inset
+    by an eighth of its width at each side and a quarter of the height at top and bottom. The global prompt keeps
+    the rest: boxes that tile the canvas leave it no cell, and regional prompting then draws one object where these
+    draw both (docs/benchmarks.md, bench/fusion_quality.py, session 22)."""
     width, height = size
-    return round(k * width / n), 0, round((k + 1) * width / n), height
+    x0, x1 = k * width / n, (k + 1) * width / n
+    inset = (x1 - x0) / 8
+    return round(x0 + inset), round(height / 4), round(x1 - inset), round(3 * height / 4)
 
 
 def add_concept(rows: Any, name: str, trigger_words: Sequence[str], size: Size) -> list[list]:
     """The table with a row for adapter `name`: prompt "a <first trigger word>" (its name without one), weight
-    blank (the method's default), box the last of n+1 strips. Earlier rows whose box is still their default strip
-    of n move to their strip of n+1 (so default boxes never overlap); boxes the artist drew or typed stay."""
+    blank (the method's default), box the default of the last of n+1 strips (`default_box`). Earlier rows whose box
+    is still their default of n move to their default of n+1 (so default boxes never overlap); boxes the artist drew
+    or typed stay."""
     rows = table_rows(rows)
     n = len(rows)
     for k, row in enumerate(rows):
-        if _box_or_none(row) == strip_box(k, n, size):
-            row[3:7] = strip_box(k, n + 1, size)
+        if _box_or_none(row) == default_box(k, n, size):
+            row[3:7] = default_box(k, n + 1, size)
     word = trigger_words[0] if trigger_words else name
-    return [*rows, [name, "", f"a {word}", *strip_box(n, n + 1, size)]]
+    return [*rows, [name, "", f"a {word}", *default_box(n, n + 1, size)]]
 
 
 def concepts_from_rows(rows: Any, library: AdapterLibrary) -> tuple[list[AdapterUse], list[ComposeRegion]]:
@@ -328,7 +334,9 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                     add_button = gr.Button("Add concept", size="sm", elem_id="compose-add")
                     clear_button = gr.Button("Clear", size="sm", elem_id="compose-clear")
             gr.Markdown("Draw concept k's box on the canvas's layer k (the layer menu is at its bottom right): the "
-                        "painted area's bounding box fills row k. Or type the box in the table.")
+                        "painted area's bounding box fills row k. Or type the box in the table. Box where each "
+                        "concept goes and leave part of the canvas outside every box, to the global prompt: boxes "
+                        "that tile the whole canvas tend to give one object instead of one per box.")
             strokes = gr.State(None)  # the canvas's last drawing (a PIL image), for the preview
             with gr.Row():
                 canvas = gr.ImageEditor(
