@@ -2,7 +2,7 @@
 
     result = compose(model, "a sks on the left and a zkz on the right",
                      adapters=[("sks.safetensors", None), ("zkz.safetensors", None)],
-                     regions=[ComposeRegion((0, 0, 32, 64), "a sks"), ComposeRegion((32, 0, 64, 64), "a zkz")],
+                     regions=[ComposeRegion((4, 16, 28, 48), "a sks"), ComposeRegion((36, 16, 60, 48), "a zkz")],
                      mode="composer", seed=0)
     save_images(result, "out")   # each PNG's settings name the mode, the adapters and the regions
 

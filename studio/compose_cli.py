@@ -1,7 +1,7 @@
 """`studio compose`: several concepts in one image, by merged weights or by LoRA-Composer's regions.
 
     studio compose "a sks and a zkz" --adapter sks --adapter zkz \\
-        --region "0,0,32,64:a sks" --region "32,0,64,64:a zkz" --mode both --seed 0 --out out/compose
+        --region "4,16,28,48:a sks" --region "36,16,60,48:a zkz" --mode both --seed 0 --out out/compose
 
 Adapter k goes in region k (boxes X0,Y0,X1,Y1 in pixels, then the region's prompt). --mode both writes the
 composer's images to OUT/composer and the merged-weights images to OUT/merge, for the same seeds.
@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "LoRAs and 1 for others when merging, 1 in the composer); repeatable")
     p.add_argument("--region", action="append", default=[], metavar=REGION_FORM,
                    help="a box in pixels and what goes there, with the concept's trigger; the k-th --region holds "
-                        "the k-th --adapter; repeatable")
+                        "the k-th --adapter; repeatable. Box where the concept goes and leave part of the canvas "
+                        "outside every box, to the global prompt (boxes tiling the canvas tend to give one object)")
     p.add_argument("--mode", default="composer", choices=["composer", "merge", "both"],
                    help="composer: LoRA-Composer by region (default); merge: weights summed; both: each")
     add_sampling_options(p)
