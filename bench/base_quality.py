@@ -11,7 +11,8 @@ the share with a held-out shape and with an outline, the content base training s
 what "a <word>" draws for trigger words no caption uses, 8 seeds each: the share of a word's images showing
 its most common colour and shape (100 % when an unknown word means one fixed thing). Last, how local text is
 (`--only locality` prints this alone): per UNet block, the share of a two-object prompt's object words' cross-attention
-that falls in the object's own half (0.5: not local; regional prompting and LoRA-Composer need it well above).
+that falls in the object's own half (0.5: not local; on a real checkpoint a word's map covers its object, and
+LoRA-Composer's loss steers those maps).
 """
 
 from __future__ import annotations

@@ -117,6 +117,6 @@ def test_recording_cross_attention_changes_no_image(embedded):
         during = np.asarray(generate_at_seeds(pipe, "a red square on the left", [0], **kwargs)[0])
     assert np.array_equal(before, during)
     for recorded in maps.values():
-        assert len(recorded) == 3  # one map per step, the conditional row only
-        assert recorded[0].shape[0] == 1
+        assert len(recorded) == 3  # one map per step, both rows of classifier-free guidance
+        assert recorded[0].shape[0] == 2
         assert torch.allclose(recorded[0].sum(dim=-1), torch.ones(()), atol=1e-5)

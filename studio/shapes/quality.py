@@ -117,8 +117,8 @@ def unknown_word_readings(pipe, words: Sequence[str], seeds: Sequence[int], *, n
 
 
 class CrossAttentionRecorder(WrappingProcessor):
-    """Passes the call on unchanged; keeps the conditional rows' cross-attention probabilities (B, queries,
-    tokens), averaged over heads (classifier-free guidance stacks the unconditional rows first)."""
+    """Passes the call on unchanged; keeps each call's cross-attention probabilities (B, queries, tokens),
+    averaged over heads."""
 
     def __init__(self, base_processor, maps: list[torch.Tensor]):
         super().__init__(base_processor)
@@ -128,7 +128,7 @@ class CrossAttentionRecorder(WrappingProcessor):
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))
         k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
         probs = attn.get_attention_scores(q, k).unflatten(0, (hidden_states.shape[0], attn.heads)).mean(dim=1)
-        self.maps.append(probs[probs.shape[0] // 2:])
+        self.maps.append(probs)
         return self.base_processor(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
 
 
@@ -160,8 +160,8 @@ def cross_attention_locality(pipe, seeds: Sequence[int], *, n: int = 8, num_infe
     object per half), the share of each object's word maps (its colour and shape tokens' cross-attention, summed,
     averaged over heads) that falls in its own half, per UNet block ("down_blocks.0 16x16", ...), averaged over
     objects, denoising steps, seeds and prompts. 0.5: the words reach both halves alike. On a real checkpoint a
-    word's map covers its object (DAAM, Tang et al., arXiv 2210.04885), which regional prompting and
-    LoRA-Composer's injection rest on (docs/benchmarks.md, bench/fusion_quality.py)."""
+    word's map covers its object (DAAM, Tang et al., arXiv 2210.04885); LoRA-Composer's loss steers these maps
+    (docs/benchmarks.md, bench/fusion_quality.py, session 22)."""
     scenes = [scene for scene in two_object_scenes(4 * n)
               if len({o.color for o in scene.objects}) == 2 and len({o.shape for o in scene.objects}) == 2][:n]
     layers = attention_layers(pipe.unet, "cross")
@@ -175,7 +175,8 @@ def cross_attention_locality(pipe, seeds: Sequence[int], *, n: int = 8, num_infe
                               guidance_scale=guidance_scale)
             words = object_word_positions(pipe.tokenizer, scene.caption(), scene)
             for name, recorded in maps.items():
-                probs = torch.stack(recorded).float()  # (steps, B, queries, tokens)
+                # (steps, seeds, queries, tokens): the conditional rows, last in the batch (after CFG's unconditional)
+                probs = torch.stack(recorded)[:, -len(seeds):].float()
                 h, w = grid_of(probs.shape[2], (64, 64))
                 block = ".".join(name.split(".")[:2]) if name.startswith(("down", "up")) else "mid_block"
                 for obj, positions in zip(scene.objects, words):
