@@ -47,8 +47,9 @@ from studio.shapes.world import POSITIONS, Scene, ShapeObject
 
 # Two subjects as new words for things the base draws (a DreamBooth subject is something the model can draw but has
 # no word for). The held-out shapes (--subjects orange:star:sks purple:cross:zkz) score 0-4 % single-concept
-# fidelity here, adapters on every row; on 20 images a plain LoRA draws its own 87.5 % off the unconditional rows,
-# and merging drops it to 12.5 % (docs/benchmarks.md, sessions 19-20).
+# fidelity here at rank 4 on attention, adapters on every row; on attention and feed-forward layers with 40 images,
+# off the unconditional rows, LoRA draws its own 100 % and orthogonal LoRA 83 %, and merging drops them to 58 % and
+# 0 % (docs/benchmarks.md, session 22).
 SUBJECTS = (("orange", "triangle", "sks"), ("purple", "square", "zkz"))
 METHODS = {"lora": LoRA, "ortho_lora": OrthoLoRA}
 SIDES = ("left", "right")
