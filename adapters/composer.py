@@ -16,7 +16,10 @@ attention processors installed here, two are steps of the pipeline's loop (pipel
 (d) latent re-initialisation (sec. 3.5): `reinitialise_latents`.
 
 Memory stays one UNet: a concept contributes only its attn2 k/v/out deltas (the reference holds one pipeline
-per concept plus one). The loss weights follow the reference code (8, 2, 10), which reproduce the paper's 0.25
+per concept plus one). Two options go beyond the paper, for concepts whose identity is spread over the whole UNet
+(a UNet-only LoRA, unlike the paper's ED-LoRAs): `RegionalDeltas` lets a concept's other deltas act in its box too,
+and `box_cells`' "touched" rule gives a box every cell it touches at each resolution.
+The loss weights follow the reference code (8, 2, 10), which reproduce the paper's 0.25
 for the fill term but not its 0.8 for the region term (docs/methods.md, LoRA-Composer).
 """
 
@@ -82,28 +85,39 @@ def grid_of(num_queries: int, image_size: tuple[int, int]) -> tuple[int, int]:
     return h, num_queries // h
 
 
-def box_cells(box: tuple[float, float, float, float], h: int, w: int) -> tuple[int, int, int, int]:
-    """(top, left, bottom, right) grid cells of a fractional box: the cells wholly inside it (the reference's
-    ceil/floor), at least one."""
+CELL_RULES = ("inside", "touched")
+
+
+def box_cells(box: tuple[float, float, float, float], h: int, w: int,
+              cells: str = "inside") -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) grid cells of a fractional box, at least one: "inside", the cells wholly
+    inside it (the reference's ceil/floor); "touched", every cell it touches (floor/ceil), which at a coarse
+    grid can be much larger than "inside" (a 24 px box on a 4x4 grid of 64 px holds 1 cell, touches 2)."""
+    if cells not in CELL_RULES:
+        raise ValueError(f"cells={cells!r} must be one of {CELL_RULES}")
     x0, y0, x1, y1 = box
-    top, left = min(math.ceil(y0 * h - 1e-6), h - 1), min(math.ceil(x0 * w - 1e-6), w - 1)
-    bottom, right = max(math.floor(y1 * h + 1e-6), top + 1), max(math.floor(x1 * w + 1e-6), left + 1)
+    lower, upper = (math.ceil, math.floor) if cells == "inside" else (math.floor, math.ceil)
+    eps = 1e-6 if cells == "inside" else -1e-6  # a box edge on a grid line counts as that line
+    top, left = min(lower(y0 * h - eps), h - 1), min(lower(x0 * w - eps), w - 1)
+    bottom, right = max(upper(y1 * h + eps), top + 1), max(upper(x1 * w + eps), left + 1)
     return top, left, bottom, right
 
 
-def box_mask(box: tuple[float, float, float, float], h: int, w: int) -> torch.Tensor:
-    """(h, w) bool: the box's cells."""
-    top, left, bottom, right = box_cells(box, h, w)
+def box_mask(box: tuple[float, float, float, float], h: int, w: int, cells: str = "inside") -> torch.Tensor:
+    """(h, w) bool: the box's cells by `box_cells`' rule."""
+    top, left, bottom, right = box_cells(box, h, w, cells)
     mask = torch.zeros(h, w, dtype=torch.bool)
     mask[top:bottom, left:right] = True
     return mask
 
 
-def isolation_bias(regions: Sequence[Region], h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
-    """(N, N) additive logits: ISOLATION_LOGIT where the query is in box n and the key in a box m != n."""
+def isolation_bias(regions: Sequence[Region], h: int, w: int, dtype: torch.dtype,
+                   cells: str = "inside") -> torch.Tensor:
+    """(N, N) additive logits: ISOLATION_LOGIT where the query is in box n and the key in a box m != n (a cell
+    two boxes touch belongs to the later one)."""
     owner = torch.full((h * w,), -1)  # the region of each cell, -1 outside every box
     for i, region in enumerate(regions):
-        owner[box_mask(region.box, h, w).flatten()] = i
+        owner[box_mask(region.box, h, w, cells).flatten()] = i
     blocked = (owner[:, None] >= 0) & (owner[None, :] >= 0) & (owner[:, None] != owner[None, :])
     logit = max(ISOLATION_LOGIT, torch.finfo(dtype).min)  # -1e6 overflows fp16
     return torch.zeros(h * w, h * w, dtype=dtype).masked_fill(blocked, logit)
@@ -153,8 +167,11 @@ class _ComposerState:
     """Shared by the processors of one `Composer`: the UNet's context, what is being recorded, and the
     per-call caches (each region prompt's K and V per layer, each concept's deltas)."""
 
-    def __init__(self, registry: Attachments, size: tuple[int, int], isolation: bool):
-        self.registry, self.map_size, self.isolation = registry, size, isolation
+    def __init__(self, registry: Attachments, size: tuple[int, int], isolation: bool, every_delta: Sequence[str],
+                 cells: str):
+        box_cells((0.0, 0.0, 1.0, 1.0), 1, 1, cells)  # refuse an unknown rule now, not mid-call
+        self.registry, self.map_size, self.isolation, self.cells = registry, size, isolation, cells
+        self.every_delta = frozenset(every_delta)  # modules whose deltas act in the box besides the injected ones
         self.recording: AttentionMaps | None = None
         self._kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._deltas: dict[int, dict[str, torch.Tensor]] = {}
@@ -171,13 +188,15 @@ class _ComposerState:
         return ctx
 
     def deltas(self, region: Region) -> dict[str, torch.Tensor]:
+        """The concept's dense weight deltas that act here (the injected ones, and those of `every_delta`'s
+        modules) by parameter name, computed once per composer."""
         if region.adapter is None:
             return {}
         key = id(region.adapter)
         if key not in self._deltas:
-            # Only the cross-attention deltas act here; each is computed once per composer.
             with torch.no_grad():
-                self._deltas[key] = {name: d for name, d in region.adapter.delta_weights().items() if ".attn2." in name}
+                self._deltas[key] = {name: d for name, d in region.adapter.delta_weights().items()
+                                     if injected(name) or name.removesuffix(".weight") in self.every_delta}
         return self._deltas[key]
 
     def region_key_value(self, path: str, attn: Attention, i: int, region: Region,
@@ -192,19 +211,24 @@ class _ComposerState:
                 if attn.norm_cross:
                     e = attn.norm_encoder_hidden_states(e)
                 self._kv[key] = tuple(
-                    getattr(attn, name)(e) + _delta_term(e, deltas.get(f"{path}.{name}.weight"))
+                    getattr(attn, name)(e) + _delta_term(e, deltas.get(f"{path}.{name}.weight"), ctx)
                     for name in ("to_k", "to_v"))
         return self._kv[key]
 
     def bias(self, ctx: CallContext, h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (id(ctx), h, w, dtype)
         if key not in self._bias:
-            self._bias[key] = isolation_bias(ctx.regions, h, w, dtype).to(device)
+            self._bias[key] = isolation_bias(ctx.regions, h, w, dtype, self.cells).to(device)
         return self._bias[key]
 
 
-def _delta_term(x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor | float:
-    return 0.0 if delta is None else F.linear(x, delta.to(x.device, x.dtype))
+def _delta_term(x: torch.Tensor, delta: torch.Tensor | None, ctx: CallContext) -> torch.Tensor | float:
+    """x ΔWᵀ for (B, n, in) x, zero on the unconditional rows when the call keeps adapters off them."""
+    if delta is None:
+        return 0.0
+    term = F.linear(x, delta.to(x.device, x.dtype))
+    scales = ctx.adapter_row_scales()
+    return term if scales is None else term * scales.to(term.device, term.dtype)[:, None, None]
 
 
 class RegionalCrossAttention(WrappingProcessor):
@@ -229,15 +253,17 @@ class RegionalCrossAttention(WrappingProcessor):
         query = attn.to_q(hidden_states)  # the base W_Q: the image's own queries
         out = out.clone()
         for i, region in enumerate(ctx.regions):
-            cells = box_mask(region.box, h, w).flatten().nonzero().squeeze(1).to(out.device)
+            cells = box_mask(region.box, h, w, self.state.cells).flatten().nonzero().squeeze(1).to(out.device)
             key, value = self.state.region_key_value(self.path, attn, i, region, ctx)
-            o, probs = attend(attn, query[:, cells], key, value, want_probs=maps is not None)
-            if maps is not None:
-                tokens = torch.zeros(*probs.shape[:1], h * w, len(region.token_indices), dtype=probs.dtype,
-                                     device=probs.device)
-                tokens[:, cells] = probs[..., list(region.token_indices)]
-                maps.cross[i].append(tokens)
-            o = attn.to_out[0](o) + _delta_term(o, self.state.deltas(region).get(f"{self.path}.to_out.0.weight"))
+            if maps is None:
+                o, _ = attend(attn, query[:, cells], key, value)
+            else:
+                # The region prompt's maps over the whole image, as the reference records them: re-initialisation
+                # looks for where the concept arises anywhere (maps zero outside the box would always pick the box).
+                o, probs = attend(attn, query, key, value, want_probs=True)
+                maps.cross[i].append(probs[..., list(region.token_indices)])
+                o = o[:, cells]
+            o = attn.to_out[0](o) + _delta_term(o, self.state.deltas(region).get(f"{self.path}.to_out.0.weight"), ctx)
             o = attn.to_out[1](o)
             if attn.residual_connection:
                 o = o + hidden_states[:, cells]
@@ -281,13 +307,64 @@ class RegionIsolation(WrappingProcessor):
         return o / attn.rescale_output_factor
 
 
+def injected(path: str) -> bool:
+    """Whether a UNet parameter is one the region-aware injection applies (attn2's k, v and out): the concept
+    deltas that act by sec. 3.2; the others act only with `Composer(every_delta=True)`."""
+    return any(f".attn2.{name}." in path for name in ("to_k", "to_v", "to_out"))
+
+
+class RegionalDeltas:
+    """Each concept's deltas outside the injection (self-attention, cross-attention's queries, feed-forward,
+    convolutions) acting only inside its box: a forward hook per adapted module adds x ΔWᵀ (a convolution: conv(x,
+    ΔW)) at the box's positions, on the rows the call's adapters act on. Not in the paper, whose ED-LoRA concepts
+    carry their identity in cross-attention; a UNet-only LoRA's identity is spread over all its layers
+    (docs/methods.md, LoRA-Composer). Removing the hooks restores the UNet exactly."""
+
+    def __init__(self, unet: nn.Module, state: _ComposerState, paths: Sequence[str]):
+        self.state = state
+        modules = dict(unet.named_modules())
+        self._handles = [modules[path].register_forward_hook(self._hook(path)) for path in paths]
+
+    def _hook(self, path: str):
+        def add_deltas(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            ctx = self.state.context()
+            if ctx is None:
+                return output
+            x = args[0]
+            for region in ctx.regions:
+                delta = self.state.deltas(region).get(f"{path}.weight")
+                if delta is None:
+                    continue
+                delta = delta.to(x.device, x.dtype)
+                if x.ndim == 4:  # a convolution: (B, C, H, W)
+                    term = F.conv2d(x, delta, None, module.stride, module.padding, module.dilation, module.groups)
+                    mask = box_mask(region.box, *term.shape[-2:], self.state.cells)[None, None]
+                else:  # a linear layer on the image's tokens: (B, N, C)
+                    term = F.linear(x, delta)
+                    grid = grid_of(term.shape[1], ctx.image_size)
+                    mask = box_mask(region.box, *grid, self.state.cells).flatten()[None, :, None]
+                scales = ctx.adapter_row_scales()
+                if scales is not None:
+                    term = term * scales.to(term.device, term.dtype).view(-1, *(1,) * (term.ndim - 1))
+                output = output + term * mask.to(term.device, term.dtype)
+            return output
+        return add_deltas
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 class Composer:
     """The composer's processors on every attn1/attn2 layer of `unet`; they act only in calls whose context
-    has regions. `size`: the map resolution (`map_size`). Detaching (also on leaving a `with`) restores the
-    UNet's processors exactly."""
+    has regions. `size`: the map resolution (`map_size`); `every_delta`: the modules whose concept deltas act in
+    their boxes besides the injected ones (`RegionalDeltas`); `cells`: which grid cells a box covers at each
+    resolution (`box_cells`). Detaching (also on leaving a `with`) restores the UNet exactly."""
 
-    def __init__(self, unet: nn.Module, size: tuple[int, int], *, isolation: bool = True):
-        self.state = _ComposerState(attachments(unet), size, isolation)
+    def __init__(self, unet: nn.Module, size: tuple[int, int], *, isolation: bool = True,
+                 every_delta: Sequence[str] = (), cells: str = "inside"):
+        self.state = _ComposerState(attachments(unet), size, isolation, every_delta, cells)
         cross, self_layers = attention_layers(unet, "cross"), attention_layers(unet, "self")
 
         def make(path: str, previous) -> WrappingProcessor:
@@ -295,6 +372,8 @@ class Composer:
             return kind(previous, self.state, path)
 
         self.swap = ProcessorSwap({**cross, **self_layers}, make)
+        # every_delta: the modules whose concept deltas act in their boxes too (`RegionalDeltas`)
+        self.regional_deltas = RegionalDeltas(unet, self.state, every_delta)
 
     @contextmanager
     def recording(self, num_regions: int) -> Iterator[AttentionMaps]:
@@ -307,6 +386,7 @@ class Composer:
 
     def detach(self) -> None:
         self.swap.detach()
+        self.regional_deltas.remove()
 
     def __enter__(self) -> Composer:
         return self
@@ -335,7 +415,7 @@ def box_gaussian(h: int, w: int, device: torch.device, dtype: torch.dtype) -> to
 
 
 def composer_loss(maps: AttentionMaps, regions: Sequence[Region], size: tuple[int, int],
-                  weights: ComposerLossWeights) -> torch.Tensor:
+                  weights: ComposerLossWeights, cells: str = "inside") -> torch.Tensor:
     """L = concept · L_ce + fill · L_fill + region · L_region, summed over images (sec. 3.4):
     - L_ce = Σ max(0, 1 - mean top-k(A ⊙ M ⊙ G)) per concept token (A: its smoothed map, M: the box,
       G: a Gaussian centred on it);
@@ -345,13 +425,13 @@ def composer_loss(maps: AttentionMaps, regions: Sequence[Region], size: tuple[in
     self_attention = torch.stack(maps.self_attention).mean(dim=0) if maps.self_attention else None  # (B, N, N)
     total: torch.Tensor | float = 0.0
     for i, region in enumerate(regions):
-        mask = box_mask(region.box, h, w)
+        mask = box_mask(region.box, h, w, cells)
         k = max(1, int(weights.top_k_ratio * mask.sum()))
         token_maps = maps.region_maps(i, h, w)
         if token_maps is not None:
             a = smooth(token_maps.float())  # (B, T, h, w)
             m = mask.to(a.device, a.dtype)
-            top, left, bottom, right = box_cells(region.box, h, w)
+            top, left, bottom, right = box_cells(region.box, h, w, cells)
             g = torch.ones_like(m)
             g[top:bottom, left:right] = box_gaussian(bottom - top, right - left, a.device, a.dtype)
             strongest = (a * m * g).flatten(2).topk(k, dim=-1).values.mean(dim=-1)  # (B, T)
@@ -367,7 +447,7 @@ def composer_loss(maps: AttentionMaps, regions: Sequence[Region], size: tuple[in
 
 
 def reinitialise_latents(latents: torch.Tensor, maps: AttentionMaps, regions: Sequence[Region],
-                         size: tuple[int, int]) -> torch.Tensor:
+                         size: tuple[int, int], cells: str = "inside") -> torch.Tensor:
     """Sec. 3.5: for each region, the window of the box's size where its tokens' summed map is largest (a box
     filter's argmax) has its latent patch copied into the box; then each image's latent gets its original mean
     and standard deviation back."""
@@ -378,7 +458,7 @@ def reinitialise_latents(latents: torch.Tensor, maps: AttentionMaps, regions: Se
         token_maps = maps.region_maps(i, h, w)
         if token_maps is None:
             continue
-        top, left, bottom, right = box_cells(region.box, h, w)
+        top, left, bottom, right = box_cells(region.box, h, w, cells)
         kernel = torch.ones(1, 1, bottom - top, right - left, device=latents.device)
         scores = F.conv2d(token_maps.float().sum(dim=1, keepdim=True), kernel)  # (B, 1, h - bh + 1, w - bw + 1)
         for b in range(latents.shape[0]):

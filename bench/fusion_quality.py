@@ -118,18 +118,15 @@ def side_identity(image, subjects) -> tuple[str, str]:
 
 def evaluate(model, subjects, files: dict[str, list[Path]], seeds: int, guidance: float, steps: int,
              settings: ComposerSettings, on_uncond: bool = True) -> dict[str, dict]:
-    """on_uncond=False scores "single" and "merged" with the adapters off the unconditional rows (`generate`'s
-    adapters_on_uncond=False), "merged" then being both adapters as branches at their merge weights: the sum
-    `merge_into` folds, on the conditional rows only. The composer runs as published either way."""
+    """on_uncond=False scores every mode with the adapters off the unconditional rows (`generate`'s and
+    `compose`'s adapters_on_uncond=False), "merged" then being both adapters as branches at their merge weights:
+    the sum `merge_into` folds, on the conditional rows only."""
     results = {}
     common = dict(seed=0, num_images_per_prompt=seeds, num_inference_steps=steps, guidance_scale=guidance)
 
-    def merged(prompt: str, paths: list[Path], method: str, regions=None):
-        if on_uncond:
-            return compose(model, prompt, adapters=[(p, None) for p in paths], regions=regions, mode="merge",
-                           **common)
-        weight = METHODS[method].default_merge_weight
-        return generate(model, prompt, adapters=[(p, weight) for p in paths], adapters_on_uncond=False, **common)
+    def merged(prompt: str, paths: list[Path], regions=()):
+        return compose(model, prompt, adapters=[(p, None) for p in paths], regions=regions, mode="merge",
+                       adapters_on_uncond=on_uncond, **common)
 
     for method, paths in files.items():
         row: dict = {"single": [], "merged": []}
@@ -138,12 +135,12 @@ def evaluate(model, subjects, files: dict[str, list[Path]], seeds: int, guidance
             for prompt in prompts:
                 alone = generate(model, prompt, adapters=[(path, 1.0)], adapters_on_uncond=on_uncond, **common)
                 row["single"] += single_rate(alone.images, subject)
-                row["merged"] += single_rate(merged(prompt, paths, method).images, subject)
+                row["merged"] += single_rate(merged(prompt, paths).images, subject)
         both = caption([(subjects[0], "left"), (subjects[1], "right")])
         regions = [ComposeRegion(box(side), caption([(subject, side)])) for subject, side in zip(subjects, SIDES)]
-        row["merge"] = [side_identity(image, subjects) for image in merged(both, paths, method, regions).images]
+        row["merge"] = [side_identity(image, subjects) for image in merged(both, paths, regions).images]
         composed = compose(model, both, adapters=[(p, None) for p in paths], regions=regions, mode="composer",
-                           composer=settings, **common)
+                           composer=settings, adapters_on_uncond=on_uncond, **common)
         row["composer"] = [side_identity(image, subjects) for image in composed.images]
         results[method] = row
     return results
@@ -254,8 +251,13 @@ def main() -> None:
                    help="the layers both methods adapt (attn_ff: kohya's LoRA, which learns a held-out subject from "
                         "40 images in bench/customize_quality.py)")
     p.add_argument("--uncond", choices=["on", "off"], default="on",
-                   help="off: score single and merged with the adapters off the unconditional rows (the composer "
-                        "as published)")
+                   help="off: score every mode with the adapters off the unconditional rows")
+    p.add_argument("--every-delta", action="store_true",
+                   help="the composer applies each concept's other deltas in its box too (ComposerSettings)")
+    p.add_argument("--cells", choices=["inside", "touched"], default="inside",
+                   help="the composer's box cells at each resolution (ComposerSettings)")
+    p.add_argument("--no-reinit", dest="reinitialise", action="store_false",
+                   help="the composer keeps the initial noise as drawn (ComposerSettings)")
     p.add_argument("--subject-backgrounds", choices=["drawn", "every"], default="drawn",
                    help="every: each subject shown on every background (customize_quality's subject_set)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt")
@@ -283,15 +285,16 @@ def main() -> None:
         options = {"rank": args.rank, "target": args.target}
         files = train_concepts(model.pipe, subjects, args.work, args.steps, lrs, options, args.instance_prompt_share,
                                args.subject_images, args.subject_backgrounds == "every")
-        settings = ComposerSettings(step_size=args.step_size)
+        settings = ComposerSettings(step_size=args.step_size, every_delta=args.every_delta, cells=args.cells,
+                                    reinitialise=args.reinitialise)
         print(f"subjects: {', '.join(f'{t} = {c} {s}' for c, s, t in subjects)}")
         for guidance in args.guidance:
             report(evaluate(model, subjects, files, args.seeds, guidance, args.sample_steps, settings,
                             args.uncond == "on"), subjects, guidance)
         print(f"\n{args.steps} steps x batch 4 (+ prior batch), lr {lrs}, rank {args.rank} on {args.target}, "
               f"instance prompt share {args.instance_prompt_share:g}, {args.subject_images} images per subject "
-              f"({args.subject_backgrounds} backgrounds); adapters {args.uncond} the unconditional rows (single, "
-              f"merged); {args.seeds} seeds, {args.sample_steps} DDIM steps; composer: {settings.params()}; "
+              f"({args.subject_backgrounds} backgrounds); adapters {args.uncond} the unconditional rows; "
+              f"{args.seeds} seeds, {args.sample_steps} DDIM steps; composer: {settings.params()}; "
               f"{torch.get_num_threads()} threads")
     if args.only in (None, "merge_time"):
         merge_time()

@@ -90,6 +90,12 @@ def adapter_params(adapters: Sequence[AdapterUse], on_uncond: bool = True) -> di
     return params
 
 
+def check_on_uncond_flag(adapters_on_uncond: object) -> None:
+    if not isinstance(adapters_on_uncond, bool):
+        raise InputError(f"adapters_on_uncond={adapters_on_uncond!r} must be True or False (False: the adapters stay "
+                         "off the unconditional branch)")
+
+
 def check_off_uncond(unet: nn.Module, adapters_on_uncond: bool) -> None:
     """Before denoising: with the adapters to stay off the unconditional rows, each attached one must take a scale
     per row (SaRA's delta is in the weights every row shares; a merged adapter's too)."""

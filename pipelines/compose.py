@@ -39,11 +39,19 @@ import torch
 from diffusers import DiffusionPipeline
 
 from adapters import Adapter, CallContext, Region, call_context, read_metadata, unet_fingerprint
-from adapters.composer import Composer, ComposerLossWeights, composer_loss, map_size, reinitialise_latents
+from adapters.composer import (
+    CELL_RULES,
+    Composer,
+    ComposerLossWeights,
+    composer_loss,
+    injected,
+    map_size,
+    reinitialise_latents,
+)
 from adapters.foreign import ForeignLoRA, link_pipeline
 from adapters.fusion import merge_into
 
-from .attach import AdapterUse, adapter_params, attached, check_adapters, read_adapter
+from .attach import AdapterUse, adapter_params, attached, check_adapters, check_on_uncond_flag, read_adapter
 from .edit import classifier_free_guidance, decode_latents
 from .errors import GenerationInterrupted, InputError, NonFiniteError
 from .generate import (
@@ -84,12 +92,23 @@ class ComposerSettings:
     min_refine_steps: int = 5  # before this step the update never stops early
     reinitialise: bool = True  # sec. 3.5: move each concept's strongest latent patch into its box at step 0
     isolation: bool = True  # sec. 3.3: self-attention from a box does not see the other boxes
+    # Beyond the paper, for UNet-only LoRAs, whose identity cross-attention alone does not carry (docs/methods.md,
+    # LoRA-Composer): each concept's other deltas (self-attention, feed-forward, convolutions) act in its box too,
+    every_delta: bool = False
+    # and a box covers the cells it touches at each resolution rather than those wholly inside it.
+    cells: Literal["inside", "touched"] = "inside"
+
+    def __post_init__(self) -> None:
+        if self.cells not in CELL_RULES:
+            raise InputError(f"ComposerSettings.cells={self.cells!r} is unknown: use 'inside' (the cells wholly in "
+                             "a box, as published) or 'touched' (every cell a box touches)")
 
     def params(self) -> str:
         w = self.loss_weights
         return (f"concept {w.concept:g}, fill {w.fill:g}, region {w.region:g}, step {self.step_size:g}, "
                 f"refine {self.refine_until}, reinit {'on' if self.reinitialise else 'off'}, "
-                f"isolation {'on' if self.isolation else 'off'}")
+                f"isolation {'on' if self.isolation else 'off'}, cells {self.cells}"
+                + (", every delta in its box" if self.every_delta else ""))
 
 
 def compose(
@@ -109,11 +128,13 @@ def compose(
     num_images_per_prompt: int = 1,
     scheduler: str = "DDIM",
     composer: ComposerSettings = ComposerSettings(),
+    adapters_on_uncond: bool = True,
     callback: ProgressCallback | None = None,
 ) -> GenerationResult:
     """Images of `prompt` with every adapter's concept; see the module docstring. adapters: (file or Adapter,
     weight) pairs, weight None for the method's default (merge: the adapter's `default_merge_weight`;
-    composer: 1). The other arguments are `generate`'s."""
+    composer: 1). adapters_on_uncond=False keeps every concept off guidance's unconditional rows, as `generate`'s
+    (merge: the summed deltas then act as branches on the conditional rows). The other arguments are `generate`'s."""
     pipe = model.pipe if isinstance(model, LoadedModel) else model
 
     # 1. Check everything before any model work.
@@ -125,6 +146,7 @@ def compose(
     check_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps)
     size = map_size(pipe.unet, (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
     check_compose_inputs(adapters, regions, mode, (width, height), size)
+    check_on_uncond_flag(adapters_on_uncond)
     link_pipeline(pipe)  # LoRA files of other tools find the text encoders too (adapters/foreign.py)
     loaded = [read_adapter(f"adapters[{i}]", source, pipe.unet) for i, (source, _) in enumerate(adapters)]
     for i, adapter in enumerate(loaded):
@@ -133,7 +155,7 @@ def compose(
                for a, (_, w) in zip(loaded, adapters)]
 
     # 2. Generate.
-    params = {"Compose": mode, **adapter_params([(s, w) for (s, _), w in zip(adapters, weights)])}
+    params = {"Compose": mode, **adapter_params([(s, w) for (s, _), w in zip(adapters, weights)], adapters_on_uncond)}
     if regions:
         params["Regions"] = json.dumps([[*r.box, r.prompt] for r in regions])
     if mode == "merge":
@@ -142,18 +164,21 @@ def compose(
                 warnings.warn(f"adapters[{i}]: merge mode sums UNet weights only, so the text-encoder part of "
                               f"{Path(adapter.config.file).name} is left out; mode='composer' applies it to its "
                               "region's prompt", UserWarning, stacklevel=2)
-        with merge_into(pipe.unet, list(zip(loaded, weights))):
-            result = generate(model, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                              guidance_scale=guidance_scale, seed=seed, generator=generator, height=height,
-                              width=width, num_images_per_prompt=num_images_per_prompt, scheduler=scheduler,
-                              callback=callback)
+        sampling = dict(negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale, seed=seed, generator=generator, height=height, width=width,
+                        num_images_per_prompt=num_images_per_prompt, scheduler=scheduler, callback=callback)
+        if adapters_on_uncond:
+            with merge_into(pipe.unet, list(zip(loaded, weights))):
+                result = generate(model, prompt, **sampling)
+        else:  # fused weights cannot tell the rows apart: the same sum, as branches on the conditional rows
+            result = generate(model, prompt, adapters=list(zip(loaded, weights)), adapters_on_uncond=False, **sampling)
         return GenerationResult(result.images, [replace(s, extra_params={**s.extra_params, **params})
                                                 for s in result.settings])
     generator, seeds = image_generators(seed, generator, num_images_per_prompt)
     triggers = [_trigger_words(source) for source, _ in adapters]
     images, refined = _compose_by_region(pipe, prompt, negative_prompt, loaded, weights, triggers, regions, size,
                                          num_inference_steps, guidance_scale, generator, (width, height),
-                                         num_images_per_prompt, scheduler, composer, callback)
+                                         num_images_per_prompt, scheduler, composer, adapters_on_uncond, callback)
     params.update({"Composer": composer.params(), "Refined steps": refined})
     name, model_hash, family = model_identity(model)
     settings = [GenerationSettings(prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
@@ -232,7 +257,7 @@ def _trigger_words(source: Adapter | str) -> list[str]:
 def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[Adapter], weights: list[float],
                        triggers: list[list[str]], regions: Sequence[ComposeRegion], size: tuple[int, int],
                        num_inference_steps: int, guidance_scale: float, generator, image_size: tuple[int, int],
-                       n: int, scheduler_name: str, settings: ComposerSettings,
+                       n: int, scheduler_name: str, settings: ComposerSettings, adapters_on_uncond: bool,
                        callback: ProgressCallback | None) -> tuple[list, int]:
     """LoRA-Composer's loop; returns the images and the number of steps whose latent was refined."""
     unet, device = pipe.unet, pipe._execution_device
@@ -254,7 +279,7 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
         x0, y0, x1, y1 = region.box
         concept_regions.append(Region((x0 / width, y0 / height, x1 / width, y1 / height), region.prompt,
                                       rows.text_embeds, adapter, tokens))
-    full = replace(context, regions=concept_regions)
+    full = replace(context, regions=concept_regions, adapters_on_uncond=adapters_on_uncond)
     conditional = _rows_of(full, full.row_mask("cond"))  # the gradient and re-initialisation passes
 
     # 2. Sampler and initial noise, as `generate` draws them (the same seed gives the same starting noise).
@@ -274,19 +299,21 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
             restore.callback(adapter.set_scale, adapter.scale)
             adapter.set_scale(weight)  # the scale its deltas are read at
             adapter.to(device)
-        composer = restore.enter_context(Composer(unet, size, isolation=settings.isolation))
+        regional = _regional_modules(unet, adapters) if settings.every_delta else ()
+        composer = restore.enter_context(Composer(unet, size, isolation=settings.isolation, every_delta=regional,
+                                                  cells=settings.cells))
         # 3. Sec. 3.5: each concept's strongest patch of the initial noise goes into its box.
         if settings.reinitialise:
             with torch.no_grad(), composer.recording(len(concept_regions)) as maps:
                 conditional_pass(latents, scheduler.timesteps[0])
-            latents = reinitialise_latents(latents, maps, concept_regions, size)
+            latents = reinitialise_latents(latents, maps, concept_regions, size, settings.cells)
         for i, t in enumerate(scheduler.timesteps):
             # 4. Sec. 3.4: z_t <- z_t - φ_i ∇L until step `refine_until`, or for good once the loss rises.
             if refining and i < settings.refine_until:
                 with torch.enable_grad(), composer.recording(len(concept_regions)) as maps:
                     z = latents.detach().requires_grad_(True)
                     conditional_pass(z, t)
-                    loss = composer_loss(maps, concept_regions, size, settings.loss_weights)
+                    loss = composer_loss(maps, concept_regions, size, settings.loss_weights, settings.cells)
                     grad = torch.autograd.grad(loss, z)[0] if loss.requires_grad else torch.zeros_like(z)
                 if i >= settings.min_refine_steps and loss.item() > previous_loss:
                     refining = False
@@ -306,6 +333,14 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
                 raise GenerationInterrupted("composition stopped by the callback")
     with torch.no_grad():
         return decode_latents(pipe, latents), refined
+
+
+def _regional_modules(unet: torch.nn.Module, adapters: Sequence[Adapter]) -> list[str]:
+    """The linear and convolution modules the concepts change beyond the injected attn2 k/v/out."""
+    modules = dict(unet.named_modules())
+    paths = {name.removesuffix(".weight") for adapter in adapters for name in adapter.delta_weights()
+             if not injected(name)}
+    return sorted(p for p in paths if isinstance(modules.get(p), (torch.nn.Linear, torch.nn.Conv2d)))
 
 
 def _rows_of(ctx: CallContext, keep: torch.Tensor) -> CallContext:

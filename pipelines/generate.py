@@ -36,7 +36,15 @@ from adapters import CallContext, Row, TextEncoding, call_context, detect_family
 from adapters.checks import is_int, is_number
 from adapters.foreign import link_pipeline
 
-from .attach import AdapterUse, adapter_params, attached, call_params, check_adapters, check_off_uncond
+from .attach import (
+    AdapterUse,
+    adapter_params,
+    attached,
+    call_params,
+    check_adapters,
+    check_off_uncond,
+    check_on_uncond_flag,
+)
 from .control import ControlSpec, check_controls, control_params, controlled
 from .errors import GenerationInterrupted, InputError, NonFiniteError
 from .images import write_png
@@ -141,9 +149,7 @@ def generate(
                  num_images_per_prompt, scheduler, seed, generator)
     check_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps)
     check_adapters(adapters)
-    if not isinstance(adapters_on_uncond, bool):
-        raise InputError(f"adapters_on_uncond={adapters_on_uncond!r} must be True or False (False: the adapters stay "
-                         "off the unconditional branch)")
+    check_on_uncond_flag(adapters_on_uncond)
     check_controls(control)
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         _warn_if_truncated(pipe.tokenizer, name, text)

@@ -39,15 +39,19 @@ from pipelines import ANNOTATORS, SCHEDULERS, StudioError  # noqa: E402
 from . import adapters_cli, checkpoint_cli, compose_cli, erase_cli, jobs_cli, train_cli  # noqa: E402
 
 
+def add_on_uncond_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-adapters-on-uncond", dest="adapters_on_uncond", action="store_false",
+                   help="keep the adapters off the unconditional (negative prompt) branch, as A1111's Composable "
+                        "LoRA without 'Use LoRA in uncond': guidance then amplifies all they add (docs/methods.md)")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="text-to-image; saves PNGs with their settings",
                        description="Generate images and save them as PNGs carrying their settings (A1111 style).")
     p.add_argument("prompt")
     add_sampling_options(p)
     _add_adapter_options(p)
-    p.add_argument("--no-adapters-on-uncond", dest="adapters_on_uncond", action="store_false",
-                   help="keep the adapters off the unconditional (negative prompt) branch, as A1111's Composable "
-                        "LoRA without 'Use LoRA in uncond': guidance then amplifies all they add (docs/methods.md)")
+    add_on_uncond_option(p)
     p.add_argument("--control", action="append", default=[], metavar="CONDITION:IMAGE[:SCALE]",
                    help="control the image with IMAGE through the CSC-Tuner of CONDITION given by --adapter "
                         "(canny, color, sketch...), at SCALE (default: the tuner's); repeatable")

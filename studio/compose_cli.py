@@ -16,7 +16,7 @@ REGION_FORM = "X0,Y0,X1,Y1:PROMPT"
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from . import adapters_cli
-    from .cli import add_sampling_options
+    from .cli import add_on_uncond_option, add_sampling_options
 
     p = sub.add_parser("compose", help="several adapters' concepts in one image (merge, or by region)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,6 +41,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="composer: keep the initial noise as drawn")
     p.add_argument("--no-isolation", dest="isolation", action="store_false",
                    help="composer: let self-attention cross between boxes")
+    p.add_argument("--every-delta", action="store_true",
+                   help="composer: each concept's other deltas (self-attention, feed-forward, convolutions) act in "
+                        "its box too, not only its cross-attention's; for UNet-only LoRAs (docs/methods.md)")
+    p.add_argument("--cells", default="inside", choices=["inside", "touched"],
+                   help="composer: a box covers the attention cells wholly inside it (default, as published) or "
+                        "every cell it touches")
+    add_on_uncond_option(p)
     adapters_cli.add_library_option(p)
     p.add_argument("--model", default=None,
                    help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
@@ -88,7 +95,8 @@ def _compose(args: argparse.Namespace) -> None:
     regions = [parse_region_arg(text) for text in args.region]
     settings = ComposerSettings(
         ComposerLossWeights(args.concept_weight, args.fill_weight, args.region_weight), step_size=args.step_size,
-        refine_until=args.refine_until, reinitialise=args.reinitialise, isolation=args.isolation)
+        refine_until=args.refine_until, reinitialise=args.reinitialise, isolation=args.isolation,
+        every_delta=args.every_delta, cells=args.cells)
     modes = ["composer", "merge"] if args.mode == "both" else [args.mode]
     seed = secrets.randbelow(MAX_SEED + 1) if args.seed is None else args.seed  # the same for both modes
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -98,7 +106,7 @@ def _compose(args: argparse.Namespace) -> None:
                              negative_prompt=args.negative, num_inference_steps=args.steps,
                              guidance_scale=args.guidance, seed=seed, width=args.width, height=args.height,
                              num_images_per_prompt=args.n, scheduler=args.scheduler, composer=settings,
-                             callback=progress)
+                             adapters_on_uncond=args.adapters_on_uncond, callback=progress)
         out = Path(args.out) / mode if len(modes) > 1 else Path(args.out)
         for path in save_images(result, out):
             print(path)

@@ -62,6 +62,44 @@ def test_merge_mode_equals_the_adapters_attached_at_their_weights(tiny_sd15, con
     assert merged.settings[0].extra_params["Compose"] == "merge"
 
 
+def test_merge_mode_off_the_unconditional_rows_equals_the_adapters_attached_off_them(tiny_sd15, concepts):
+    adapters = [(concepts[0], 0.7), (concepts[1], 0.4)]
+    kwargs = dict(seed=1, num_inference_steps=4)
+    merged = compose(tiny_sd15, "a sks and a zkz dog", adapters=adapters, mode="merge", adapters_on_uncond=False,
+                     **kwargs)
+    attached = generate(tiny_sd15, "a sks and a zkz dog", adapters=adapters, adapters_on_uncond=False, **kwargs)
+    fused = compose(tiny_sd15, "a sks and a zkz dog", adapters=adapters, mode="merge", **kwargs)
+    assert np.abs(_pixels(merged) - _pixels(attached)).max() <= 1
+    assert np.abs(_pixels(merged) - _pixels(fused)).max() > 1
+    assert merged.settings[0].extra_params["Adapters on uncond"] == "False"
+
+
+def test_composer_options_beyond_the_paper_change_the_image_and_are_recorded(tiny_sd15, concepts):
+    """every_delta and cells="touched" (ComposerSettings) each act on a UNet-only LoRA's concepts; the PNG says
+    which were on; adapters_on_uncond=False changes the guided image too. Boxes off the grid lines (a 4x4 map at
+    128 px), so that the cells they touch are more than those inside them."""
+    regions = [ComposeRegion((4, 16, 60, 112), "a sks"), ComposeRegion((68, 16, 124, 112), "a zkz dog")]
+    kwargs = dict(adapters=[(p, None) for p in concepts], regions=regions, seed=0, num_inference_steps=3,
+                  width=128, height=128)
+    runs = {name: compose(tiny_sd15, "two things", composer=settings, **kwargs)
+            for name, settings in (("published", ComposerSettings()),
+                                   ("every delta", ComposerSettings(every_delta=True)),
+                                   ("touched", ComposerSettings(cells="touched", reinitialise=False)),
+                                   ("inside", ComposerSettings(reinitialise=False)))}
+    runs["off uncond"] = compose(tiny_sd15, "two things", adapters_on_uncond=False, **kwargs)
+    assert not np.array_equal(_pixels(runs["every delta"]), _pixels(runs["published"]))
+    assert not np.array_equal(_pixels(runs["touched"]), _pixels(runs["inside"]))
+    assert not np.array_equal(_pixels(runs["off uncond"]), _pixels(runs["published"]))
+    assert "every delta in its box" in runs["every delta"].settings[0].extra_params["Composer"]
+    assert "cells touched" in runs["touched"].settings[0].extra_params["Composer"]
+    assert "every delta" not in runs["published"].settings[0].extra_params["Composer"]
+
+
+def test_an_unknown_cell_rule_is_refused():
+    with pytest.raises(InputError, match="cells='corners'.*'inside'.*'touched'"):
+        ComposerSettings(cells="corners")
+
+
 @pytest.mark.parametrize("regions, message", [
     ([ComposeRegion((0, 0, 40, 64), "a sks"), ComposeRegion((32, 0, 64, 64), "a zkz")], "overlap"),
     ([ComposeRegion((0, 0, 32, 64), "a sks"), ComposeRegion((32, 0, 96, 64), "a zkz")], "not inside the 64x64"),

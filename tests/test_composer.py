@@ -42,6 +42,16 @@ def test_boxes_take_the_cells_wholly_inside_them_and_isolation_blocks_only_box_t
     assert not blocked[0, 2] and not blocked[0, 3] and not blocked[3].any() and not blocked[:, 3].any()
 
 
+def test_the_touched_rule_gives_a_box_every_cell_it_reaches_and_edges_on_grid_lines_stay_put():
+    box = (4 / 64, 16 / 64, 28 / 64, 48 / 64)  # the Compose tab's left box on a 64 px canvas
+    assert box_cells(box, 4, 4) == (1, 1, 3, 2)  # inside: one column of the 4x4 grid
+    assert box_cells(box, 4, 4, "touched") == (1, 0, 3, 2)
+    assert box_cells(box, 16, 16, "touched") == (4, 1, 12, 7)
+    assert box_cells(LEFT, 4, 4, "touched") == box_cells(LEFT, 4, 4) == (0, 0, 4, 2)
+    with pytest.raises(ValueError, match="cells"):
+        box_cells(LEFT, 4, 4, "corners")
+
+
 def test_composer_passes_through_without_regions_and_detaches_exactly():
     unet = build_unet("tiny-sd15")
     inputs = unet_inputs(unet, batch=2)
@@ -112,6 +122,8 @@ def test_isolation_keeps_self_attention_of_a_box_out_of_the_other_box():
     left = left.flatten()
     assert s[left][:, ~left].max() < 1e-6 and s[~left][:, left].max() < 1e-6
     assert len(maps.cross[0]) > 0 and maps.cross[0][0].shape == (1, 16, 1)
+    # A region's token map covers the whole image, as the reference records it: re-initialisation searches there.
+    assert (maps.cross[0][0][0, ~left] > 0).all()
     # Queries outside the boxes are free: with no background here, check rows still sum to one.
     assert torch.allclose(s.sum(-1), torch.ones(16), atol=1e-5)
 
@@ -159,3 +171,79 @@ def test_reinitialisation_moves_the_strongest_patch_into_the_box_and_keeps_the_s
 def test_loss_weights_are_validated(bad):
     with pytest.raises(ValueError):
         ComposerLossWeights(**bad)
+
+
+def test_every_delta_adds_a_concepts_other_deltas_inside_its_box_on_the_adapter_rows_only():
+    """ComposerSettings(every_delta=True): a feed-forward delta acts at the box's tokens, nowhere else, and (the
+    call keeping adapters off guidance's unconditional rows) not on those rows; removing the hooks restores it."""
+    unet = build_unet("tiny-sd15")
+    lora = LoRA.from_unet(unet, LoRAConfig(rank=2, target="attn_ff"))
+    perturb(lora)
+    path = next(name.removesuffix(".weight") for name in lora.delta_weights() if ".ff.net.0.proj." in name)
+    layer = dict(unet.named_modules())[path]
+    delta = lora.delta_weights()[f"{path}.weight"]
+    hidden = torch.randn(2, 64, layer.in_features, generator=torch.Generator().manual_seed(1))  # an 8x8 grid
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[:, :4] = True
+    inside = inside.flatten()
+    ctx = CallContext.of_branches(["uncond", "cond"], image_size=(64, 64), adapters_on_uncond=False,
+                                  regions=[Region(LEFT, "a sks", None, lora, (1,))])
+    with torch.no_grad():
+        base = layer(hidden)
+        with Composer(unet, (2, 2), every_delta=[path]), call_context(unet, ctx):
+            out = layer(hidden)
+        after = layer(hidden)
+    expected = base[1] + hidden[1] @ delta.T
+    assert torch.allclose(out[1, inside], expected[inside], atol=1e-5)
+    assert not torch.allclose(out[1, inside], base[1, inside], atol=1e-3)
+    assert torch.equal(out[1, ~inside], base[1, ~inside])
+    assert torch.equal(out[0], base[0])  # the unconditional row: adapters off it
+    assert torch.equal(after, base)
+
+
+def test_every_delta_adds_a_convolutions_delta_inside_its_box():
+    unet = build_unet("tiny-sd15")
+    lora = LoRA.from_unet(unet, LoRAConfig(rank=2, target="attn_conv"))
+    perturb(lora)
+    modules = dict(unet.named_modules())
+    path = next(name.removesuffix(".weight") for name in lora.delta_weights()
+                if isinstance(modules[name.removesuffix(".weight")], torch.nn.Conv2d))
+    conv = modules[path]
+    delta = lora.delta_weights()[f"{path}.weight"]
+    x = torch.randn(1, conv.in_channels, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctx = CallContext.of_branches(["cond"], image_size=(64, 64), regions=[Region(LEFT, "a sks", None, lora, (1,))])
+    with torch.no_grad():
+        base = conv(x)
+        with Composer(unet, (2, 2), every_delta=[path]), call_context(unet, ctx):
+            out = conv(x)
+        expected = base + torch.nn.functional.conv2d(x, delta, None, conv.stride, conv.padding)
+    left = slice(0, base.shape[-1] // 2)
+    assert torch.allclose(out[..., left], expected[..., left], atol=1e-5)
+    assert not torch.allclose(out[..., left], base[..., left], atol=1e-3)
+    assert torch.equal(out[..., base.shape[-1] // 2:], base[..., base.shape[-1] // 2:])
+
+
+def test_a_call_keeping_adapters_off_the_unconditional_rows_injects_the_region_prompt_without_the_concept_there():
+    unet = build_unet("tiny-sd15")
+    lora = LoRA.from_unet(unet, LoRAConfig(rank=2))
+    perturb(lora)
+    path, attn = next(iter(attention_layers(unet, "cross").items()))
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, 64, attn.to_q.in_features, generator=g).expand(2, -1, -1)
+    global_text, region_text = (torch.randn(1, 8, attn.to_k.in_features, generator=g).expand(2, -1, -1)
+                                for _ in range(2))
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[:, :4] = True
+    inside = inside.flatten()
+    with torch.no_grad():
+        base_region = attn(hidden, encoder_hidden_states=region_text)
+        outs = {}
+        for on_uncond in (True, False):
+            ctx = CallContext.of_branches(["uncond", "cond"], text_embeds=global_text, image_size=(64, 64),
+                                          adapters_on_uncond=on_uncond,
+                                          regions=[Region(LEFT, "a sks", region_text, lora, (1,))])
+            with Composer(unet, (2, 2)), call_context(unet, ctx):
+                outs[on_uncond] = attn(hidden, encoder_hidden_states=global_text)
+    assert torch.allclose(outs[False][0, inside], base_region[0, inside], atol=1e-5)  # no concept on uncond
+    assert not torch.allclose(outs[True][0, inside], base_region[0, inside], atol=1e-3)
+    assert torch.allclose(outs[False][1], outs[True][1], atol=1e-6)  # the conditional row keeps its concept

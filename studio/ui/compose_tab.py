@@ -255,7 +255,8 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
 
 
 def composer_settings(concept: float | None, fill: float | None, region: float | None, step_size: float | None,
-                      refine_until: float | None, reinitialise: bool, isolation: bool) -> ComposerSettings:
+                      refine_until: float | None, reinitialise: bool, isolation: bool, every_delta: bool = False,
+                      cells: str = "inside") -> ComposerSettings:
     """The accordion's knobs as ComposerSettings; an InputError naming a knob left empty or out of range."""
     for label, value in (("Concept loss weight", concept), ("Fill loss weight", fill),
                          ("Region loss weight", region), ("Step size", step_size), ("Refine until step", refine_until)):
@@ -263,7 +264,8 @@ def composer_settings(concept: float | None, fill: float | None, region: float |
             raise InputError(f"Composer settings: {label} is {value!r}; give a number >= 0")
     return ComposerSettings(ComposerLossWeights(float(concept), float(fill), float(region)),
                             step_size=float(step_size), refine_until=int(refine_until),
-                            reinitialise=bool(reinitialise), isolation=bool(isolation))
+                            reinitialise=bool(reinitialise), isolation=bool(isolation),
+                            every_delta=bool(every_delta), cells=cells)
 
 
 def build(model: LoadedModel, out_dir: Path) -> OnShow:
@@ -275,10 +277,12 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
     @handler
     def run(rows: Any, prompt: str, negative: str, seed: float | None, steps: float, guidance: float,
             concept: float, fill: float, region: float, step_size: float, refine_until: float, reinitialise: bool,
-            isolation: bool, request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple:
+            isolation: bool, every_delta: bool, cells: str, on_uncond: bool, request: gr.Request = None,
+            progress: gr.Progress = gr.Progress()) -> tuple:
         # Everything the table and the knobs can get wrong is refused here, before any model work.
         adapters, regions = concepts_from_rows(rows, AdapterLibrary())
-        settings = composer_settings(concept, fill, region, step_size, refine_until, reinitialise, isolation)
+        settings = composer_settings(concept, fill, region, step_size, refine_until, reinitialise, isolation,
+                                     every_delta, cells)
         # One seed for both results, so they differ only by how the concepts are combined.
         seed = secrets.randbelow(MAX_SEED + 1) if seed is None or seed < 0 else int(seed)
 
@@ -292,7 +296,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                     results.append(compose(
                         model, prompt, adapters=adapters, regions=regions, mode=mode, negative_prompt=negative,
                         num_inference_steps=int(steps), guidance_scale=guidance, seed=seed, height=native,
-                        width=native, composer=settings, callback=report))
+                        width=native, composer=settings, adapters_on_uncond=bool(on_uncond), callback=report))
                 except InputError as e:
                     raise InputError(in_table_terms(str(e))) from e
             return results
@@ -370,6 +374,20 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                                                elem_id="compose-reinit")
                     isolation = gr.Checkbox(True, label="Isolation (boxes do not attend to each other)",
                                             elem_id="compose-isolation")
+                gr.Markdown("Beyond the paper, on by default here: this studio's concepts are trained on the UNet "
+                            "alone, so their identity is not all in cross-attention. Published (cross-attention "
+                            "only, cells wholly inside): untick and pick 'wholly inside'. On the embedded model the "
+                            "defaults draw both concepts where the published settings draw neither "
+                            "(docs/benchmarks.md, fusion).")
+                with gr.Row():
+                    every_delta = gr.Checkbox(True, label="Every delta in its box (self-attention, feed-forward, "
+                                              "convolutions too)", elem_id="compose-every-delta")
+                    cells = gr.Radio([("wholly inside the box (as published)", "inside"),
+                                      ("every cell the box touches", "touched")], value="touched",
+                                     label="Attention cells of a box", elem_id="compose-cells")
+            on_uncond = gr.Checkbox(False, label="Adapters on the negative prompt too (off: guidance's unconditional "
+                                    "branch stays the base model's, as docs/methods.md advises for subjects)",
+                                    elem_id="compose-adapters-uncond")
             with gr.Row():
                 button = gr.Button("Compose", variant="primary", elem_id="compose-button")
                 stop_button("Stop", elem_id="compose-stop")
@@ -381,7 +399,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                                   elem_id="compose-settings")
 
     button.click(run, inputs=[table, prompt, negative, seed, steps, guidance, concept, fill, region, step_size,
-                              refine_until, reinitialise, isolation],
+                              refine_until, reinitialise, isolation, every_delta, cells, on_uncond],
                  outputs=[by_region, merged, settings], api_name="compose", concurrency_id=MODEL_QUEUE)
     # Table and canvas edits are quick, model-free bookkeeping: off the model queue and out of the API.
     private = dict(queue=False, show_progress="hidden", api_visibility="private")
