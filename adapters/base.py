@@ -298,6 +298,12 @@ class Adapter(nn.Module):
         `scale` (None: its own), for a weight-delta method; others refuse."""
         raise NotImplementedError(f"{self.method} is not a weight delta: it has no delta_weights()")
 
+    def delta_weight(self, name: str, scale: float | None = None) -> torch.Tensor | None:
+        """`delta_weights()[name]` alone (None where this adapter changes nothing), for a caller that takes one
+        module at a time without holding every dense delta (the composer's regional deltas); methods override it
+        to compute just that one."""
+        return self.delta_weights(scale).get(name)
+
     def merge(self) -> None:
         """W += delta for every delta of `delta_weights()` (checked finite first: on a non-finite delta nothing
         changes); the adapter's own forward path is then bypassed, so the UNet computes the same thing."""

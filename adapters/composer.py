@@ -167,11 +167,9 @@ class _ComposerState:
     """Shared by the processors of one `Composer`: the UNet's context, what is being recorded, and the
     per-call caches (each region prompt's K and V per layer, each concept's deltas)."""
 
-    def __init__(self, registry: Attachments, size: tuple[int, int], isolation: bool, every_delta: Sequence[str],
-                 cells: str):
+    def __init__(self, registry: Attachments, size: tuple[int, int], isolation: bool, cells: str):
         box_cells((0.0, 0.0, 1.0, 1.0), 1, 1, cells)  # refuse an unknown rule now, not mid-call
         self.registry, self.map_size, self.isolation, self.cells = registry, size, isolation, cells
-        self.every_delta = frozenset(every_delta)  # modules whose deltas act in the box besides the injected ones
         self.recording: AttentionMaps | None = None
         self._kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._deltas: dict[int, dict[str, torch.Tensor]] = {}
@@ -188,15 +186,14 @@ class _ComposerState:
         return ctx
 
     def deltas(self, region: Region) -> dict[str, torch.Tensor]:
-        """The concept's dense weight deltas that act here (the injected ones, and those of `every_delta`'s
-        modules) by parameter name, computed once per composer."""
+        """The concept's injected dense deltas (attn2 k/v/out, a small share of its weights) by parameter name,
+        computed once per composer."""
         if region.adapter is None:
             return {}
         key = id(region.adapter)
         if key not in self._deltas:
             with torch.no_grad():
-                self._deltas[key] = {name: d for name, d in region.adapter.delta_weights().items()
-                                     if injected(name) or name.removesuffix(".weight") in self.every_delta}
+                self._deltas[key] = {name: d for name, d in region.adapter.delta_weights().items() if injected(name)}
         return self._deltas[key]
 
     def region_key_value(self, path: str, attn: Attention, i: int, region: Region,
@@ -318,7 +315,10 @@ class RegionalDeltas:
     convolutions) acting only inside its box: a forward hook per adapted module adds x ΔWᵀ (a convolution: conv(x,
     ΔW)) at the box's positions, on the rows the call's adapters act on. Not in the paper, whose ED-LoRA concepts
     carry their identity in cross-attention; a UNet-only LoRA's identity is spread over all its layers
-    (docs/methods.md, LoRA-Composer). Removing the hooks restores the UNet exactly."""
+    (docs/methods.md, LoRA-Composer). Each delta is computed when its module runs and then dropped, so memory
+    stays one module's delta whatever the number of concepts (SD 1.5's attention and feed-forward weights are 0.9
+    GiB in fp32: one copy per concept held at once would break the composer's one-UNet budget). Removing the hooks
+    restores the UNet exactly."""
 
     def __init__(self, unet: nn.Module, state: _ComposerState, paths: Sequence[str]):
         self.state = state
@@ -332,7 +332,10 @@ class RegionalDeltas:
                 return output
             x = args[0]
             for region in ctx.regions:
-                delta = self.state.deltas(region).get(f"{path}.weight")
+                if region.adapter is None:
+                    continue
+                with torch.no_grad():
+                    delta = region.adapter.delta_weight(f"{path}.weight")
                 if delta is None:
                     continue
                 delta = delta.to(x.device, x.dtype)
@@ -364,7 +367,7 @@ class Composer:
 
     def __init__(self, unet: nn.Module, size: tuple[int, int], *, isolation: bool = True,
                  every_delta: Sequence[str] = (), cells: str = "inside"):
-        self.state = _ComposerState(attachments(unet), size, isolation, every_delta, cells)
+        self.state = _ComposerState(attachments(unet), size, isolation, cells)
         cross, self_layers = attention_layers(unet, "cross"), attention_layers(unet, "self")
 
         def make(path: str, previous) -> WrappingProcessor:

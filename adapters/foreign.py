@@ -431,6 +431,11 @@ class ForeignLoRA(Adapter):
         s = self.scale if scale is None else scale
         return {f"{t.path}.weight": self._delta(i, s) for i, t in enumerate(self.targets) if t.component == "unet"}
 
+    def delta_weight(self, name: str, scale: float | None = None) -> torch.Tensor | None:
+        found = next((i for i, t in enumerate(self.targets) if t.component == "unet" and f"{t.path}.weight" == name),
+                     None)
+        return None if found is None else self._delta(found, self.scale if scale is None else scale)
+
     def text_encoder_deltas(self, scale: float | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """component -> (`<path>.weight` -> delta) for the text encoders this file adapts."""
         s = self.scale if scale is None else scale

@@ -326,13 +326,17 @@ class LoRA(Adapter):
     def delta_weights(self, scale: float | None = None) -> dict[str, torch.Tensor]:
         """`<path>.weight` -> s (alpha / r) B A, shaped as the weight (a conv's B A: (out, in, kh, kw)); in the
         adapter's dtype, computed from its own modules (no UNet needed)."""
+        return {f"{path}.weight": self._delta(key, scale) for key, path in self.paths.items()}
+
+    def delta_weight(self, name: str, scale: float | None = None) -> torch.Tensor | None:
+        key = next((key for key, path in self.paths.items() if f"{path}.weight" == name), None)
+        return None if key is None else self._delta(key, scale)
+
+    def _delta(self, key: str, scale: float | None) -> torch.Tensor:
         factor = (self.scale if scale is None else scale) * self.config.alpha / self.config.rank
-        deltas = {}
-        for key, path in self.paths.items():
-            a, b = self.lora_A[key].weight, self.lora_B[key].weight
-            delta = b.detach().flatten(1) @ a.detach().flatten(1)  # (out, r) @ (r, in [* kh * kw])
-            deltas[f"{path}.weight"] = (delta * factor).view(b.shape[0], *a.shape[1:])
-        return deltas
+        a, b = self.lora_A[key].weight, self.lora_B[key].weight
+        delta = b.detach().flatten(1) @ a.detach().flatten(1)  # (out, r) @ (r, in [* kh * kw])
+        return (delta * factor).view(b.shape[0], *a.shape[1:])
 
     def _bypass(self, on: bool) -> None:
         # Only this adapter leaves each layer's active set. (Marking it merged in peft would stop every branch of

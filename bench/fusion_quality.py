@@ -200,7 +200,7 @@ def merge_time(n: int = 5, rank: int = 20) -> None:
               f"threads): {merge_s:.3f}s, restore {restore_s:.3f}s (best of 3)", flush=True)
 
 
-def composer_memory_child(work: Path, count: int, steps: int) -> None:
+def composer_memory_child(work: Path, count: int, steps: int, settings: ComposerSettings) -> None:
     """One composer call with `count` concepts (the trained LoRAs, then random ones): its peak memory above the
     loaded model and adapters, printed as bytes."""
     model = load_model("assets/shapes-sd", device="cpu")
@@ -218,11 +218,11 @@ def composer_memory_child(work: Path, count: int, steps: int) -> None:
     boxes = [(0, 0, 32, 64)] if count == 1 else [(0, 0, 32, 64), (32, 0, 64, 64)] if count == 2 else quadrants
     regions = [ComposeRegion(box, f"a shape {k}") for k, box in enumerate(boxes[:count])]
     base = reset_peak_memory(torch.device("cpu"))
-    compose(model, "shapes", adapters=adapters, regions=regions, seed=0, num_inference_steps=steps)
+    compose(model, "shapes", adapters=adapters, regions=regions, seed=0, num_inference_steps=steps, composer=settings)
     print(peak_memory_bytes(torch.device("cpu")) - base)
 
 
-def composer_memory(work: Path, steps: int, repeats: int = 5) -> None:
+def composer_memory(work: Path, steps: int, options: list[str], repeats: int = 5) -> None:
     """The median over `repeats` fresh processes per concept count: a process's peak RSS varies by a few MiB
     with where the allocator happens to place things, as much as one concept adds."""
     figures, spreads = {}, {}
@@ -230,13 +230,14 @@ def composer_memory(work: Path, steps: int, repeats: int = 5) -> None:
         runs = []
         for _ in range(repeats):
             out = subprocess.run([sys.executable, __file__, "--memory-child", str(count), "--work", str(work),
-                                  "--sample-steps", str(steps)], capture_output=True, text=True, check=True)
+                                  "--sample-steps", str(steps), *options], capture_output=True, text=True,
+                                 check=True)
             runs.append(int(out.stdout.strip().splitlines()[-1]))
         figures[count], spreads[count] = statistics.median(runs), (min(runs), max(runs))
     line = ", ".join(f"{c} concepts {b / 2**20:.1f} MiB ({b / figures[1]:.2f}x; runs {lo / 2**20:.1f}-"
                      f"{hi / 2**20:.1f})" for (c, b), (lo, hi) in zip(figures.items(), spreads.values()))
-    print(f"LoRA-Composer peak memory above the loaded model (CPU RSS, median of {repeats} fresh processes each): "
-          f"{line}")
+    print(f"LoRA-Composer peak memory above the loaded model (CPU RSS, median of {repeats} fresh processes each"
+          f"{', ' + ' '.join(options) if options else ''}): {line}")
 
 
 def main() -> None:
@@ -274,8 +275,10 @@ def main() -> None:
     p.add_argument("--only", choices=["quality", "merge_time", "memory"], default=None)
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    settings = ComposerSettings(step_size=args.step_size, every_delta=args.every_delta, cells=args.cells,
+                                reinitialise=args.reinitialise)
     if args.memory_child is not None:
-        composer_memory_child(args.work, args.memory_child, args.sample_steps)
+        composer_memory_child(args.work, args.memory_child, args.sample_steps, settings)
         return
     if args.only in (None, "quality"):
         model = load_model("assets/shapes-sd")
@@ -285,8 +288,6 @@ def main() -> None:
         options = {"rank": args.rank, "target": args.target}
         files = train_concepts(model.pipe, subjects, args.work, args.steps, lrs, options, args.instance_prompt_share,
                                args.subject_images, args.subject_backgrounds == "every")
-        settings = ComposerSettings(step_size=args.step_size, every_delta=args.every_delta, cells=args.cells,
-                                    reinitialise=args.reinitialise)
         print(f"subjects: {', '.join(f'{t} = {c} {s}' for c, s, t in subjects)}")
         for guidance in args.guidance:
             report(evaluate(model, subjects, files, args.seeds, guidance, args.sample_steps, settings,
@@ -299,7 +300,8 @@ def main() -> None:
     if args.only in (None, "merge_time"):
         merge_time()
     if args.only in (None, "memory"):
-        composer_memory(args.work, args.sample_steps)
+        options = ["--every-delta"] * args.every_delta + ["--cells", args.cells]
+        composer_memory(args.work, args.sample_steps, options)
 
 
 if __name__ == "__main__":

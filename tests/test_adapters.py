@@ -230,6 +230,10 @@ def test_delta_weights_are_what_merging_adds(case, unet):
     adapter.unmerge()
     assert all(torch.equal(d, e) for d, e in zip(deltas.values(), adapter.delta_weights(scale=0.5).values()))
     torch.testing.assert_close(adapter.delta_weights(scale=1.0)[name], 2 * deltas[name])
+    # One module's delta alone (the composer's regional deltas take them so), and None where nothing changes.
+    assert all(torch.equal(adapter.delta_weight(name), delta) for name, delta in deltas.items())
+    torch.testing.assert_close(adapter.delta_weight(name, scale=1.0), 2 * deltas[name])
+    assert adapter.delta_weight(next(name for name in before if name not in deltas)) is None
 
 
 def test_merge(case, unet, inputs):

@@ -134,3 +134,18 @@ def test_merge_mode_says_it_leaves_the_text_encoder_part_out(tiny_sd15, tmp_path
     file = kohya_file(tmp_path / "c0.safetensors", tiny_sd15, seed=0)
     with pytest.warns(UserWarning, match=r"adapters\[0\]: merge mode .* text-encoder part of c0.safetensors"):
         compose(tiny_sd15, "a thing", adapters=[(file, None)], mode="merge", seed=0, num_inference_steps=1)
+
+
+def test_a_kohya_file_gives_one_modules_delta_alone_as_its_full_set_does(pipe, tmp_path):
+    """`delta_weight(name)`, which the composer's regional deltas read module by module, is `delta_weights()`'s
+    entry; a text-encoder weight is not a UNet delta."""
+    link_pipeline(pipe)
+    lora = load_foreign_lora(kohya_file(tmp_path / "k.safetensors", pipe, seed=0), pipe.unet)
+    try:
+        deltas = lora.delta_weights(scale=0.7)
+        assert deltas and all(torch.equal(lora.delta_weight(name, scale=0.7), d) for name, d in deltas.items())
+        te_names = {name for part in lora.text_encoder_deltas().values() for name in part}
+        assert te_names - set(deltas)
+        assert all(lora.delta_weight(name) is None for name in te_names - set(deltas))
+    finally:
+        lora.detach()
