@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from .base import Adapter
 from .context import Attachments, CallContext, Region, attachments
 from .processors import ProcessorSwap, WrappingProcessor, attention_layers
 
@@ -167,9 +169,11 @@ class _ComposerState:
     """Shared by the processors of one `Composer`: the UNet's context, what is being recorded, and the
     per-call caches (each region prompt's K and V per layer, each concept's deltas)."""
 
-    def __init__(self, registry: Attachments, size: tuple[int, int], isolation: bool, cells: str):
+    def __init__(self, registry: Attachments, size: tuple[int, int], isolation: bool, cells: str,
+                 injected_names: Sequence[str]):
         box_cells((0.0, 0.0, 1.0, 1.0), 1, 1, cells)  # refuse an unknown rule now, not mid-call
         self.registry, self.map_size, self.isolation, self.cells = registry, size, isolation, cells
+        self.injected_names = tuple(injected_names)  # every attn2 k/v/out weight of the UNet
         self.recording: AttentionMaps | None = None
         self._kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._deltas: dict[int, dict[str, torch.Tensor]] = {}
@@ -192,8 +196,9 @@ class _ComposerState:
             return {}
         key = id(region.adapter)
         if key not in self._deltas:
-            with torch.no_grad():
-                self._deltas[key] = {name: d for name, d in region.adapter.delta_weights().items() if injected(name)}
+            with torch.no_grad():  # one module at a time: never the concept's whole dense delta at once
+                deltas = {name: region.adapter.delta_weight(name) for name in self.injected_names}
+            self._deltas[key] = {name: d for name, d in deltas.items() if d is not None}
         return self._deltas[key]
 
     def region_key_value(self, path: str, attn: Attention, i: int, region: Region,
@@ -304,10 +309,17 @@ class RegionIsolation(WrappingProcessor):
         return o / attn.rescale_output_factor
 
 
-def injected(path: str) -> bool:
-    """Whether a UNet parameter is one the region-aware injection applies (attn2's k, v and out): the concept
-    deltas that act by sec. 3.2; the others act only with `Composer(every_delta=True)`."""
-    return any(f".attn2.{name}." in path for name in ("to_k", "to_v", "to_out"))
+INJECTED = ("to_k", "to_v", "to_out.0")  # the attn2 modules whose concept deltas act by sec. 3.2's injection
+
+
+def other_deltas(unet: nn.Module, adapter: Adapter) -> set[str]:
+    """The weight names of the linear and convolution modules `adapter` changes beyond the injected attn2 k/v/out
+    (each delta computed once here, one at a time, to find them)."""
+    skip = {f"{path}.{name}" for path in attention_layers(unet, "cross") for name in INJECTED}
+    with torch.no_grad():
+        return {f"{path}.weight" for path, module in unet.named_modules()
+                if isinstance(module, (nn.Linear, nn.Conv2d)) and path not in skip
+                and adapter.delta_weight(f"{path}.weight") is not None}
 
 
 class RegionalDeltas:
@@ -320,8 +332,10 @@ class RegionalDeltas:
     GiB in fp32: one copy per concept held at once would break the composer's one-UNet budget). Removing the hooks
     restores the UNet exactly."""
 
-    def __init__(self, unet: nn.Module, state: _ComposerState, paths: Sequence[str]):
+    def __init__(self, unet: nn.Module, state: _ComposerState, adapters: Sequence[Adapter]):
         self.state = state
+        self.adapted = {id(adapter): other_deltas(unet, adapter) for adapter in adapters}
+        paths = sorted({name.removesuffix(".weight") for names in self.adapted.values() for name in names})
         modules = dict(unet.named_modules())
         self._handles = [modules[path].register_forward_hook(self._hook(path)) for path in paths]
 
@@ -334,16 +348,23 @@ class RegionalDeltas:
             for region in ctx.regions:
                 if region.adapter is None:
                     continue
-                with torch.no_grad():
-                    delta = region.adapter.delta_weight(f"{path}.weight")
-                if delta is None:
+                name = f"{path}.weight"
+                if name not in self.adapted.get(id(region.adapter), ()):
                     continue
-                delta = delta.to(x.device, x.dtype)
-                if x.ndim == 4:  # a convolution: (B, C, H, W)
-                    term = F.conv2d(x, delta, None, module.stride, module.padding, module.dilation, module.groups)
+
+                def term_of(x: torch.Tensor, adapter: Adapter = region.adapter, name: str = name) -> torch.Tensor:
+                    with torch.no_grad():
+                        delta = adapter.delta_weight(name).to(x.device, x.dtype)
+                    if x.ndim == 4:  # a convolution: (B, C, H, W)
+                        return F.conv2d(x, delta, None, module.stride, module.padding, module.dilation, module.groups)
+                    return F.linear(x, delta)  # a linear layer on the image's tokens: (B, N, C)
+
+                # In the latent update's gradient pass the delta is recomputed for the backward rather than kept
+                # by autograd: held, every concept's every delta would stay in memory until the backward.
+                term = checkpoint(term_of, x, use_reentrant=False) if x.requires_grad else term_of(x)
+                if x.ndim == 4:
                     mask = box_mask(region.box, *term.shape[-2:], self.state.cells)[None, None]
-                else:  # a linear layer on the image's tokens: (B, N, C)
-                    term = F.linear(x, delta)
+                else:
                     grid = grid_of(term.shape[1], ctx.image_size)
                     mask = box_mask(region.box, *grid, self.state.cells).flatten()[None, :, None]
                 scales = ctx.adapter_row_scales()
@@ -361,21 +382,21 @@ class RegionalDeltas:
 
 class Composer:
     """The composer's processors on every attn1/attn2 layer of `unet`; they act only in calls whose context
-    has regions. `size`: the map resolution (`map_size`); `every_delta`: the modules whose concept deltas act in
-    their boxes besides the injected ones (`RegionalDeltas`); `cells`: which grid cells a box covers at each
+    has regions. `size`: the map resolution (`map_size`); `every_delta`: the concepts whose other deltas act in their
+    boxes besides the injected ones (`RegionalDeltas`); `cells`: which grid cells a box covers at each
     resolution (`box_cells`). Detaching (also on leaving a `with`) restores the UNet exactly."""
 
     def __init__(self, unet: nn.Module, size: tuple[int, int], *, isolation: bool = True,
-                 every_delta: Sequence[str] = (), cells: str = "inside"):
-        self.state = _ComposerState(attachments(unet), size, isolation, cells)
+                 every_delta: Sequence[Adapter] = (), cells: str = "inside"):
         cross, self_layers = attention_layers(unet, "cross"), attention_layers(unet, "self")
+        injected_names = [f"{path}.{name}.weight" for path in cross for name in INJECTED]
+        self.state = _ComposerState(attachments(unet), size, isolation, cells, injected_names)
 
         def make(path: str, previous) -> WrappingProcessor:
             kind = RegionalCrossAttention if path in cross else RegionIsolation
             return kind(previous, self.state, path)
 
         self.swap = ProcessorSwap({**cross, **self_layers}, make)
-        # every_delta: the modules whose concept deltas act in their boxes too (`RegionalDeltas`)
         self.regional_deltas = RegionalDeltas(unet, self.state, every_delta)
 
     @contextmanager

@@ -44,7 +44,6 @@ from adapters.composer import (
     Composer,
     ComposerLossWeights,
     composer_loss,
-    injected,
     map_size,
     reinitialise_latents,
 )
@@ -299,9 +298,8 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
             restore.callback(adapter.set_scale, adapter.scale)
             adapter.set_scale(weight)  # the scale its deltas are read at
             adapter.to(device)
-        regional = _regional_modules(unet, adapters) if settings.every_delta else ()
-        composer = restore.enter_context(Composer(unet, size, isolation=settings.isolation, every_delta=regional,
-                                                  cells=settings.cells))
+        composer = restore.enter_context(Composer(unet, size, isolation=settings.isolation, cells=settings.cells,
+                                                  every_delta=adapters if settings.every_delta else ()))
         # 3. Sec. 3.5: each concept's strongest patch of the initial noise goes into its box.
         if settings.reinitialise:
             with torch.no_grad(), composer.recording(len(concept_regions)) as maps:
@@ -333,14 +331,6 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
                 raise GenerationInterrupted("composition stopped by the callback")
     with torch.no_grad():
         return decode_latents(pipe, latents), refined
-
-
-def _regional_modules(unet: torch.nn.Module, adapters: Sequence[Adapter]) -> list[str]:
-    """The linear and convolution modules the concepts change beyond the injected attn2 k/v/out."""
-    modules = dict(unet.named_modules())
-    paths = {name.removesuffix(".weight") for adapter in adapters for name in adapter.delta_weights()
-             if not injected(name)}
-    return sorted(p for p in paths if isinstance(modules.get(p), (torch.nn.Linear, torch.nn.Conv2d)))
 
 
 def _rows_of(ctx: CallContext, keep: torch.Tensor) -> CallContext:

@@ -190,7 +190,7 @@ def test_every_delta_adds_a_concepts_other_deltas_inside_its_box_on_the_adapter_
                                   regions=[Region(LEFT, "a sks", None, lora, (1,))])
     with torch.no_grad():
         base = layer(hidden)
-        with Composer(unet, (2, 2), every_delta=[path]), call_context(unet, ctx):
+        with Composer(unet, (2, 2), every_delta=[lora]), call_context(unet, ctx):
             out = layer(hidden)
         after = layer(hidden)
     expected = base[1] + hidden[1] @ delta.T
@@ -199,6 +199,15 @@ def test_every_delta_adds_a_concepts_other_deltas_inside_its_box_on_the_adapter_
     assert torch.equal(out[1, ~inside], base[1, ~inside])
     assert torch.equal(out[0], base[0])  # the unconditional row: adapters off it
     assert torch.equal(after, base)
+    # In a gradient pass (the latent update) the delta is recomputed for the backward: the same gradient.
+    x = hidden.clone().requires_grad_(True)
+    with Composer(unet, (2, 2), every_delta=[lora]), call_context(unet, ctx):
+        (grad,) = torch.autograd.grad(layer(x)[1].sum(), x)
+    x_ref = hidden.clone().requires_grad_(True)
+    inside_rows = inside.to(x_ref.dtype)[:, None]
+    reference = layer(x_ref)[1] + (x_ref[1] @ delta.T) * inside_rows
+    (expected_grad,) = torch.autograd.grad(reference.sum(), x_ref)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
 
 
 def test_every_delta_adds_a_convolutions_delta_inside_its_box():
@@ -214,7 +223,7 @@ def test_every_delta_adds_a_convolutions_delta_inside_its_box():
     ctx = CallContext.of_branches(["cond"], image_size=(64, 64), regions=[Region(LEFT, "a sks", None, lora, (1,))])
     with torch.no_grad():
         base = conv(x)
-        with Composer(unet, (2, 2), every_delta=[path]), call_context(unet, ctx):
+        with Composer(unet, (2, 2), every_delta=[lora]), call_context(unet, ctx):
             out = conv(x)
         expected = base + torch.nn.functional.conv2d(x, delta, None, conv.stride, conv.padding)
     left = slice(0, base.shape[-1] // 2)
