@@ -15,10 +15,11 @@ attention processors installed here, two are steps of the pipeline's loop (pipel
     1024 px, down_blocks.2 and up_blocks.0; mid excluded).
 (d) latent re-initialisation (sec. 3.5): `reinitialise_latents`.
 
-Memory stays one UNet: a concept contributes only its attn2 k/v/out deltas (the reference holds one pipeline
-per concept plus one). Two options go beyond the paper, for concepts whose identity is spread over the whole UNet
-(a UNet-only LoRA, unlike the paper's ED-LoRAs): `RegionalDeltas` lets a concept's other deltas act in its box too,
-and `box_cells`' "touched" rule gives a box every cell it touches at each resolution.
+Memory stays one UNet: a concept contributes only its attn2 k/v/out deltas, each computed when its module runs
+(`delta_term`; the reference holds one pipeline per concept plus one). Two options go beyond the paper, for
+concepts whose identity is spread over the whole UNet (a UNet-only LoRA, unlike the paper's ED-LoRAs):
+`RegionalDeltas` lets a concept's other deltas act in its box too, and `box_cells`' "touched" rule gives a box
+every cell it touches at each resolution.
 The loss weights follow the reference code (8, 2, 10), which reproduce the paper's 0.25
 for the fill term but not its 0.8 for the region term (docs/methods.md, LoRA-Composer).
 """
@@ -26,7 +27,7 @@ for the fill term but not its 0.8 for the region term (docs/methods.md, LoRA-Com
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -167,7 +168,7 @@ class AttentionMaps:
 
 class _ComposerState:
     """Shared by the processors of one `Composer`: the UNet's context, what is being recorded, and the
-    per-call caches (each region prompt's K and V per layer, each concept's deltas)."""
+    caches (each region prompt's K and V per layer and call, which injected weights each concept changes)."""
 
     def __init__(self, registry: Attachments, size: tuple[int, int], isolation: bool, cells: str,
                  injected_names: Sequence[str]):
@@ -176,7 +177,7 @@ class _ComposerState:
         self.injected_names = tuple(injected_names)  # every attn2 k/v/out weight of the UNet
         self.recording: AttentionMaps | None = None
         self._kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._deltas: dict[int, dict[str, torch.Tensor]] = {}
+        self._injected: dict[int, frozenset[str]] = {}
         self._bias: dict[tuple, torch.Tensor] = {}
         self._for: CallContext | None = None
 
@@ -189,17 +190,11 @@ class _ComposerState:
             raise ValueError("a call context with regions needs image_size (width, height) to place the boxes")
         return ctx
 
-    def deltas(self, region: Region) -> dict[str, torch.Tensor]:
-        """The concept's injected dense deltas (attn2 k/v/out, a small share of its weights) by parameter name,
-        computed once per composer."""
-        if region.adapter is None:
-            return {}
-        key = id(region.adapter)
-        if key not in self._deltas:
-            with torch.no_grad():  # one module at a time: never the concept's whole dense delta at once
-                deltas = {name: region.adapter.delta_weight(name) for name in self.injected_names}
-            self._deltas[key] = {name: d for name, d in deltas.items() if d is not None}
-        return self._deltas[key]
+    def injected(self, adapter: Adapter) -> frozenset[str]:
+        """The attn2 k/v/out weights `adapter` changes, found once per composer (one delta at a time)."""
+        if id(adapter) not in self._injected:
+            self._injected[id(adapter)] = changed_weights(adapter, self.injected_names)
+        return self._injected[id(adapter)]
 
     def region_key_value(self, path: str, attn: Attention, i: int, region: Region,
                          ctx: CallContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,14 +202,15 @@ class _ComposerState:
         if key not in self._kv:
             if region.text_embeds is None:
                 raise ValueError(f"CallContext.regions[{i}] has no text_embeds: the pipeline must embed its prompt")
-            deltas = self.deltas(region)
+            changed = self.injected(region.adapter) if region.adapter is not None else frozenset()
             with torch.no_grad():
                 e = region.text_embeds.to(attn.to_k.weight.device, attn.to_k.weight.dtype)
                 if attn.norm_cross:
                     e = attn.norm_encoder_hidden_states(e)
                 self._kv[key] = tuple(
-                    getattr(attn, name)(e) + _delta_term(e, deltas.get(f"{path}.{name}.weight"), ctx)
-                    for name in ("to_k", "to_v"))
+                    module(e) + (delta_term(module, e, region.adapter, f"{path}.{name}.weight", ctx)
+                                 if f"{path}.{name}.weight" in changed else 0.0)
+                    for name, module in (("to_k", attn.to_k), ("to_v", attn.to_v)))
         return self._kv[key]
 
     def bias(self, ctx: CallContext, h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -224,13 +220,24 @@ class _ComposerState:
         return self._bias[key]
 
 
-def _delta_term(x: torch.Tensor, delta: torch.Tensor | None, ctx: CallContext) -> torch.Tensor | float:
-    """x ΔWᵀ for (B, n, in) x, zero on the unconditional rows when the call keeps adapters off them."""
-    if delta is None:
-        return 0.0
-    term = F.linear(x, delta.to(x.device, x.dtype))
+def delta_term(module: nn.Module, x: torch.Tensor, adapter: Adapter, name: str, ctx: CallContext) -> torch.Tensor:
+    """What `adapter` adds to `module`'s output for input x: x ΔWᵀ (a convolution: conv(x, ΔW)), zero on the rows
+    the call keeps adapters off. ΔW (`Adapter.delta_weight`, one module of one concept) is computed here and
+    dropped; in a gradient pass (the latent update) it is recomputed for the backward rather than kept by autograd.
+    Held, a concept's dense deltas would cost the size of the layers it adapts (SD 1.5's attention and feed-forward
+    weights: 0.9 GiB in fp32), per concept."""
+    def term_of(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            delta = adapter.delta_weight(name).to(x.device, x.dtype)
+        if x.ndim == 4:  # (B, C, H, W)
+            return F.conv2d(x, delta, None, module.stride, module.padding, module.dilation, module.groups)
+        return F.linear(x, delta)  # (B, N, C)
+
+    term = checkpoint(term_of, x, use_reentrant=False) if x.requires_grad else term_of(x)
     scales = ctx.adapter_row_scales()
-    return term if scales is None else term * scales.to(term.device, term.dtype)[:, None, None]
+    if scales is None:
+        return term
+    return term * scales.to(term.device, term.dtype).view(-1, *(1,) * (term.ndim - 1))
 
 
 class RegionalCrossAttention(WrappingProcessor):
@@ -265,7 +272,11 @@ class RegionalCrossAttention(WrappingProcessor):
                 o, probs = attend(attn, query, key, value, want_probs=True)
                 maps.cross[i].append(probs[..., list(region.token_indices)])
                 o = o[:, cells]
-            o = attn.to_out[0](o) + _delta_term(o, self.state.deltas(region).get(f"{self.path}.to_out.0.weight"), ctx)
+            out_name = f"{self.path}.to_out.0.weight"
+            if region.adapter is not None and out_name in self.state.injected(region.adapter):
+                o = attn.to_out[0](o) + delta_term(attn.to_out[0], o, region.adapter, out_name, ctx)
+            else:
+                o = attn.to_out[0](o)
             o = attn.to_out[1](o)
             if attn.residual_connection:
                 o = o + hidden_states[:, cells]
@@ -312,29 +323,30 @@ class RegionIsolation(WrappingProcessor):
 INJECTED = ("to_k", "to_v", "to_out.0")  # the attn2 modules whose concept deltas act by sec. 3.2's injection
 
 
-def other_deltas(unet: nn.Module, adapter: Adapter) -> set[str]:
-    """The weight names of the linear and convolution modules `adapter` changes beyond the injected attn2 k/v/out
-    (each delta computed once here, one at a time, to find them)."""
-    skip = {f"{path}.{name}" for path in attention_layers(unet, "cross") for name in INJECTED}
+def changed_weights(adapter: Adapter, names: Iterable[str]) -> frozenset[str]:
+    """Those of the weight `names` that `adapter` changes (each delta computed once, one at a time)."""
     with torch.no_grad():
-        return {f"{path}.weight" for path, module in unet.named_modules()
-                if isinstance(module, (nn.Linear, nn.Conv2d)) and path not in skip
-                and adapter.delta_weight(f"{path}.weight") is not None}
+        return frozenset(name for name in names if adapter.delta_weight(name) is not None)
+
+
+def other_weights(unet: nn.Module) -> list[str]:
+    """The UNet's linear and convolution weights outside the injection (attn2 k/v/out)."""
+    skip = {f"{path}.{name}" for path in attention_layers(unet, "cross") for name in INJECTED}
+    return [f"{path}.weight" for path, module in unet.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and path not in skip]
 
 
 class RegionalDeltas:
     """Each concept's deltas outside the injection (self-attention, cross-attention's queries, feed-forward,
     convolutions) acting only inside its box: a forward hook per adapted module adds x ΔWᵀ (a convolution: conv(x,
-    ΔW)) at the box's positions, on the rows the call's adapters act on. Not in the paper, whose ED-LoRA concepts
-    carry their identity in cross-attention; a UNet-only LoRA's identity is spread over all its layers
-    (docs/methods.md, LoRA-Composer). Each delta is computed when its module runs and then dropped, so memory
-    stays one module's delta whatever the number of concepts (SD 1.5's attention and feed-forward weights are 0.9
-    GiB in fp32: one copy per concept held at once would break the composer's one-UNet budget). Removing the hooks
-    restores the UNet exactly."""
+    ΔW)) at the box's positions, on the rows the call's adapters act on (`delta_term`). Not in the paper, whose
+    ED-LoRA concepts carry their identity in cross-attention; a UNet-only LoRA's identity is spread over all its
+    layers (docs/methods.md, LoRA-Composer). Removing the hooks restores the UNet exactly."""
 
     def __init__(self, unet: nn.Module, state: _ComposerState, adapters: Sequence[Adapter]):
         self.state = state
-        self.adapted = {id(adapter): other_deltas(unet, adapter) for adapter in adapters}
+        candidates = other_weights(unet)
+        self.adapted = {id(adapter): changed_weights(adapter, candidates) for adapter in adapters}
         paths = sorted({name.removesuffix(".weight") for names in self.adapted.values() for name in names})
         modules = dict(unet.named_modules())
         self._handles = [modules[path].register_forward_hook(self._hook(path)) for path in paths]
@@ -344,32 +356,14 @@ class RegionalDeltas:
             ctx = self.state.context()
             if ctx is None:
                 return output
-            x = args[0]
             for region in ctx.regions:
-                if region.adapter is None:
-                    continue
                 name = f"{path}.weight"
-                if name not in self.adapted.get(id(region.adapter), ()):
+                if region.adapter is None or name not in self.adapted.get(id(region.adapter), ()):
                     continue
-
-                def term_of(x: torch.Tensor, adapter: Adapter = region.adapter, name: str = name) -> torch.Tensor:
-                    with torch.no_grad():
-                        delta = adapter.delta_weight(name).to(x.device, x.dtype)
-                    if x.ndim == 4:  # a convolution: (B, C, H, W)
-                        return F.conv2d(x, delta, None, module.stride, module.padding, module.dilation, module.groups)
-                    return F.linear(x, delta)  # a linear layer on the image's tokens: (B, N, C)
-
-                # In the latent update's gradient pass the delta is recomputed for the backward rather than kept
-                # by autograd: held, every concept's every delta would stay in memory until the backward.
-                term = checkpoint(term_of, x, use_reentrant=False) if x.requires_grad else term_of(x)
-                if x.ndim == 4:
-                    mask = box_mask(region.box, *term.shape[-2:], self.state.cells)[None, None]
-                else:
-                    grid = grid_of(term.shape[1], ctx.image_size)
-                    mask = box_mask(region.box, *grid, self.state.cells).flatten()[None, :, None]
-                scales = ctx.adapter_row_scales()
-                if scales is not None:
-                    term = term * scales.to(term.device, term.dtype).view(-1, *(1,) * (term.ndim - 1))
+                term = delta_term(module, args[0], region.adapter, name, ctx)
+                grid = term.shape[-2:] if term.ndim == 4 else grid_of(term.shape[1], ctx.image_size)
+                mask = box_mask(region.box, *grid, self.state.cells)
+                mask = mask[None, None] if term.ndim == 4 else mask.flatten()[None, :, None]
                 output = output + term * mask.to(term.device, term.dtype)
             return output
         return add_deltas
