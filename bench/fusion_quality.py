@@ -117,12 +117,12 @@ def side_identity(image, subjects) -> tuple[str, str]:
 
 
 def evaluate(model, subjects, files: dict[str, list[Path]], seeds: int, guidance: float, steps: int,
-             settings: ComposerSettings, on_uncond: bool = True) -> dict[str, dict]:
+             settings: ComposerSettings, on_uncond: bool = True, first_seed: int = 0) -> dict[str, dict]:
     """on_uncond=False scores every mode with the adapters off the unconditional rows (`generate`'s and
     `compose`'s adapters_on_uncond=False), "merged" then being both adapters as branches at their merge weights:
     the sum `merge_into` folds, on the conditional rows only."""
     results = {}
-    common = dict(seed=0, num_images_per_prompt=seeds, num_inference_steps=steps, guidance_scale=guidance)
+    common = dict(seed=first_seed, num_images_per_prompt=seeds, num_inference_steps=steps, guidance_scale=guidance)
 
     def merged(prompt: str, paths: list[Path], regions=()):
         return compose(model, prompt, adapters=[(p, None) for p in paths], regions=regions, mode="merge",
@@ -261,7 +261,8 @@ def main() -> None:
                    help="the composer keeps the initial noise as drawn (ComposerSettings)")
     p.add_argument("--subject-backgrounds", choices=["drawn", "every"], default="drawn",
                    help="every: each subject shown on every background (customize_quality's subject_set)")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt (at most 16; --first-seed for more)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first image's seed (image i: this + i)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the evaluation images")
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 7.5])
     p.add_argument("--step-size", type=float, default=ComposerSettings().step_size, help="the composer's latent step")
@@ -291,7 +292,7 @@ def main() -> None:
         print(f"subjects: {', '.join(f'{t} = {c} {s}' for c, s, t in subjects)}")
         for guidance in args.guidance:
             report(evaluate(model, subjects, files, args.seeds, guidance, args.sample_steps, settings,
-                            args.uncond == "on"), subjects, guidance)
+                            args.uncond == "on", args.first_seed), subjects, guidance)
         print(f"\n{args.steps} steps x batch 4 (+ prior batch), lr {lrs}, rank {args.rank} on {args.target}, "
               f"instance prompt share {args.instance_prompt_share:g}, {args.subject_images} images per subject "
               f"({args.subject_backgrounds} backgrounds); adapters {args.uncond} the unconditional rows; "
