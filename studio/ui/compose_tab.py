@@ -377,7 +377,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                 gr.Markdown("Beyond the paper, on by default here: this studio's concepts are trained on the UNet "
                             "alone, so their identity is not all in cross-attention. Published (cross-attention "
                             "only, cells wholly inside): untick and pick 'wholly inside'. On the embedded model two "
-                            "subjects both appear in 8 of 16 images with these defaults, in none with the published "
+                            "subjects both appear in 21 of 32 images with these defaults, in none with the published "
                             "settings (docs/benchmarks.md, fusion).")
                 with gr.Row():
                     every_delta = gr.Checkbox(True, label="Every delta in its box (self-attention, feed-forward, "
