@@ -91,13 +91,17 @@ def grid_of(num_queries: int, image_size: tuple[int, int]) -> tuple[int, int]:
 CELL_RULES = ("inside", "touched")
 
 
+def check_cell_rule(cells: str) -> None:
+    if cells not in CELL_RULES:
+        raise ValueError(f"cells={cells!r} must be one of {CELL_RULES}")
+
+
 def box_cells(box: tuple[float, float, float, float], h: int, w: int,
               cells: str = "inside") -> tuple[int, int, int, int]:
     """(top, left, bottom, right) grid cells of a fractional box, at least one: "inside", the cells wholly
     inside it (the reference's ceil/floor); "touched", every cell it touches (floor/ceil), which at a coarse
     grid can be much larger than "inside" (a 24 px box on a 4x4 grid of 64 px holds 1 cell, touches 2)."""
-    if cells not in CELL_RULES:
-        raise ValueError(f"cells={cells!r} must be one of {CELL_RULES}")
+    check_cell_rule(cells)
     x0, y0, x1, y1 = box
     lower, upper = (math.ceil, math.floor) if cells == "inside" else (math.floor, math.ceil)
     eps = 1e-6 if cells == "inside" else -1e-6  # a box edge on a grid line counts as that line
@@ -172,7 +176,7 @@ class _ComposerState:
 
     def __init__(self, registry: Attachments, size: tuple[int, int], isolation: bool, cells: str,
                  injected_names: Sequence[str]):
-        box_cells((0.0, 0.0, 1.0, 1.0), 1, 1, cells)  # refuse an unknown rule now, not mid-call
+        check_cell_rule(cells)  # refused now, not mid-call
         self.registry, self.map_size, self.isolation, self.cells = registry, size, isolation, cells
         self.injected_names = tuple(injected_names)  # every attn2 k/v/out weight of the UNet
         self.recording: AttentionMaps | None = None

@@ -341,6 +341,7 @@ class ForeignLoRA(Adapter):
                  up: list[torch.Tensor], report: KeyReport):
         super().__init__(config)
         self.targets = targets
+        self._unet_target = {f"{t.path}.weight": i for i, t in enumerate(targets) if t.component == "unet"}
         # Frozen parameters, not buffers: they follow .to() and count as the adapter's weights, but never train.
         self.down = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in down])
         self.up = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in up])
@@ -432,9 +433,8 @@ class ForeignLoRA(Adapter):
         return {f"{t.path}.weight": self._delta(i, s) for i, t in enumerate(self.targets) if t.component == "unet"}
 
     def delta_weight(self, name: str, scale: float | None = None) -> torch.Tensor | None:
-        found = next((i for i, t in enumerate(self.targets) if t.component == "unet" and f"{t.path}.weight" == name),
-                     None)
-        return None if found is None else self._delta(found, self.scale if scale is None else scale)
+        i = self._unet_target.get(name)
+        return None if i is None else self._delta(i, self.scale if scale is None else scale)
 
     def text_encoder_deltas(self, scale: float | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """component -> (`<path>.weight` -> delta) for the text encoders this file adapts."""

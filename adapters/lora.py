@@ -175,6 +175,7 @@ class LoRA(Adapter):
         super().__init__(config)
         # ModuleDict names cannot hold dots; "a.b.to_out.0" -> "a_b_to_out_0" (kohya's spelling of the path).
         self.paths = {path.replace(".", "_"): path for path in shapes}
+        self._key_of = {f"{path}.weight": key for key, path in self.paths.items()}  # for `delta_weight`
         if len(self.paths) != len(shapes):
             raise ValueError("two target paths collapse to the same module name once dots become underscores")
         self.lora_A = nn.ModuleDict()
@@ -329,7 +330,7 @@ class LoRA(Adapter):
         return {f"{path}.weight": self._delta(key, scale) for key, path in self.paths.items()}
 
     def delta_weight(self, name: str, scale: float | None = None) -> torch.Tensor | None:
-        key = next((key for key, path in self.paths.items() if f"{path}.weight" == name), None)
+        key = self._key_of.get(name)
         return None if key is None else self._delta(key, scale)
 
     def _delta(self, key: str, scale: float | None) -> torch.Tensor:

@@ -541,8 +541,10 @@ class SaRA(Adapter):
         return {target.name: s * target.delta_weight() for target in self.targets.values()}
 
     def delta_weight(self, name: str, scale: float | None = None) -> torch.Tensor | None:
-        target = next((t for t in self.targets.values() if t.name == name), None)
-        return None if target is None else (self.scale if scale is None else scale) * target.delta_weight()
+        key = self._key(name)
+        if key not in self.targets:
+            return None
+        return (self.scale if scale is None else scale) * self.targets[key].delta_weight()
 
     def export_lora(self, rank: int) -> LoraExport:
         """ΔP (at scale 1: choose the scale when loading) as a rank-`rank` LoRA by truncated SVD
