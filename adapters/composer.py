@@ -441,14 +441,14 @@ def box_gaussian(h: int, w: int, device: torch.device, dtype: torch.dtype) -> to
 
 def composer_loss(maps: AttentionMaps, regions: Sequence[Region], size: tuple[int, int],
                   weights: ComposerLossWeights, cells: str = "inside") -> torch.Tensor:
-    """L = concept · L_ce + fill · L_fill + region · L_region, summed over images (sec. 3.4):
+    """L = concept · L_ce + fill · L_fill + region · L_region per image, (B,) (sec. 3.4):
     - L_ce = Σ max(0, 1 - mean top-k(A ⊙ M ⊙ G)) per concept token (A: its smoothed map, M: the box,
       G: a Gaussian centred on it);
     - L_fill = Σ L1(column max of A ⊙ M, the box's columns) + L1(row max, the box's rows);
     - L_region = Σ_n mean top-k of the self-attention from box n's queries to keys outside it."""
     h, w = size
     self_attention = torch.stack(maps.self_attention).mean(dim=0) if maps.self_attention else None  # (B, N, N)
-    total: torch.Tensor | float = 0.0
+    total: torch.Tensor | float = 0.0  # (B,) once a term is added
     for i, region in enumerate(regions):
         mask = box_mask(region.box, h, w, cells)
         k = max(1, int(weights.top_k_ratio * mask.sum()))
@@ -460,15 +460,15 @@ def composer_loss(maps: AttentionMaps, regions: Sequence[Region], size: tuple[in
             g = torch.ones_like(m)
             g[top:bottom, left:right] = box_gaussian(bottom - top, right - left, a.device, a.dtype)
             strongest = (a * m * g).flatten(2).topk(k, dim=-1).values.mean(dim=-1)  # (B, T)
-            total = total + weights.concept * (1 - strongest).clamp(min=0).sum()
+            total = total + weights.concept * (1 - strongest).clamp(min=0).sum(dim=-1)
             inside = a * m
             total = total + weights.fill * ((inside.amax(dim=2) - m.amax(dim=0)).abs().mean(dim=-1)
-                                            + (inside.amax(dim=3) - m.amax(dim=1)).abs().mean(dim=-1)).sum()
+                                            + (inside.amax(dim=3) - m.amax(dim=1)).abs().mean(dim=-1)).sum(dim=-1)
         if self_attention is not None and not mask.all():
             inside = mask.flatten().to(self_attention.device)
             leak = self_attention[:, inside][:, :, ~inside].flatten(1).float()  # (B, n_in * n_out)
-            total = total + weights.region * leak.topk(min(k, leak.shape[1]), dim=-1).values.mean(dim=-1).sum()
-    return total if isinstance(total, torch.Tensor) else torch.zeros(())
+            total = total + weights.region * leak.topk(min(k, leak.shape[1]), dim=-1).values.mean(dim=-1)
+    return total if isinstance(total, torch.Tensor) else torch.zeros(())  # nothing recorded: 0, broadcastable
 
 
 def reinitialise_latents(latents: torch.Tensor, maps: AttentionMaps, regions: Sequence[Region],

@@ -178,13 +178,13 @@ def compose(
     images, refined = _compose_by_region(pipe, prompt, negative_prompt, loaded, weights, triggers, regions, size,
                                          num_inference_steps, guidance_scale, generator, (width, height),
                                          num_images_per_prompt, scheduler, composer, adapters_on_uncond, callback)
-    params.update({"Composer": composer.params(), "Refined steps": refined})
+    params["Composer"] = composer.params()
     name, model_hash, family = model_identity(model)
     settings = [GenerationSettings(prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
                                    sampler=scheduler, guidance_scale=float(guidance_scale), seed=s, width=width,
                                    height=height, model_name=name, model_hash=model_hash, model_family=family,
-                                   extra_params=params)
-                for s in seeds]
+                                   extra_params={**params, "Refined steps": steps})
+                for s, steps in zip(seeds, refined)]
     return GenerationResult(images, settings)
 
 
@@ -257,8 +257,8 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
                        triggers: list[list[str]], regions: Sequence[ComposeRegion], size: tuple[int, int],
                        num_inference_steps: int, guidance_scale: float, generator, image_size: tuple[int, int],
                        n: int, scheduler_name: str, settings: ComposerSettings, adapters_on_uncond: bool,
-                       callback: ProgressCallback | None) -> tuple[list, int]:
-    """LoRA-Composer's loop; returns the images and the number of steps whose latent was refined."""
+                       callback: ProgressCallback | None) -> tuple[list, list[int]]:
+    """LoRA-Composer's loop; returns the images and, per image, the number of steps whose latent was refined."""
     unet, device = pipe.unet, pipe._execution_device
     width, height = image_size
     # 1. Prompts: the global one as `generate` encodes it (rows: n unconditional, then n conditional; on SDXL with
@@ -292,7 +292,10 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
     def conditional_pass(z: torch.Tensor, t: torch.Tensor) -> None:
         _denoise(unet, conditional, scheduler.scale_model_input(z, t), t)
 
-    refined, previous_loss, refining = 0, math.inf, True
+    # The early stop is per image, as in the reference (one image per call): an image's stop must not depend on
+    # the others drawn with it.
+    refined = torch.zeros(n, dtype=torch.long)
+    previous_loss, refining = torch.full((n,), math.inf), torch.ones(n, dtype=torch.bool)
     with ExitStack() as restore:
         for adapter, weight in zip(adapters, weights):
             restore.callback(adapter.set_scale, adapter.scale)
@@ -306,18 +309,20 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
                 conditional_pass(latents, scheduler.timesteps[0])
             latents = reinitialise_latents(latents, maps, concept_regions, size, settings.cells)
         for i, t in enumerate(scheduler.timesteps):
-            # 4. Sec. 3.4: z_t <- z_t - φ_i ∇L until step `refine_until`, or for good once the loss rises.
-            if refining and i < settings.refine_until:
+            # 4. Sec. 3.4: z_t <- z_t - φ_i ∇L until step `refine_until`, or for good once the image's loss rises.
+            if refining.any() and i < settings.refine_until:
                 with torch.enable_grad(), composer.recording(len(concept_regions)) as maps:
                     z = latents.detach().requires_grad_(True)
                     conditional_pass(z, t)
                     loss = composer_loss(maps, concept_regions, size, settings.loss_weights, settings.cells)
-                    grad = torch.autograd.grad(loss, z)[0] if loss.requires_grad else torch.zeros_like(z)
-                if i >= settings.min_refine_steps and loss.item() > previous_loss:
-                    refining = False
-                else:
-                    latents = (latents - step_sizes[i].item() * grad).detach()
-                    refined, previous_loss = refined + 1, loss.item()
+                    grad = torch.autograd.grad(loss.sum(), z)[0] if loss.requires_grad else torch.zeros_like(z)
+                loss = loss.detach().cpu().expand(n)
+                if i >= settings.min_refine_steps:
+                    refining &= loss <= previous_loss
+                step = (step_sizes[i] * refining).to(latents.device, latents.dtype).view(-1, *(1,) * (z.ndim - 1))
+                latents = (latents - step * grad).detach()
+                refined += refining
+                previous_loss = torch.where(refining, loss, previous_loss)
             # 5. The guided denoising step, every concept in its box.
             with torch.no_grad():
                 batch = torch.cat([latents] * 2) if cfg else latents
@@ -330,7 +335,7 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
             if callback is not None and callback(i + 1, num_inference_steps):
                 raise GenerationInterrupted("composition stopped by the callback")
     with torch.no_grad():
-        return decode_latents(pipe, latents), refined
+        return decode_latents(pipe, latents), refined.tolist()
 
 
 def _rows_of(ctx: CallContext, keep: torch.Tensor) -> CallContext:

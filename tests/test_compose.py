@@ -53,6 +53,34 @@ def test_without_guidance_or_reinitialisation_the_composer_is_regional_prompting
     assert not np.array_equal(_pixels(plain), _pixels(guided))
 
 
+def test_the_early_stop_is_per_image_so_an_image_does_not_depend_on_its_batch(tiny_sd15, concepts, monkeypatch):
+    """Image 0's loss rises from step 2 on, image 1's keeps falling (offsets added to the real loss; their sum
+    rises): image 0 stops refining at step 2, image 1 refines to the end, and image 1 comes out as it does when
+    drawn alone with its seed and the same falling loss."""
+    import pipelines.compose as compose_module
+
+    real, calls = compose_module.composer_loss, []
+
+    def scripted(maps, regions, size, weights, cells):
+        loss = real(maps, regions, size, weights, cells)
+        step = len(calls)
+        calls.append(step)
+        rising, falling = 100.0 * step, -10.0 * step
+        offset = [falling] if loss.shape[0] == 1 else [rising, falling]
+        return loss + loss.new_tensor(offset)
+
+    monkeypatch.setattr(compose_module, "composer_loss", scripted)
+    settings = ComposerSettings(min_refine_steps=2, reinitialise=False)
+    kwargs = dict(adapters=[(p, None) for p in concepts], regions=[LEFT, RIGHT], num_inference_steps=5,
+                  composer=settings)
+    pair = compose(tiny_sd15, "two things", seed=7, num_images_per_prompt=2, **kwargs)
+    assert [s.extra_params["Refined steps"] for s in pair.settings] == [2, 5]
+    calls.clear()
+    alone = compose(tiny_sd15, "two things", seed=8, **kwargs)
+    assert alone.settings[0].extra_params["Refined steps"] == 5
+    np.testing.assert_allclose(_pixels(alone)[0], _pixels(pair)[1], atol=2)
+
+
 def test_merge_mode_equals_the_adapters_attached_at_their_weights(tiny_sd15, concepts):
     merged = compose(tiny_sd15, "a sks and a zkz dog", adapters=[(concepts[0], 0.7), (concepts[1], 0.4)],
                      mode="merge", seed=1, num_inference_steps=4)
