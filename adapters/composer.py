@@ -364,9 +364,9 @@ class RegionalDeltas:
                 name = f"{path}.weight"
                 if region.adapter is None or name not in self.adapted.get(id(region.adapter), ()):
                     continue
-                # detach(): the latent update's gradient treats these deltas as constants. Through them it drew both
-                # concepts less often (41 % against 66 % of 32 images; docs/benchmarks.md, fusion, session 23),
-                # and the backward would keep each module's input per concept.
+                # detach(): the latent update's gradient treats these deltas as constants. As often right as through
+                # them at step 20, twice as often at step 40 (docs/benchmarks.md, fusion, session 24), and the
+                # backward would keep each module's input per concept.
                 term = delta_term(module, args[0].detach(), region.adapter, name, ctx)
                 grid = term.shape[-2:] if term.ndim == 4 else grid_of(term.shape[1], ctx.image_size)
                 mask = box_mask(region.box, *grid, self.state.cells)
