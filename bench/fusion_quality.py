@@ -266,6 +266,8 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the evaluation images")
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 7.5])
     p.add_argument("--step-size", type=float, default=ComposerSettings().step_size, help="the composer's latent step")
+    p.add_argument("--early-stop-from", type=int, default=ComposerSettings().min_refine_steps,
+                   help="the composer's first step where an image's updates may stop (its loss rising)")
     p.add_argument("--instance-prompt-share", type=float, default=0.0,
                    help="share of each subject's images trained on 'a <trigger>' (TrainConfig; session 13's recipe)")
     p.add_argument("--subject-images", type=int, default=5,
@@ -276,8 +278,8 @@ def main() -> None:
     p.add_argument("--only", choices=["quality", "merge_time", "memory"], default=None)
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    settings = ComposerSettings(step_size=args.step_size, every_delta=args.every_delta, cells=args.cells,
-                                reinitialise=args.reinitialise)
+    settings = ComposerSettings(step_size=args.step_size, min_refine_steps=args.early_stop_from,
+                                every_delta=args.every_delta, cells=args.cells, reinitialise=args.reinitialise)
     if args.memory_child is not None:
         composer_memory_child(args.work, args.memory_child, args.sample_steps, settings)
         return
@@ -301,7 +303,8 @@ def main() -> None:
     if args.only in (None, "merge_time"):
         merge_time()
     if args.only in (None, "memory"):
-        options = ["--every-delta"] * args.every_delta + ["--cells", args.cells]
+        options = ["--every-delta"] * args.every_delta + ["--cells", args.cells, "--step-size", str(args.step_size),
+                                                          "--early-stop-from", str(args.early_stop_from)]
         composer_memory(args.work, args.sample_steps, options)
 
 

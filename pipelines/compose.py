@@ -105,7 +105,8 @@ class ComposerSettings:
     def params(self) -> str:
         w = self.loss_weights
         return (f"concept {w.concept:g}, fill {w.fill:g}, region {w.region:g}, step {self.step_size:g}, "
-                f"refine {self.refine_until}, reinit {'on' if self.reinitialise else 'off'}, "
+                f"refine {self.refine_until}, early stop from {self.min_refine_steps}, "
+                f"reinit {'on' if self.reinitialise else 'off'}, "
                 f"isolation {'on' if self.isolation else 'off'}, cells {self.cells}"
                 + (", every delta in its box" if self.every_delta else ""))
 

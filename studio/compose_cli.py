@@ -36,9 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--region-weight", type=float, default=10.0, help="composer: weight of L_region (default 10)")
     p.add_argument("--step-size", type=float, default=20.0, help="composer: latent update step (default 20, as "
                    "published); raise it when a concept is missing from its box: 40 on the embedded model, whose "
-                   "attention maps are flat (docs/benchmarks.md, fusion)")
+                   "attention maps are flat, with --early-stop-from 10 (docs/benchmarks.md, fusion)")
     p.add_argument("--refine-until", type=int, default=25, help="composer: no latent update from this step on "
                    "(default 25; 0: none)")
+    p.add_argument("--early-stop-from", type=int, default=5, help="composer: from this step on, an image's latent "
+                   "updates stop for good once its loss rises (default 5, as published)")
     p.add_argument("--no-reinit", dest="reinitialise", action="store_false",
                    help="composer: keep the initial noise as drawn")
     p.add_argument("--no-isolation", dest="isolation", action="store_false",
@@ -97,8 +99,8 @@ def _compose(args: argparse.Namespace) -> None:
     regions = [parse_region_arg(text) for text in args.region]
     settings = ComposerSettings(
         ComposerLossWeights(args.concept_weight, args.fill_weight, args.region_weight), step_size=args.step_size,
-        refine_until=args.refine_until, reinitialise=args.reinitialise, isolation=args.isolation,
-        every_delta=args.every_delta, cells=args.cells)
+        refine_until=args.refine_until, min_refine_steps=args.early_stop_from, reinitialise=args.reinitialise,
+        isolation=args.isolation, every_delta=args.every_delta, cells=args.cells)
     modes = ["composer", "merge"] if args.mode == "both" else [args.mode]
     seed = secrets.randbelow(MAX_SEED + 1) if args.seed is None else args.seed  # the same for both modes
     model = load_model(args.model, device=args.device, dtype=args.dtype)

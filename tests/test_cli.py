@@ -134,10 +134,12 @@ def test_compose_writes_both_modes_with_the_same_seed_and_refuses_a_bad_region(e
     params = [parse_infotext(Image.open(p).text["parameters"]) for p in printed]
     assert [p["Compose"] for p in params] == ["composer", "merge"]
     assert params[0]["Seed"] == params[1]["Seed"] and params[0]["Adapters"] == "sks:1, zkz:0.5"
-    options = ["--every-delta", "--cells", "touched", "--no-adapters-on-uncond"]
+    options = ["--every-delta", "--cells", "touched", "--no-adapters-on-uncond", "--step-size", "40",
+               "--early-stop-from", "10"]
     assert main([*common, *regions, *options, "--steps", "2", "--out", str(tmp_path / "beyond")]) == 0
     beyond = parse_infotext(Image.open(capsys.readouterr().out.split()[0]).text["parameters"])
     assert "cells touched, every delta in its box" in beyond["Composer"]
+    assert "step 40, refine 25, early stop from 10" in beyond["Composer"]
     assert beyond["Adapters on uncond"] == "False"
     assert main([*common, "--region", "0,0,32:a sks"]) == 2
     assert "expected X0,Y0,X1,Y1:PROMPT" in capsys.readouterr().err

@@ -156,14 +156,14 @@ def test_compose_api_returns_both_results_for_one_seed_each_png_with_its_setting
              "data": [["sks", "", "a sks", 0, 0, 32, 64], ["zkz", 0.5, "a zkz", 32, 0, 64, 64]]}
     client = Client(app_url, verbose=False)
     # The options beyond the paper on (every delta, touched cells) and the adapters off the negative prompt.
-    by_region, merged, settings = client.predict(table, "a sks and a zkz", "", 7, 2, 7.5, 8, 2, 10, 20, 25, True,
-                                                 True, True, "touched", False, api_name="/compose")
+    by_region, merged, settings = client.predict(table, "a sks and a zkz", "", 7, 2, 7.5, 8, 2, 10, 20, 25, 5,
+                                                 True, True, True, "touched", False, api_name="/compose")
     params = [parse_infotext(Image.open(gallery[0]["image"]).text["parameters"]) for gallery in (by_region, merged)]
     assert [p["Compose"] for p in params] == ["composer", "merge"]
     assert [p["Seed"] for p in params] == ["7", "7"]
     assert [p["Adapters"] for p in params] == ["sks:1, zkz:0.5"] * 2
     assert [json.loads(p["Regions"]) for p in params] == [[[0, 0, 32, 64, "a sks"], [32, 0, 64, 64, "a zkz"]]] * 2
-    assert "concept 8, fill 2, region 10" in params[0]["Composer"]
+    assert "concept 8, fill 2, region 10, step 20, refine 25, early stop from 5" in params[0]["Composer"]
     assert params[0]["Composer"].endswith("cells touched, every delta in its box")
     assert [p["Adapters on uncond"] for p in params] == ["False"] * 2
     assert settings.startswith("LoRA-Composer (by region):\na sks and a zkz\n") and "\n\nMerged weights:\n" in settings
@@ -173,8 +173,8 @@ def test_stop_ends_a_composition_at_its_next_step_and_keeps_the_previous_results
     table = {"headers": ["Adapter", "Weight", "Region prompt", "x0", "y0", "x1", "y1"],
              "data": [["sks", "", "a sks", 0, 0, 32, 64], ["zkz", 0.5, "a zkz", 32, 0, 64, 64]]}
     client = Client(app_url, verbose=False)
-    job = client.submit(table, "a sks and a zkz", "", 7, 150, 7.5, 8, 2, 10, 20, 25, True, True, False, "inside",
-                        True, api_name="/compose")
+    job = client.submit(table, "a sks and a zkz", "", 7, 150, 7.5, 8, 2, 10, 20, 25, 5, True, True, False,
+                        "inside", True, api_name="/compose")
     while not job.status().progress_data:  # a step done
         assert not job.done()
         time.sleep(0.1)

@@ -255,15 +255,17 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
 
 
 def composer_settings(concept: float | None, fill: float | None, region: float | None, step_size: float | None,
-                      refine_until: float | None, reinitialise: bool, isolation: bool, every_delta: bool = False,
-                      cells: str = "inside") -> ComposerSettings:
+                      refine_until: float | None, early_stop_from: float | None, reinitialise: bool, isolation: bool,
+                      every_delta: bool = False, cells: str = "inside") -> ComposerSettings:
     """The accordion's knobs as ComposerSettings; an InputError naming a knob left empty or out of range."""
     for label, value in (("Concept loss weight", concept), ("Fill loss weight", fill),
-                         ("Region loss weight", region), ("Step size", step_size), ("Refine until step", refine_until)):
+                         ("Region loss weight", region), ("Step size", step_size), ("Refine until step", refine_until),
+                         ("Early stop from step", early_stop_from)):
         if value is None or not math.isfinite(value) or value < 0:
             raise InputError(f"Composer settings: {label} is {value!r}; give a number >= 0")
     return ComposerSettings(ComposerLossWeights(float(concept), float(fill), float(region)),
                             step_size=float(step_size), refine_until=int(refine_until),
+                            min_refine_steps=int(early_stop_from),
                             reinitialise=bool(reinitialise), isolation=bool(isolation),
                             every_delta=bool(every_delta), cells=cells)
 
@@ -276,13 +278,14 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
 
     @handler
     def run(rows: Any, prompt: str, negative: str, seed: float | None, steps: float, guidance: float,
-            concept: float, fill: float, region: float, step_size: float, refine_until: float, reinitialise: bool,
-            isolation: bool, every_delta: bool, cells: str, on_uncond: bool, request: gr.Request = None,
+            concept: float, fill: float, region: float, step_size: float, refine_until: float,
+            early_stop_from: float, reinitialise: bool, isolation: bool, every_delta: bool, cells: str,
+            on_uncond: bool, request: gr.Request = None,
             progress: gr.Progress = gr.Progress()) -> tuple:
         # Everything the table and the knobs can get wrong is refused here, before any model work.
         adapters, regions = concepts_from_rows(rows, AdapterLibrary())
-        settings = composer_settings(concept, fill, region, step_size, refine_until, reinitialise, isolation,
-                                     every_delta, cells)
+        settings = composer_settings(concept, fill, region, step_size, refine_until, early_stop_from, reinitialise,
+                                     isolation, every_delta, cells)
         # One seed for both results, so they differ only by how the concepts are combined.
         seed = secrets.randbelow(MAX_SEED + 1) if seed is None or seed < 0 else int(seed)
 
@@ -369,6 +372,8 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                     step_size = gr.Number(20.0, label="Step size", elem_id="compose-step-size")
                     refine_until = gr.Number(25, precision=0, label="Refine until step (0: never)",
                                              elem_id="compose-refine-until")
+                    early_stop_from = gr.Number(5, precision=0, label="Early stop from step (an image's updates "
+                                                "end once its loss rises)", elem_id="compose-early-stop-from")
                 with gr.Row():
                     reinitialise = gr.Checkbox(True, label="Re-initialise the latent (concepts start in their box)",
                                                elem_id="compose-reinit")
@@ -377,11 +382,11 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                 gr.Markdown("Beyond the paper, on by default here: this studio's concepts are trained on the UNet "
                             "alone, so their identity is not all in cross-attention. Published (cross-attention "
                             "only, cells wholly inside): untick and pick 'wholly inside'. On the embedded model two "
-                            "subjects both appear in 41 % of 128 images with these defaults, in none with the "
+                            "subjects both appear in 40 % of 256 images with these defaults, in none with the "
                             "published settings. Step size: how hard each step pushes a concept into its box (20, "
-                            "as published). Raise it when a concept is missing from its box: 40 gives 59 % on the "
-                            "embedded model, whose attention maps are flat; past about 100 images break "
-                            "(docs/benchmarks.md, fusion).")
+                            "as published). Raise it when a concept is missing from its box: on the embedded "
+                            "model, whose attention maps are flat, step 40 gives 60 %, and 65 % with the early stop "
+                            "from step 10; past a step of about 100 images break (docs/benchmarks.md, fusion).")
                 with gr.Row():
                     every_delta = gr.Checkbox(True, label="Every delta in its box (self-attention, feed-forward, "
                                               "convolutions too)", elem_id="compose-every-delta")
@@ -402,7 +407,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                                   elem_id="compose-settings")
 
     button.click(run, inputs=[table, prompt, negative, seed, steps, guidance, concept, fill, region, step_size,
-                              refine_until, reinitialise, isolation, every_delta, cells, on_uncond],
+                              refine_until, early_stop_from, reinitialise, isolation, every_delta, cells, on_uncond],
                  outputs=[by_region, merged, settings], api_name="compose", concurrency_id=MODEL_QUEUE)
     # Table and canvas edits are quick, model-free bookkeeping: off the model queue and out of the API.
     private = dict(queue=False, show_progress="hidden", api_visibility="private")
