@@ -372,8 +372,8 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                     step_size = gr.Number(20.0, label="Step size", elem_id="compose-step-size")
                     refine_until = gr.Number(25, precision=0, label="Refine until step (0: never)",
                                              elem_id="compose-refine-until")
-                    early_stop_from = gr.Number(5, precision=0, label="Early stop from step (an image's updates "
-                                                "end once its loss rises)", elem_id="compose-early-stop-from")
+                    early_stop_from = gr.Number(5, precision=0, label="Early stop from step",
+                                                elem_id="compose-early-stop-from")
                 with gr.Row():
                     reinitialise = gr.Checkbox(True, label="Re-initialise the latent (concepts start in their box)",
                                                elem_id="compose-reinit")
@@ -384,9 +384,11 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                             "only, cells wholly inside): untick and pick 'wholly inside'. On the embedded model two "
                             "subjects both appear in 40 % of 256 images with these defaults, in none with the "
                             "published settings. Step size: how hard each step pushes a concept into its box (20, "
-                            "as published). Raise it when a concept is missing from its box: on the embedded "
-                            "model, whose attention maps are flat, step 40 gives 60 %, and 65 % with the early stop "
-                            "from step 10; past a step of about 100 images break (docs/benchmarks.md, fusion).")
+                            "as published); from the early stop's step on, an image's updates end once its loss "
+                            "rises (5, as published). Raise them when a concept is missing from its box: on the "
+                            "embedded model, whose attention maps are flat, step 40 gives 60 %, and 65 % with the "
+                            "early stop from step 10; past a step of about 100 images break (docs/benchmarks.md, "
+                            "fusion).")
                 with gr.Row():
                     every_delta = gr.Checkbox(True, label="Every delta in its box (self-attention, feed-forward, "
                                               "convolutions too)", elem_id="compose-every-delta")
