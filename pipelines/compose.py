@@ -98,6 +98,13 @@ class ComposerSettings:
     cells: Literal["inside", "touched"] = "inside"
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.step_size, (int, float)) and math.isfinite(self.step_size) and self.step_size >= 0):
+            raise InputError(f"ComposerSettings.step_size={self.step_size!r} must be a finite number >= 0 "
+                             "(20 as published; 0: no latent update)")
+        for name in ("refine_until", "min_refine_steps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 0):
+                raise InputError(f"ComposerSettings.{name}={value!r} must be a whole number of steps >= 0")
         if self.cells not in CELL_RULES:
             raise InputError(f"ComposerSettings.cells={self.cells!r} is unknown: use 'inside' (the cells wholly in "
                              "a box, as published) or 'touched' (every cell a box touches)")

@@ -32,7 +32,7 @@ from pipelines import (
     generate,
     load_model,
 )
-from pipelines.compose import ComposeRegion, compose
+from pipelines.compose import ComposeRegion, ComposerSettings, compose
 from pipelines.datasets import DatasetError, load_masks, scan_folder
 from pipelines.train import TrainConfig, TrainConfigError
 from studio.cli import main
@@ -200,6 +200,8 @@ API_CASES = [
     ("compose box outside", _compose(regions=[ComposeRegion((0, 0, 640, 64), "a sks")]), InputError,
      "regions[0].box"),
     ("compose weight nan", lambda m, f: _compose(adapters=[(f["adapter"], NAN)])(m, f), InputError, "scale=nan"),
+    ("compose step nan", lambda m, f: ComposerSettings(step_size=NAN), InputError, "step_size=nan"),
+    ("compose early stop -1", lambda m, f: ComposerSettings(min_refine_steps=-1), InputError, "min_refine_steps=-1"),
     # load_model
     ("model empty string", _load(""), ModelLoadError, "model '' is empty"),
     ("model path missing", _load("./no-such-model-folder"), ModelLoadError, "no-such-model-folder"),
@@ -310,6 +312,8 @@ CLI_CASES = [
     ("train caption not UTF-8", _cli(*TRAIN, "--data", "{data_latin1}"), "a.txt is not UTF-8"),
     ("compose steps 5000", _cli("compose", "a sks", "--adapter", "{adapter}", "--region", "0,0,64,64:a sks",
                                 "--steps", "5000"), "num_inference_steps=5000"),
+    ("compose early stop -1", _cli("compose", "a sks", "--adapter", "{adapter}", "--region", "0,0,64,64:a sks",
+                                   "--early-stop-from", "-1"), "min_refine_steps=-1"),
 ]
 
 
