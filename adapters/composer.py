@@ -183,6 +183,7 @@ class _ComposerState:
         self._kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._injected: dict[int, frozenset[str]] = {}
         self._bias: dict[tuple, torch.Tensor] = {}
+        self._cells: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._for: CallContext | None = None
 
     def context(self) -> CallContext | None:
@@ -216,6 +217,16 @@ class _ComposerState:
                                  if f"{path}.{name}.weight" in changed else 0.0)
                     for name, module in (("to_k", attn.to_k), ("to_v", attn.to_v)))
         return self._kv[key]
+
+    def box_cells_on(self, box: tuple[float, float, float, float], h: int, w: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A box's (h, w) bool mask and its flat cell indices at one resolution, on `device`: built once, as the
+        processors and hooks ask on every UNet pass (finding the indices on a GPU waits for it)."""
+        key = (box, h, w, device)
+        if key not in self._cells:
+            mask = box_mask(box, h, w, self.cells).to(device)
+            self._cells[key] = mask, mask.flatten().nonzero().squeeze(1)
+        return self._cells[key]
 
     def bias(self, ctx: CallContext, h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (id(ctx), h, w, dtype)
@@ -266,7 +277,7 @@ class RegionalCrossAttention(WrappingProcessor):
         query = attn.to_q(hidden_states)  # the base W_Q: the image's own queries
         out = out.clone()
         for i, region in enumerate(ctx.regions):
-            cells = box_mask(region.box, h, w, self.state.cells).flatten().nonzero().squeeze(1).to(out.device)
+            cells = self.state.box_cells_on(region.box, h, w, out.device)[1]
             key, value = self.state.region_key_value(self.path, attn, i, region, ctx)
             if maps is None:
                 o, _ = attend(attn, query[:, cells], key, value)
@@ -369,9 +380,9 @@ class RegionalDeltas:
                 # backward would keep each module's input per concept.
                 term = delta_term(module, args[0].detach(), region.adapter, name, ctx)
                 grid = term.shape[-2:] if term.ndim == 4 else grid_of(term.shape[1], ctx.image_size)
-                mask = box_mask(region.box, *grid, self.state.cells)
+                mask = self.state.box_cells_on(region.box, *grid, term.device)[0]
                 mask = mask[None, None] if term.ndim == 4 else mask.flatten()[None, :, None]
-                output = output + term * mask.to(term.device, term.dtype)
+                output = output + term * mask
             return output
         return add_deltas
 

@@ -327,7 +327,7 @@ def _compose_by_region(pipe, prompt: str, negative_prompt: str, adapters: list[A
                 loss = loss.detach().cpu().expand(n)
                 if i >= settings.min_refine_steps:
                     refining &= loss <= previous_loss
-                step = (step_sizes[i] * refining).to(latents.device, latents.dtype).view(-1, *(1,) * (z.ndim - 1))
+                step = (step_sizes[i] * refining).to(latents.device, latents.dtype).view(-1, *(1,) * (latents.ndim - 1))
                 latents = (latents - step * grad).detach()
                 refined += refining
                 previous_loss = torch.where(refining, loss, previous_loss)
