@@ -184,7 +184,6 @@ class _ComposerState:
         self._injected: dict[int, frozenset[str]] = {}
         self._bias: dict[tuple, torch.Tensor] = {}
         self._cells: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._for: CallContext | None = None
 
     def context(self) -> CallContext | None:
         """The current call's context when it has regions (else the processors pass through)."""

@@ -255,8 +255,11 @@ def encode_call(pipe: DiffusionPipeline, prompt: str, negative_prompt: str, num_
     image_size: (width, height) of the call, recorded in the context with the UNet's added conditions for that size
     (SDXL's; None: the model's native size)."""
     cfg = guidance_scale > 1 and pipe.unet.config.get("time_cond_proj_dim") is None  # the pipeline's own rule
-    encoded = pipe.encode_prompt(prompt=prompt, device=pipe._execution_device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=cfg, negative_prompt=negative_prompt)
+    # Without grad, as the pipeline's own __call__: the embeddings would otherwise hold the text encoder's
+    # activations for backward for as long as they live (each row's, and on SDXL both encoders').
+    with torch.no_grad():
+        encoded = pipe.encode_prompt(prompt=prompt, device=pipe._execution_device, num_images_per_prompt=1,
+                                     do_classifier_free_guidance=cfg, negative_prompt=negative_prompt)
     # SD 1.x/2.x: (embeds, negative); SDXL: (embeds, negative, pooled, negative pooled).
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
     embeds = {name: value for name, value in zip(names, encoded) if value is not None}

@@ -87,6 +87,17 @@ def test_the_call_context_carries_the_added_conditions(tiny_sdxl, tiny_sd15):
     assert encode_call(tiny_sd15, "a", "", 1, 7.5)[1].added_cond is None  # one text encoder, no added conditions
 
 
+@pytest.mark.parametrize("layout", ["tiny_sd15", "tiny_sdxl"])
+def test_encoded_prompts_hold_no_text_encoder_graph(layout, request):
+    """The embeddings live as long as the call (a composer holds one set per region): encoded with grad, they would
+    keep every text encoder's activations for a backward that never comes."""
+    pipe = request.getfixturevalue(layout)
+    assert all(p.requires_grad for p in pipe.text_encoder.parameters())  # as diffusers loads them
+    embeds, context = encode_call(pipe, "a red circle", "a blue square", 2, 7.5)
+    held = [context.text_embeds, *embeds.values(), *(context.added_cond or {}).values()]
+    assert all(tensor.grad_fn is None and not tensor.requires_grad for tensor in held)
+
+
 @pytest.mark.parametrize("method", ["sc_tuner", "lora", "sara"])
 def test_adapters_change_the_image_and_leave_the_model_as_it_was(tiny_sdxl, method, tmp_path):
     """Each tuner is sized from the SDXL UNet's own structure (SC-Tuner: one per long skip, 9), changes the image
