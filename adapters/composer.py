@@ -7,7 +7,9 @@ attention processors installed here, two are steps of the pipeline's loop (pipel
 (a) region-aware injection (sec. 3.2), every attn2 layer: the global output comes from the base weights on
     the global prompt; inside box n it is replaced by the concept's own attention,
         softmax(Q_base K_nᵀ) V_n  through  (W_out + ΔW_out^n),   K_n = (W_K + ΔW_K^n) e_n,  V_n likewise,
-    where e_n is the region prompt. K_n and V_n do not depend on the timestep: computed once per call and layer.
+    where e_n is the region prompt. K_n and V_n are computed at each pass, as the base computes the global prompt's:
+    kept for the call, they would hold a copy per region, layer and batch (full and conditional) beside the one a
+    gradient pass keeps for its backward.
 (b) concept isolation (sec. 3.3), every attn1 layer: a query in box n cannot attend to a key in another box
     (-1e6 on those logits); queries outside every box attend anywhere.
 (c) loss-guided latent updates (sec. 3.4): `composer_loss` over the maps `Composer.recording()` collects at the
@@ -172,7 +174,7 @@ class AttentionMaps:
 
 class _ComposerState:
     """Shared by the processors of one `Composer`: the UNet's context, what is being recorded, and the
-    caches (each region prompt's K and V per layer and call, which injected weights each concept changes)."""
+    caches (which injected weights each concept changes, the isolation logits, each box's cells)."""
 
     def __init__(self, registry: Attachments, size: tuple[int, int], isolation: bool, cells: str,
                  injected_names: Sequence[str]):
@@ -180,7 +182,6 @@ class _ComposerState:
         self.registry, self.map_size, self.isolation, self.cells = registry, size, isolation, cells
         self.injected_names = tuple(injected_names)  # every attn2 k/v/out weight of the UNet
         self.recording: AttentionMaps | None = None
-        self._kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._injected: dict[int, frozenset[str]] = {}
         self._bias: dict[tuple, torch.Tensor] = {}
         self._cells: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -202,20 +203,16 @@ class _ComposerState:
 
     def region_key_value(self, path: str, attn: Attention, i: int, region: Region,
                          ctx: CallContext) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (id(ctx), path, i)
-        if key not in self._kv:
-            if region.text_embeds is None:
-                raise ValueError(f"CallContext.regions[{i}] has no text_embeds: the pipeline must embed its prompt")
-            changed = self.injected(region.adapter) if region.adapter is not None else frozenset()
-            with torch.no_grad():
-                e = region.text_embeds.to(attn.to_k.weight.device, attn.to_k.weight.dtype)
-                if attn.norm_cross:
-                    e = attn.norm_encoder_hidden_states(e)
-                self._kv[key] = tuple(
-                    module(e) + (delta_term(module, e, region.adapter, f"{path}.{name}.weight", ctx)
-                                 if f"{path}.{name}.weight" in changed else 0.0)
-                    for name, module in (("to_k", attn.to_k), ("to_v", attn.to_v)))
-        return self._kv[key]
+        if region.text_embeds is None:
+            raise ValueError(f"CallContext.regions[{i}] has no text_embeds: the pipeline must embed its prompt")
+        changed = self.injected(region.adapter) if region.adapter is not None else frozenset()
+        with torch.no_grad():
+            e = region.text_embeds.to(attn.to_k.weight.device, attn.to_k.weight.dtype)
+            if attn.norm_cross:
+                e = attn.norm_encoder_hidden_states(e)
+            return tuple(module(e) + (delta_term(module, e, region.adapter, f"{path}.{name}.weight", ctx)
+                                      if f"{path}.{name}.weight" in changed else 0.0)
+                         for name, module in (("to_k", attn.to_k), ("to_v", attn.to_v)))
 
     def box_cells_on(self, box: tuple[float, float, float, float], h: int, w: int,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +225,9 @@ class _ComposerState:
         return self._cells[key]
 
     def bias(self, ctx: CallContext, h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (id(ctx), h, w, dtype)
+        """The isolation logits of the call's boxes at one resolution: one (h w)² tensor however many contexts (a
+        call's full batch and its conditional rows) share the boxes (SD 1.5's 64x64 level: 32 MiB in fp16)."""
+        key = (tuple(region.box for region in ctx.regions), h, w, dtype, device)
         if key not in self._bias:
             self._bias[key] = isolation_bias(ctx.regions, h, w, dtype, self.cells).to(device)
         return self._bias[key]

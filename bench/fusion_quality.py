@@ -3,6 +3,7 @@
     python bench/fusion_quality.py [--steps 600] [--seeds 4] [--guidance 3 7.5] [--work runs/fusion]
     python bench/fusion_quality.py --only merge_time     # 5 orthogonal LoRAs merged on the full SD 1.5 layout
     python bench/fusion_quality.py --only memory         # LoRA-Composer's peak memory with 1, 2 and 4 concepts
+    python bench/fusion_quality.py --only ceiling        # both present with the base's own words (no training)
 
 Subjects (default): an orange triangle ("sks") and a purple square ("zkz"), new words for things the base draws;
 `--subjects orange:star:sks purple:cross:zkz` takes shapes the base draws only unnamed (SHAPES.md, "Seen but
@@ -18,6 +19,10 @@ as an orthogonal LoRA (attention layers, rank 4, the same steps and learning rat
 - the identity-swap matrix: what each side shows (sks, zkz, or something else) in those images.
 Targets: orthogonal drop <= 5 points and smaller than LoRA's; both-present >= 70 % with LoRA-Composer and above
 the merged weights'; merging 5 concepts < 1 s; LoRA-Composer's peak memory with 4 concepts <= 1.15x with 1.
+The ceiling (--only ceiling) is the yardstick's share: "both present" for objects the base names (every ordered
+pair of its shapes in the subjects' colours), by the plain two-object prompt and by the composer with the same boxes
+and settings and concepts that change nothing (LoRAs with B = 0, their triggers the objects' words), so no
+adapter's quality enters.
 Options: --target attn_ff and --rank (both methods), --ortho-lr (orthogonal LoRA's own rate: only its B trains),
 --subject-images 40 --subject-backgrounds every (customize_quality's subject set), --uncond off (single and merged
 scored with the adapters off the unconditional rows, as bench/customize_quality.py scores a held-out subject).
@@ -27,6 +32,7 @@ Adapters are kept in --work: a second run skips their training.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import subprocess
 import sys
@@ -35,15 +41,17 @@ from pathlib import Path
 
 import torch
 from customize_quality import regularisation_set, subject_set
+from tensor_memory import TensorPeak
 from tuner_cost import peak_memory_bytes, reset_peak_memory
 
-from adapters import LoRA, LoRAConfig, OrthoLoRA, OrthoLoRAConfig, merge_into
+from adapters import LoRA, LoRAConfig, OrthoLoRA, OrthoLoRAConfig, merge_into, save_adapter
 from pipelines import generate, load_model
 from pipelines.architectures import build_unet
+from pipelines.attach import read_adapter
 from pipelines.compose import ComposeRegion, ComposerSettings, compose
 from pipelines.train import TrainConfig, train
 from studio.shapes.analyzer import analyze
-from studio.shapes.world import POSITIONS, Scene, ShapeObject
+from studio.shapes.world import BASE_SHAPES, POSITIONS, Scene, ShapeObject
 
 # Two subjects as new words for things the base draws (a DreamBooth subject is something the model can draw but has
 # no word for). The held-out shapes (--subjects orange:star:sks purple:cross:zkz) score 0-4 % single-concept
@@ -146,6 +154,36 @@ def evaluate(model, subjects, files: dict[str, list[Path]], seeds: int, guidance
     return results
 
 
+def ceiling(model, colours: tuple[str, str], work: Path, seeds: int, guidance: float, steps: int,
+            settings: ComposerSettings, on_uncond: bool = True, first_seed: int = 0) -> None:
+    """Both present for objects the base names, by the plain prompt and by the composer with blank concepts (files
+    whose trigger words are their side's "colour shape", which the composer steers into the box, as a trigger)."""
+    blank = []
+    for colour in colours:  # B starts at 0: no delta
+        words = [f"{colour} {shape}" for shape in BASE_SHAPES]
+        path = save_adapter(LoRA.from_unet(model.pipe.unet, LoRAConfig(rank=4)),
+                            work / "ceiling" / f"blank-{colour}.safetensors", trigger_words=words)
+        blank.append((path, None))
+    common = dict(seed=first_seed, num_images_per_prompt=seeds, num_inference_steps=steps, guidance_scale=guidance)
+    sides: dict[str, list[tuple[bool, bool]]] = {"prompt": [], "composer": []}
+    for shapes in itertools.permutations(BASE_SHAPES, 2):
+        subjects = [(colour, shape, f"{colour} {shape}") for colour, shape in zip(colours, shapes)]
+        both = caption(list(zip(subjects, SIDES)))
+        regions = [ComposeRegion(box(side), caption([(subject, side)])) for subject, side in zip(subjects, SIDES)]
+        images = {"prompt": generate(model, both, **common).images,
+                  "composer": compose(model, both, adapters=blank, regions=regions, mode="composer",
+                                      composer=settings, adapters_on_uncond=on_uncond, **common).images}
+        for mode, shown in images.items():
+            sides[mode] += [(left == subjects[0][2], right == subjects[1][2])
+                            for left, right in (side_identity(image, subjects) for image in shown)]
+        print(f"  {both}: prompt {sum(map(all, sides['prompt'][-seeds:]))}/{seeds}, "
+              f"composer {sum(map(all, sides['composer'][-seeds:]))}/{seeds}", flush=True)
+    print(f"\nceiling at CFG {guidance:g} ({len(sides['prompt'])} images each; composer: {settings.params()})")
+    for mode, hits in sides.items():
+        print(f"  {mode:9s} both present {_pct([all(h) for h in hits]):5.1f}%  left {_pct([h[0] for h in hits]):5.1f}%"
+              f"  right {_pct([h[1] for h in hits]):5.1f}%")
+
+
 def box(position: str) -> tuple[int, int, int, int]:
     """The concept box around a world position, in pixels (x0, y0, x1, y1)."""
     (x, y), (dx, dy) = POSITIONS[position], BOX_HALF_SIZE
@@ -201,15 +239,15 @@ def merge_time(n: int = 5, rank: int = 20) -> None:
 
 
 def composer_memory_child(work: Path, count: int, steps: int, settings: ComposerSettings) -> None:
-    """One composer call with `count` concepts (the trained LoRAs, then random ones): its peak memory above the
-    loaded model and adapters, printed as bytes."""
+    """One composer call with `count` concepts (the trained LoRAs, then random ones, all read before): its peak
+    memory above the loaded model and adapters, printed as bytes, tensors then RSS."""
     model = load_model("assets/shapes-sd", device="cpu")
     pipe = model.pipe
     trained = sorted((work / "runs").glob("lora-*/*.safetensors"))
     adapters = []
     for k in range(count):
         if k < len(trained):
-            adapters.append((trained[k], None))
+            adapters.append((read_adapter(f"adapters[{k}]", trained[k], pipe.unet), None))
         else:
             lora = LoRA.from_unet(pipe.unet, LoRAConfig(rank=4))
             torch.nn.init.normal_(lora.lora_B[next(iter(lora.lora_B))].weight, 0, 0.01)
@@ -218,26 +256,34 @@ def composer_memory_child(work: Path, count: int, steps: int, settings: Composer
     boxes = [(0, 0, 32, 64)] if count == 1 else [(0, 0, 32, 64), (32, 0, 64, 64)] if count == 2 else quadrants
     regions = [ComposeRegion(box, f"a shape {k}") for k, box in enumerate(boxes[:count])]
     base = reset_peak_memory(torch.device("cpu"))
-    compose(model, "shapes", adapters=adapters, regions=regions, seed=0, num_inference_steps=steps, composer=settings)
-    print(peak_memory_bytes(torch.device("cpu")) - base)
+    with TensorPeak() as tensors:
+        compose(model, "shapes", adapters=adapters, regions=regions, seed=0, num_inference_steps=steps,
+                composer=settings)
+    print(tensors.peak, peak_memory_bytes(torch.device("cpu")) - base)
 
 
 def composer_memory(work: Path, steps: int, options: list[str], repeats: int = 5) -> None:
-    """The median over `repeats` fresh processes per concept count: a process's peak RSS varies by a few MiB
-    with where the allocator happens to place things, as much as one concept adds."""
-    figures, spreads = {}, {}
+    """Per concept count, the peak of the tensors the call holds at once (exact: the same in every process; what a
+    GPU's allocator counts) and the median peak RSS over `repeats` fresh processes (which varies by a few MiB with
+    where the allocator happens to place things, as much as one concept adds)."""
+    tensors, rss, spreads = {}, {}, {}
     for count in (1, 2, 4):
         runs = []
         for _ in range(repeats):
             out = subprocess.run([sys.executable, __file__, "--memory-child", str(count), "--work", str(work),
                                   "--sample-steps", str(steps), *options], capture_output=True, text=True,
                                  check=True)
-            runs.append(int(out.stdout.strip().splitlines()[-1]))
-        figures[count], spreads[count] = statistics.median(runs), (min(runs), max(runs))
-    line = ", ".join(f"{c} concepts {b / 2**20:.1f} MiB ({b / figures[1]:.2f}x; runs {lo / 2**20:.1f}-"
-                     f"{hi / 2**20:.1f})" for (c, b), (lo, hi) in zip(figures.items(), spreads.values()))
-    print(f"LoRA-Composer peak memory above the loaded model (CPU RSS, median of {repeats} fresh processes each"
-          f"{', ' + ' '.join(options) if options else ''}): {line}")
+            runs.append([int(v) for v in out.stdout.strip().splitlines()[-1].split()])
+        tensors[count] = statistics.median(r[0] for r in runs)
+        rss[count] = statistics.median(r[1] for r in runs)
+        spreads[count] = (min(r[1] for r in runs), max(r[1] for r in runs))
+    print(f"LoRA-Composer peak memory above the loaded model and adapters, 1 image, {steps} steps"
+          f"{', ' + ' '.join(options) if options else ''}:")
+    print("  tensors held at once: " + ", ".join(f"{c} concepts {b / 2**20:.2f} MiB ({b / tensors[1]:.3f}x)"
+                                              for c, b in tensors.items()))
+    print(f"  CPU RSS (median of {repeats} fresh processes): " + ", ".join(
+        f"{c} concepts {b / 2**20:.1f} MiB ({b / rss[1]:.2f}x; runs {lo / 2**20:.1f}-{hi / 2**20:.1f})"
+        for (c, b), (lo, hi) in zip(rss.items(), spreads.values())))
 
 
 def main() -> None:
@@ -275,7 +321,7 @@ def main() -> None:
     p.add_argument("--subjects", nargs=2, default=[":".join(s) for s in SUBJECTS], metavar="COLOUR:SHAPE:TRIGGER",
                    help="the two subjects (default: %(default)s)")
     p.add_argument("--work", type=Path, default=Path("runs/fusion"))
-    p.add_argument("--only", choices=["quality", "merge_time", "memory"], default=None)
+    p.add_argument("--only", choices=["quality", "merge_time", "memory", "ceiling"], default=None)
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     settings = ComposerSettings(step_size=args.step_size, min_refine_steps=args.early_stop_from,
@@ -300,6 +346,13 @@ def main() -> None:
               f"({args.subject_backgrounds} backgrounds); adapters {args.uncond} the unconditional rows; "
               f"{args.seeds} seeds, {args.sample_steps} DDIM steps; composer: {settings.params()}; "
               f"{torch.get_num_threads()} threads")
+    if args.only == "ceiling":
+        model = load_model("assets/shapes-sd")
+        model.pipe.set_progress_bar_config(disable=True)
+        colours = tuple(text.split(":")[0] for text in args.subjects)
+        for guidance in args.guidance:
+            ceiling(model, colours, args.work, args.seeds, guidance, args.sample_steps, settings, args.uncond == "on",
+                    args.first_seed)
     if args.only in (None, "merge_time"):
         merge_time()
     if args.only in (None, "memory"):

@@ -1,6 +1,22 @@
 """Helpers shared by the adapter test modules."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def bench_module(name: str):
+    """A script of bench/ as a module (bench/ is not a package; its scripts import each other by name)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(unet, inputs: dict) -> torch.Tensor:

@@ -15,7 +15,7 @@ from adapters.composer import (
 )
 from adapters.processors import attention_layers
 from pipelines.architectures import build_unet, unet_inputs
-from tests.adapter_helpers import perturb, run
+from tests.adapter_helpers import bench_module, perturb, run
 
 LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
 
@@ -256,3 +256,24 @@ def test_a_call_keeping_adapters_off_the_unconditional_rows_injects_the_region_p
     assert torch.allclose(outs[False][0, inside], base_region[0, inside], atol=1e-5)  # no concept on uncond
     assert not torch.allclose(outs[True][0, inside], base_region[0, inside], atol=1e-3)
     assert torch.allclose(outs[False][1], outs[True][1], atol=1e-6)  # the conditional row keeps its concept
+
+
+def test_between_passes_the_composer_keeps_nothing_per_region_prompt():
+    """The region prompts' keys and values are computed at each pass, as the base computes the global prompt's:
+    kept for the call, they grew its memory by a copy per region, layer and batch. After a pass, four regions
+    leave alive no more than one does but for their boxes' cells."""
+    tensor_memory = bench_module("tensor_memory")
+    unet = build_unet("tiny-sd15")
+    inputs = unet_inputs(unet, batch=2)
+    quarters = [(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0)]
+    held = {}
+    for count in (1, 4):
+        regions = [Region(box, "a", inputs["encoder_hidden_states"], None, (1,)) for box in quarters[:count]]
+        with Composer(unet, (2, 2)), call_context(unet, _context(inputs, regions, 64)), torch.no_grad():
+            with tensor_memory.TensorPeak() as memory:
+                unet(**inputs)
+            held[count] = memory.live
+    text = inputs["encoder_hidden_states"]
+    inner = min(attn.to_k.out_features for attn in attention_layers(unet, "cross").values())
+    one_layers_key_value = 2 * text.shape[0] * text.shape[1] * inner * text.element_size()
+    assert held[4] - held[1] < one_layers_key_value

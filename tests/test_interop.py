@@ -4,7 +4,6 @@ as kohya. Round trips compare outputs (UNet, text encoder, images), never key se
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -24,13 +23,12 @@ from pipelines.architectures import build_unet, tiny_sd15_pipeline, unet_inputs
 from pipelines.interop import export_lora, inspect_lora, load_lora
 from studio.cli import main
 from studio.library import AdapterLibrary
+from tests.adapter_helpers import bench_module
 
 TOKENIZER = str(EMBEDDED_MODEL / "tokenizer")
 FAST = dict(num_inference_steps=2, seed=3, guidance_scale=5.0)
 
-_spec = importlib.util.spec_from_file_location("bench_interop", Path(__file__).parents[1] / "bench" / "interop.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = bench_module("interop")
 
 
 def pipeline():
