@@ -81,14 +81,25 @@ def test_layer_k_sets_the_box_of_row_k_and_empty_layers_keep_the_rows_box():
 
 def test_added_concepts_get_trigger_prompts_and_boxes_inside_equal_strips_and_drawn_boxes_stay():
     rows = add_concept([], "sks", ["sks", "star"], SIZE)
-    assert rows == [["sks", "", "a sks", 8, 16, 56, 48]]
+    assert rows == [["sks", "", "a sks", 8, 16, 56, 48]]  # in the middle: no place said
     rows = add_concept(rows, "zkz", [], SIZE)  # no trigger word: the adapter's name
-    # each box inside its half, the rest of the canvas left to the global prompt (boxes that tile it draw one object)
-    assert rows == [["sks", "", "a sks", 4, 16, 28, 48], ["zkz", "", "a zkz", 36, 16, 60, 48]]
+    # each box inside its half, the rest of the canvas left to the global prompt (boxes that tile it draw one object);
+    # a default prompt says where its box is, and follows it when the box moves
+    assert rows == [["sks", "", "a sks on the left", 4, 16, 28, 48], ["zkz", "", "a zkz on the right", 36, 16, 60, 48]]
     rows[0][3:] = [2, 4, 20, 60]  # the artist's box
     rows = add_concept(rows, "sks", ["sks"], SIZE)
     assert [row[3:] for row in rows] == [[2, 4, 20, 60], [24, 16, 40, 48], [45, 16, 61, 48]]
+    assert [row[2] for row in rows] == ["a sks on the left", "a zkz", "a sks on the right"]
     assert default_box(2, 3, SIZE) == (45, 16, 61, 48)
+
+
+def test_a_drawn_box_carries_a_default_prompts_place_and_leaves_a_typed_prompt_alone():
+    rows = add_concept(add_concept([], "sks", ["sks"], SIZE), "zkz", ["zkz"], SIZE)
+    rows[1][2] = "a zkz dog, red"  # typed by the artist
+    top, bottom = _layer(SIZE, (slice(0, 20), slice(8, 56))), _layer(SIZE, (slice(44, 64), slice(8, 56)))
+    drawn = boxes_from_layers(rows, [top, bottom], SIZE)
+    assert [row[2] for row in drawn] == ["a sks on the top", "a zkz dog, red"]
+    assert [row[3:] for row in drawn] == [[8, 0, 56, 20], [8, 44, 56, 64]]
 
 
 def test_table_rows_become_adapters_and_regions_with_their_boxes(library):

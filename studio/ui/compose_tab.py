@@ -68,18 +68,51 @@ def default_box(k: int, n: int, size: Size) -> Box:
     return round(x0 + inset), round(height / 4), round(x1 - inset), round(3 * height / 4)
 
 
+def where(box: Box, size: Size) -> str:
+    """Where a box sits on the canvas, as a prompt says it: " on the left" (right, top, bottom), by the direction in
+    which its centre is furthest off the middle; "" when its centre is within a sixth of the canvas of the middle."""
+    (x0, y0, x1, y1), (width, height) = box, size
+    dx, dy = (x0 + x1) / (2 * width) - 0.5, (y0 + y1) / (2 * height) - 0.5
+    if max(abs(dx), abs(dy)) < 1 / 6:
+        return ""
+    if abs(dx) >= abs(dy):
+        return " on the left" if dx < 0 else " on the right"
+    return " on the top" if dy < 0 else " on the bottom"
+
+
+def region_prompt(word: str, box: Box, size: Size) -> str:
+    """A new concept's region prompt: "a <word>" and where its box is ("a sks on the left"), as a global prompt
+    places it. A bare "a <word>" tells the embedded model the object is in the middle, where its captions name every
+    other place: with bare region prompts the composer draws both subjects in 4 of 32 images at this tab's
+    defaults, against 21 of 32 with their places (docs/benchmarks.md, fusion, session 25)."""
+    return f"a {word}{where(box, size)}"
+
+
+def move_box(row: list, box: Box, size: Size) -> None:
+    """Set row's box. A region prompt of `region_prompt`'s form for the old box ("a <words>" and its place) takes
+    the new box's place; any other prompt is the artist's and stays."""
+    old = _box_or_none(row)
+    if old is not None:
+        prompt, suffix = ("" if _blank(row[2]) else str(row[2])), where(old, size)
+        word = prompt[2:len(prompt) - len(suffix)] if prompt.startswith("a ") and prompt.endswith(suffix) else ""
+        if word and word.strip() == word and " on the " not in word:
+            row[2] = region_prompt(word, box, size)
+    row[3:7] = box
+
+
 def add_concept(rows: Any, name: str, trigger_words: Sequence[str], size: Size) -> list[list]:
-    """The table with a row for adapter `name`: prompt "a <first trigger word>" (its name without one), weight
-    blank (the method's default), box the default of the last of n+1 strips (`default_box`). Earlier rows whose box
-    is still their default of n move to their default of n+1 (so default boxes never overlap); boxes the artist drew
-    or typed stay."""
+    """The table with a row for adapter `name`: prompt `region_prompt` of its first trigger word (its name without
+    one), weight blank (the method's default), box the default of the last of n+1 strips (`default_box`). Earlier
+    rows whose box is still their default of n move to their default of n+1 (so default boxes never overlap), their
+    prompts' places with them; boxes the artist drew or typed stay."""
     rows = table_rows(rows)
     n = len(rows)
     for k, row in enumerate(rows):
         if _box_or_none(row) == default_box(k, n, size):
-            row[3:7] = default_box(k, n + 1, size)
+            move_box(row, default_box(k, n + 1, size), size)
     word = trigger_words[0] if trigger_words else name
-    return [*rows, [name, "", f"a {word}", *default_box(n, n + 1, size)]]
+    box = default_box(n, n + 1, size)
+    return [*rows, [name, "", region_prompt(word, box, size), *box]]
 
 
 def concepts_from_rows(rows: Any, library: AdapterLibrary) -> tuple[list[AdapterUse], list[ComposeRegion]]:
@@ -193,13 +226,13 @@ def layer_box(layer: Image.Image, size: Size) -> Box | None:
 
 
 def boxes_from_layers(rows: Any, layers: Sequence[Image.Image], size: Size) -> list[list]:
-    """The table with row k's box set to what layer k has painted; rows with an empty layer (or none) keep theirs,
-    and layers beyond the rows are ignored."""
+    """The table with row k's box set to what layer k has painted (`move_box`: a default prompt's place follows);
+    rows with an empty layer (or none) keep theirs, and layers beyond the rows are ignored."""
     rows = table_rows(rows)
     for row, layer in zip(rows, layers):
         box = layer_box(layer, size)
         if box is not None:
-            row[3:7] = box
+            move_box(row, box, size)
     return rows
 
 
