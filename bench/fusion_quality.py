@@ -3,6 +3,8 @@
     python bench/fusion_quality.py [--steps 600] [--seeds 4] [--guidance 3 7.5] [--work runs/fusion]
     python bench/fusion_quality.py --only merge_time     # 5 orthogonal LoRAs merged on the full SD 1.5 layout
     python bench/fusion_quality.py --only memory         # LoRA-Composer's peak memory with 1, 2 and 4 concepts
+    python bench/fusion_quality.py --only memory --memory-layout sd15 --memory-repeats 1 --sample-steps 2
+                                                         # the same on SD 1.5's full-size UNet at 512 px
     python bench/fusion_quality.py --only ceiling        # both present with the base's own words (no training)
 
 Subjects (default): an orange triangle ("sks") and a purple square ("zkz"), new words for things the base draws;
@@ -45,8 +47,8 @@ from tensor_memory import TensorPeak
 from tuner_cost import peak_memory_bytes, reset_peak_memory
 
 from adapters import LoRA, LoRAConfig, OrthoLoRA, OrthoLoRAConfig, merge_into, save_adapter
-from pipelines import generate, load_model
-from pipelines.architectures import build_unet
+from pipelines import EMBEDDED_MODEL, generate, load_model
+from pipelines.architectures import build_unet, tiny_sd15_pipeline
 from pipelines.attach import read_adapter
 from pipelines.compose import ComposeRegion, ComposerSettings, compose
 from pipelines.train import TrainConfig, train
@@ -238,23 +240,29 @@ def merge_time(n: int = 5, rank: int = 20) -> None:
               f"threads): {merge_s:.3f}s, restore {restore_s:.3f}s (best of 3)", flush=True)
 
 
-def composer_memory_child(work: Path, count: int, steps: int, settings: ComposerSettings) -> None:
-    """One composer call with `count` concepts (the trained LoRAs, then random ones, all read before): its peak
-    memory above the loaded model and adapters, printed as bytes, tensors then RSS."""
-    model = load_model("assets/shapes-sd", device="cpu")
-    pipe = model.pipe
-    trained = sorted((work / "runs").glob("lora-*/*.safetensors"))
+def composer_memory_child(work: Path, count: int, steps: int, settings: ComposerSettings, layout: str) -> None:
+    """One composer call with `count` concepts, all read or made before: its peak memory above the loaded model and
+    adapters, printed as bytes, tensors then RSS. layout "shapes": the embedded model, the trained LoRAs then random
+    ones; "sd15": SD 1.5's full-size UNet (random weights) at 512 px, random rank-4 LoRAs."""
+    if layout == "shapes":
+        model = load_model("assets/shapes-sd", device="cpu")
+        pipe = model.pipe
+    else:
+        model = pipe = sd15_pipeline()
+    trained = sorted((work / "runs").glob("lora-*/*.safetensors")) if layout == "shapes" else []
     adapters = []
     for k in range(count):
         if k < len(trained):
             adapters.append((read_adapter(f"adapters[{k}]", trained[k], pipe.unet), None))
         else:
             lora = LoRA.from_unet(pipe.unet, LoRAConfig(rank=4))
-            torch.nn.init.normal_(lora.lora_B[next(iter(lora.lora_B))].weight, 0, 0.01)
+            for up in lora.lora_B.values():  # every adapted weight changed, as a trained concept's are
+                torch.nn.init.normal_(up.weight, 0, 0.01)
             adapters.append((lora, None))
     quadrants = [(0, 0, 32, 32), (32, 0, 64, 32), (0, 32, 32, 64), (32, 32, 64, 64)]
     boxes = [(0, 0, 32, 64)] if count == 1 else [(0, 0, 32, 64), (32, 0, 64, 64)] if count == 2 else quadrants
-    regions = [ComposeRegion(box, f"a shape {k}") for k, box in enumerate(boxes[:count])]
+    scale = pipe.unet.config.sample_size * pipe.vae_scale_factor // 64  # the boxes are the 64 px canvas's
+    regions = [ComposeRegion(tuple(v * scale for v in box), f"a shape {k}") for k, box in enumerate(boxes[:count])]
     base = reset_peak_memory(torch.device("cpu"))
     with TensorPeak() as tensors:
         compose(model, "shapes", adapters=adapters, regions=regions, seed=0, num_inference_steps=steps,
@@ -262,7 +270,24 @@ def composer_memory_child(work: Path, count: int, steps: int, settings: Composer
     print(tensors.peak, peak_memory_bytes(torch.device("cpu")) - base)
 
 
-def composer_memory(work: Path, steps: int, options: list[str], repeats: int = 5) -> None:
+def sd15_pipeline():
+    """SD 1.5's full-size UNet layout (random weights, 512 px) in the tiny SD 1.5 pipeline, whose text encoder is
+    made 768 wide to match it: the composer's memory on a real layout (the text encoder's size does not enter it,
+    as prompts are encoded without grad)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    pipe = tiny_sd15_pipeline(str(EMBEDDED_MODEL / "tokenizer"))
+    tokenizer = pipe.tokenizer
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    pipe.register_modules(unet=build_unet("sd15"), text_encoder=text_encoder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def composer_memory(work: Path, steps: int, options: list[str], repeats: int = 5, layout: str = "shapes") -> None:
     """Per concept count, the peak of the tensors the call holds at once (exact: the same in every process; what a
     GPU's allocator counts) and the median peak RSS over `repeats` fresh processes (which varies by a few MiB with
     where the allocator happens to place things, as much as one concept adds)."""
@@ -271,13 +296,13 @@ def composer_memory(work: Path, steps: int, options: list[str], repeats: int = 5
         runs = []
         for _ in range(repeats):
             out = subprocess.run([sys.executable, __file__, "--memory-child", str(count), "--work", str(work),
-                                  "--sample-steps", str(steps), *options], capture_output=True, text=True,
-                                 check=True)
+                                  "--sample-steps", str(steps), "--memory-layout", layout, *options],
+                                 capture_output=True, text=True, check=True)
             runs.append([int(v) for v in out.stdout.strip().splitlines()[-1].split()])
         tensors[count] = statistics.median(r[0] for r in runs)
         rss[count] = statistics.median(r[1] for r in runs)
         spreads[count] = (min(r[1] for r in runs), max(r[1] for r in runs))
-    print(f"LoRA-Composer peak memory above the loaded model and adapters, 1 image, {steps} steps"
+    print(f"LoRA-Composer peak memory above the loaded model and adapters, {layout} layout, 1 image, {steps} steps"
           f"{', ' + ' '.join(options) if options else ''}:")
     print("  tensors held at once: " + ", ".join(f"{c} concepts {b / 2**20:.2f} MiB ({b / tensors[1]:.3f}x)"
                                               for c, b in tensors.items()))
@@ -322,12 +347,15 @@ def main() -> None:
                    help="the two subjects (default: %(default)s)")
     p.add_argument("--work", type=Path, default=Path("runs/fusion"))
     p.add_argument("--only", choices=["quality", "merge_time", "memory", "ceiling"], default=None)
+    p.add_argument("--memory-layout", choices=["shapes", "sd15"], default="shapes",
+                   help="--only memory on the embedded model, or on SD 1.5's full-size UNet (random weights, 512 px)")
+    p.add_argument("--memory-repeats", type=int, default=5, help="--only memory: fresh processes per count (RSS)")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     settings = ComposerSettings(step_size=args.step_size, min_refine_steps=args.early_stop_from,
                                 every_delta=args.every_delta, cells=args.cells, reinitialise=args.reinitialise)
     if args.memory_child is not None:
-        composer_memory_child(args.work, args.memory_child, args.sample_steps, settings)
+        composer_memory_child(args.work, args.memory_child, args.sample_steps, settings, args.memory_layout)
         return
     if args.only in (None, "quality"):
         model = load_model("assets/shapes-sd")
@@ -358,7 +386,7 @@ def main() -> None:
     if args.only in (None, "memory"):
         options = ["--every-delta"] * args.every_delta + ["--cells", args.cells, "--step-size", str(args.step_size),
                                                           "--early-stop-from", str(args.early_stop_from)]
-        composer_memory(args.work, args.sample_steps, options)
+        composer_memory(args.work, args.sample_steps, options, args.memory_repeats, args.memory_layout)
 
 
 if __name__ == "__main__":
