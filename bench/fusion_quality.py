@@ -44,11 +44,12 @@ from pathlib import Path
 import torch
 from customize_quality import regularisation_set, subject_set
 from tensor_memory import TensorPeak
+from text_encoding_memory import full_size
 from tuner_cost import peak_memory_bytes, reset_peak_memory
 
 from adapters import LoRA, LoRAConfig, OrthoLoRA, OrthoLoRAConfig, merge_into, save_adapter
-from pipelines import EMBEDDED_MODEL, generate, load_model
-from pipelines.architectures import build_unet, tiny_sd15_pipeline
+from pipelines import generate, load_model
+from pipelines.architectures import build_unet
 from pipelines.attach import read_adapter
 from pipelines.compose import ComposeRegion, ComposerSettings, compose
 from pipelines.train import TrainConfig, train
@@ -271,18 +272,10 @@ def composer_memory_child(work: Path, count: int, steps: int, settings: Composer
 
 
 def sd15_pipeline():
-    """SD 1.5's full-size UNet layout (random weights, 512 px) in the tiny SD 1.5 pipeline, whose text encoder is
-    made 768 wide to match it: the composer's memory on a real layout (the text encoder's size does not enter it,
-    as prompts are encoded without grad)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    pipe = tiny_sd15_pipeline(str(EMBEDDED_MODEL / "tokenizer"))
-    tokenizer = pipe.tokenizer
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    pipe.register_modules(unet=build_unet("sd15"), text_encoder=text_encoder)
+    """SD 1.5's full-size UNet layout (random weights, 512 px) and text encoder (text_encoding_memory's): the
+    composer's memory on a real layout."""
+    pipe = full_size("SD 1.5", torch.float32)
+    pipe.register_modules(unet=build_unet("sd15"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
