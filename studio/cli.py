@@ -45,6 +45,16 @@ def add_on_uncond_option(p: argparse.ArgumentParser) -> None:
                         "LoRA without 'Use LoRA in uncond': guidance then amplifies all they add (docs/methods.md)")
 
 
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Which model runs where, and the output folder: the options every image-making command shares."""
+    p.add_argument("--model", default=None,
+                   help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights' precision (default: bf16/fp16 on GPUs, float32 on CPU; float32 if images turn black)")
+    p.add_argument("--out", default="out", help="output folder (default out/)")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="text-to-image; saves PNGs with their settings",
                        description="Generate images and save them as PNGs carrying their settings (A1111 style).")
@@ -57,12 +67,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "(canny, color, sketch...), at SCALE (default: the tuner's); repeatable")
     p.add_argument("--no-annotate", dest="annotate", action="store_false",
                    help="the control images already are hints (e.g. an edge map): do not run the annotator")
-    p.add_argument("--model", default=None,
-                   help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="weights' precision (default: bf16/fp16 on GPUs, float32 on CPU; float32 if images turn black)")
-    p.add_argument("--out", default="out", help="output folder (default out/)")
+    add_run_options(p)
     p.set_defaults(run=_generate)
 
 
@@ -184,12 +189,7 @@ def _add_edit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask", default=None,
                    help="image whose white (or opaque) part limits the edit (default: no limit)")
     _add_adapter_options(p)
-    p.add_argument("--model", default=None,
-                   help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="weights' precision (default: bf16/fp16 on GPUs, float32 on CPU; float32 if images turn black)")
-    p.add_argument("--out", default="out", help="output folder (default out/)")
+    add_run_options(p)
     p.set_defaults(run=_edit)
 
 

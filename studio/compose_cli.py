@@ -16,7 +16,7 @@ REGION_FORM = "X0,Y0,X1,Y1:PROMPT"
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from . import adapters_cli
-    from .cli import add_on_uncond_option, add_sampling_options
+    from .cli import add_on_uncond_option, add_run_options, add_sampling_options
 
     p = sub.add_parser("compose", help="several adapters' concepts in one image (merge, or by region)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,12 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "every cell it touches")
     add_on_uncond_option(p)
     adapters_cli.add_library_option(p)
-    p.add_argument("--model", default=None,
-                   help="diffusers folder, .safetensors checkpoint or hub id (default: the embedded model)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="weights' precision (default: bf16/fp16 on GPUs, float32 on CPU; float32 if images turn black)")
-    p.add_argument("--out", default="out", help="output folder (default out/)")
+    add_run_options(p)
     p.set_defaults(run=_compose)
 
 
