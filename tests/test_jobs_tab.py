@@ -12,6 +12,7 @@ from playwright.sync_api import expect
 
 from studio.shapes.dataset import subject_images
 from tests.test_ui import app_url, page  # noqa: F401  (fixtures: the served studio, a Chromium page on it)
+from tests.test_ui_studio import toast
 
 SCREENSHOT = Path(__file__).resolve().parents[1] / "runs" / "jobs_tab.png"
 
@@ -28,6 +29,9 @@ def subjects(tmp_path, monkeypatch) -> Path:
 @pytest.mark.parametrize("inputs, message", [
     ((None, "", "", None, ""), "no subjects: upload a manifest"),
     ((None, "/no/such/folder", "", None, ""), r"manifest /no/such/folder does not exist"),
+    ((None, "{subjects}", "", "0", ""), r"Steps 0: type a whole number of steps, 1 or more, or leave it blank"),
+    ((None, "{subjects}", "", "2.5", ""), r"Steps 2.5: type a whole number of steps"),
+    ((None, "{subjects}", "", "many", ""), r"Steps: 'many' is not a number"),
     ((None, "{subjects}", "", None, "stpes: 3"), r"More settings: unknown field 'stpes' \(did you mean 'steps'\?\)"),
     ((None, "{subjects}", "", None, "learning_rate: -1"),
      r"folder 'blue-moon': learning_rate=-1: must be a finite number > 0"),
@@ -40,10 +44,23 @@ def test_a_refused_submission_says_why_and_queues_nothing(app_url, subjects, inp
 
 
 @pytest.mark.browser
+def test_browser_steps_left_blank_mean_the_manifests(page):  # noqa: F811
+    """The field starts blank, as its label says, and a submission with it blank gets past it: Gradio's
+    gr.Number showed blank as a red 0 and refused it as below its minimum, before any other check."""
+    page.get_by_role("tab", name="Jobs").click()
+    steps = page.locator("#jobs-steps textarea")
+    expect(steps).to_have_value("")
+    page.locator("#jobs-folder textarea").fill("/no/such/folder")
+    page.locator("#jobs-submit").click()
+    toast(page, "manifest /no/such/folder does not exist").to_be_visible(timeout=30_000)
+    expect(page.locator(".toast-body").filter(has_text="minimum")).to_have_count(0)
+
+
+@pytest.mark.browser
 def test_browser_submits_a_folder_of_subjects_sees_them_done_and_opens_one_in_generate(page, subjects):  # noqa: F811
     page.get_by_role("tab", name="Jobs").click()
     page.locator("#jobs-folder textarea").fill(str(subjects))
-    steps = page.locator("#jobs-steps input")
+    steps = page.locator("#jobs-steps textarea")
     steps.fill("3")  # very few steps: the test is about the wiring
     steps.blur()
     page.get_by_text("More settings for every subject").click()

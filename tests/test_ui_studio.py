@@ -191,6 +191,12 @@ def test_browser_a_corrupt_png_in_png_info_says_why_and_keeps_the_last_reading(p
 
 @pytest.mark.browser
 def test_browser_placeholders_read_as_hints_and_an_empty_prompt_says_so(page):  # noqa: F811
+    # The results and the history are outputs: no "Drop Media Here" upload area where the images will appear.
+    page.get_by_text("History (images").click()
+    for gallery in ("#gen-gallery", "#gen-history"):
+        expect(page.locator(gallery)).to_be_visible()
+        expect(page.locator(f"{gallery} input[type=file]")).to_have_count(0)
+        expect(page.locator(gallery)).not_to_contain_text("Drop Media Here")
     placeholder = page.locator("#gen-prompt textarea").get_attribute("placeholder")
     assert placeholder.startswith("Describe") and "e.g." in placeholder
     assert "optional" in page.locator("#gen-negative textarea").get_attribute("placeholder")

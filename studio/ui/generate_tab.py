@@ -260,7 +260,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
             # Progress (with its ETA) and a failure's badge show here, so the images and settings stay in view.
             status = gr.Markdown(elem_id="gen-status", min_height=72)
             gallery = gr.Gallery(label="Images (click one for its settings)", columns=4, format="png",
-                                 object_fit="contain", elem_id="gen-gallery")
+                                 object_fit="contain", interactive=False, elem_id="gen-gallery")
             settings = gr.Textbox(label="Settings (A1111 parameters; click an image for its own)", lines=4,
                                   interactive=False, elem_id="gen-settings")
             selected = gr.State(None)  # the selected image's file
@@ -269,7 +269,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                 send_control = gr.Button("Send to Control", size="sm", elem_id="gen-send-control")
             with gr.Accordion("History (images saved in the output folder, newest first)", open=False):
                 past = gr.Gallery(history(out_dir), label="History", columns=6, format="png", object_fit="contain",
-                                  height=320, elem_id="gen-history")
+                                  height=320, interactive=False, elem_id="gen-history")
 
     event = gr.on([button.click, prompt.submit], run,
                   inputs=[prompt, negative, seed, steps, guidance, width, height, scheduler, n, adapters, controller,

@@ -26,7 +26,7 @@ from studio.jobs import JobRecord, JobStore, Worker, read_manifest
 from studio.jobs.manifest import check_batch, parse_settings
 from studio.jobs.store import worker_label
 
-from .common import MODEL_GATE, OnShow, handler
+from .common import MODEL_GATE, OnShow, handler, optional_number
 
 TITLE = "Jobs"
 # A click on the Generate tab's button, as a person would: Generate's on-show then re-reads the library.
@@ -86,7 +86,7 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
     service = JobsService(model, out_dir)
 
     @handler
-    def submit(upload: str | None, folder: str, method: str | None, steps: float | None,
+    def submit(upload: str | None, folder: str, method: str | None, steps: str | float | None,
                settings: str) -> tuple[str, list[list[str]]]:
         if upload and folder.strip():
             raise InputError("give either a manifest or a folder of subject folders, not both; clear one of them")
@@ -96,7 +96,11 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
         defaults = parse_settings(settings or "", "More settings")
         if method:
             defaults["method"] = method
-        if steps:
+        steps = optional_number(steps, "Steps")
+        if steps is not None:
+            if steps < 1 or steps != int(steps):
+                raise InputError(f"Steps {steps:g}: type a whole number of steps, 1 or more, or leave it blank for "
+                                 "the manifest's (else 200)")
             defaults["steps"] = int(steps)
         if upload:  # kept with the jobs; its relative paths are relative to the app's working directory
             kept = service.root / "manifests" / Path(upload).name
@@ -180,8 +184,9 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
             method = gr.Dropdown([("the manifest's (else SC-Tuner)", "")] + [(REGISTRY[m].label, m)
                                                                              for m in sorted(REGISTRY)],
                                  value="", label="Method for every subject", elem_id="jobs-method")
-            steps = gr.Number(None, minimum=1, precision=0, label="Steps (blank: the manifest's, else 200)",
-                              elem_id="jobs-steps")
+            # Not a gr.Number: it shows (and sends) blank as 0.
+            steps = gr.Textbox(label="Steps (blank: the manifest's, else 200)", placeholder="blank: the manifest's",
+                               elem_id="jobs-steps")
             with gr.Accordion("More settings for every subject", open=False):
                 settings = gr.Textbox(label="One 'field: value' per line (any training setting)", lines=3,
                                       placeholder="learning_rate: 1.0e-4\nsample_steps: 20", elem_id="jobs-settings")

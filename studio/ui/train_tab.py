@@ -31,7 +31,7 @@ from pipelines.filetypes import IMAGE_EXTENSIONS
 from pipelines.train import TrainConfig, TrainResult, image_methods, training_refusal
 from studio.library import AdapterLibrary, LibraryError
 
-from .common import MODEL_QUEUE, handler, option_component, stream_training
+from .common import MODEL_QUEUE, handler, option_component, optional_number, stream_training
 
 TITLE = "Train"
 
@@ -70,20 +70,6 @@ def method_options(inputs: list[tuple[str, dataclasses.Field]], method: str, val
 def text(value: str | None) -> str:
     """A text box's value, stripped; None (a box in a section never opened sends none) is blank."""
     return (value or "").strip()
-
-
-def optional_number(value: str | float | None, label: str) -> float | None:
-    """A number typed in a "blank: the default" box: None when blank, else the number (refused by name when it is
-    not one). A 0 is passed on as typed: the method refuses it when 0 makes no sense there."""
-    if value is None or isinstance(value, (int, float)):
-        return value
-    if not value.strip():
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise InputError(f"{label}: {value.strip()!r} is not a number; type one (e.g. 1e-4), or leave it blank "
-                         "for the default") from None
 
 
 def learning_rate_of(value: str | float | None) -> float | None:
