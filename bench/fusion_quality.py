@@ -6,6 +6,7 @@
     python bench/fusion_quality.py --only memory --memory-layout sd15 --memory-repeats 1 --sample-steps 2
                                                          # the same on SD 1.5's full-size UNet at 512 px
     python bench/fusion_quality.py --only ceiling        # both present with the base's own words (no training)
+    python bench/fusion_quality.py --only crosstalk      # what each trained delta adds on each concept's prompts
 
 Subjects (default): an orange triangle ("sks") and a purple square ("zkz"), new words for things the base draws;
 `--subjects orange:star:sks purple:cross:zkz` takes shapes the base draws only unnamed (SHAPES.md, "Seen but
@@ -25,6 +26,9 @@ The ceiling (--only ceiling) is the yardstick's share: "both present" for object
 pair of its shapes in the subjects' colours), by the plain two-object prompt and by the composer with the same boxes
 and settings and concepts that change nothing (LoRAs with B = 0, their triggers the objects' words), so no
 adapter's quality enters.
+The crosstalk (--only crosstalk, on the adapters already in --work) is what orthogonal merging assumes away: the
+base UNet samples each concept's prompts, and at every adapted module the other concept's delta applied to the
+recorded input is compared with the concept's own (norms summed over the run, per kind of layer).
 Options: --target attn_ff and --rank (both methods), --ortho-lr (orthogonal LoRA's own rate: only its B trains),
 --subject-images 40 --subject-backgrounds every (customize_quality's subject set), --uncond off (single and merged
 scored with the adapters off the unconditional rows, as bench/customize_quality.py scores a held-out subject).
@@ -48,6 +52,8 @@ from text_encoding_memory import full_size
 from tuner_cost import peak_memory_bytes, reset_peak_memory
 
 from adapters import LoRA, LoRAConfig, OrthoLoRA, OrthoLoRAConfig, merge_into, save_adapter
+from adapters.composer import delta_term
+from adapters.context import CallContext
 from pipelines import generate, load_model
 from pipelines.architectures import build_unet
 from pipelines.attach import read_adapter
@@ -185,6 +191,58 @@ def ceiling(model, colours: tuple[str, str], work: Path, seeds: int, guidance: f
     for mode, hits in sides.items():
         print(f"  {mode:9s} both present {_pct([all(h) for h in hits]):5.1f}%  left {_pct([h[0] for h in hits]):5.1f}%"
               f"  right {_pct([h[1] for h in hits]):5.1f}%")
+
+
+LAYER_KINDS = (("cross-attention k, v", (".attn2.to_k", ".attn2.to_v")), ("cross-attention q, out", (".attn2.",)),
+               ("self-attention", (".attn1.",)), ("feed-forward", (".ff.",)), ("other", ("",)))
+
+
+def delta_norms(model, prompts: list[str], own, other, seeds: int, guidance: float, steps: int,
+                first_seed: int) -> dict[str, list[float]]:
+    """kind of layer -> [sum of ||own delta(x)||, of ||other delta(x)||, of ||base output||] over the adapted modules'
+    inputs x while the base UNet samples `prompts` (conditional rows of the guided batch)."""
+    modules = dict(model.pipe.unet.named_modules())
+    names = sorted(set(own.delta_weights()) | set(other.delta_weights()))
+    context, sums = CallContext(rows=[]), {}  # no per-row scales: the delta on every row given
+
+    def recorder(name: str):
+        kind = next(k for k, parts in LAYER_KINDS if any(part in name for part in parts))
+
+        def record(module, args, output):
+            x, y = args[0][args[0].shape[0] // 2:], output[output.shape[0] // 2:]
+            total = sums.setdefault(kind, [0.0, 0.0, 0.0])
+            for slot, adapter in enumerate((own, other)):
+                if adapter.delta_weight(name) is not None:
+                    total[slot] += float(delta_term(module, x, adapter, name, context).norm())
+            total[2] += float(y.norm())
+        return record
+
+    hooks = [modules[name.removesuffix(".weight")].register_forward_hook(recorder(name)) for name in names]
+    try:
+        for prompt in prompts:
+            generate(model, prompt, seed=first_seed, num_images_per_prompt=seeds, num_inference_steps=steps,
+                     guidance_scale=guidance)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sums
+
+
+def crosstalk(model, subjects, files: dict[str, list[Path]], seeds: int, guidance: float, steps: int,
+              first_seed: int = 0) -> None:
+    """Per method and kind of layer, on each concept's prompts (left and right): the other concept's delta against
+    its own (orthogonal adaptation's no-crosstalk claim needs this near 0), and the own delta against the base."""
+    print(f"\ncrosstalk at CFG {guidance:g} ({seeds} images per prompt, conditional rows, base UNet)")
+    for method, paths in files.items():
+        adapters = [read_adapter(f"{method} {s[2]}", path, model.pipe.unet) for s, path in zip(subjects, paths)]
+        for i, subject in enumerate(subjects):
+            prompts = [caption([(subject, side)]) for side in SIDES]
+            sums = delta_norms(model, prompts, adapters[i], adapters[1 - i], seeds, guidance, steps, first_seed)
+            for kind, _ in LAYER_KINDS:
+                if kind in sums:
+                    own, other, base = sums[kind]
+                    print(f"{method:11s} prompts of {subject[2]}: {kind:22s} other / own {other / own:5.2f}   "
+                          f"own / base output {own / base:5.2f}")
 
 
 def box(position: str) -> tuple[int, int, int, int]:
@@ -339,7 +397,7 @@ def main() -> None:
     p.add_argument("--subjects", nargs=2, default=[":".join(s) for s in SUBJECTS], metavar="COLOUR:SHAPE:TRIGGER",
                    help="the two subjects (default: %(default)s)")
     p.add_argument("--work", type=Path, default=Path("runs/fusion"))
-    p.add_argument("--only", choices=["quality", "merge_time", "memory", "ceiling"], default=None)
+    p.add_argument("--only", choices=["quality", "merge_time", "memory", "ceiling", "crosstalk"], default=None)
     p.add_argument("--memory-layout", choices=["shapes", "sd15"], default="shapes",
                    help="--only memory on the embedded model, or on SD 1.5's full-size UNet (random weights, 512 px)")
     p.add_argument("--memory-repeats", type=int, default=5, help="--only memory: fresh processes per count (RSS)")
@@ -374,6 +432,18 @@ def main() -> None:
         for guidance in args.guidance:
             ceiling(model, colours, args.work, args.seeds, guidance, args.sample_steps, settings, args.uncond == "on",
                     args.first_seed)
+    if args.only == "crosstalk":
+        model = load_model("assets/shapes-sd")
+        model.pipe.set_progress_bar_config(disable=True)
+        subjects = [tuple(text.split(":")) for text in args.subjects]
+        files = {method: [args.work / "runs" / f"{method}-{s[2]}" / f"{method}-{s[2]}.safetensors" for s in subjects]
+                 for method in METHODS}
+        missing = [str(path) for paths in files.values() for path in paths if not path.exists()]
+        if missing:
+            sys.exit(f"--only crosstalk reads the trained adapters in --work; missing: {', '.join(missing)}. Train "
+                     "them with --only quality and the same --work and --subjects first")
+        for guidance in args.guidance:
+            crosstalk(model, subjects, files, args.seeds, guidance, args.sample_steps, args.first_seed)
     if args.only in (None, "merge_time"):
         merge_time()
     if args.only in (None, "memory"):
