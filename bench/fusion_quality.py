@@ -202,7 +202,7 @@ def delta_norms(model, prompts: list[str], own, other, seeds: int, guidance: flo
     """kind of layer -> [sum of ||own delta(x)||, of ||other delta(x)||, of ||base output||] over the adapted modules'
     inputs x while the base UNet samples `prompts` (conditional rows of the guided batch)."""
     modules = dict(model.pipe.unet.named_modules())
-    names = sorted(set(own.delta_weights()) | set(other.delta_weights()))
+    adapted = [set(own.delta_weights()), set(other.delta_weights())]  # the weights each one changes
     context, sums = CallContext(rows=[]), {}  # no per-row scales: the delta on every row given
 
     def recorder(name: str):
@@ -212,12 +212,13 @@ def delta_norms(model, prompts: list[str], own, other, seeds: int, guidance: flo
             x, y = args[0][args[0].shape[0] // 2:], output[output.shape[0] // 2:]
             total = sums.setdefault(kind, [0.0, 0.0, 0.0])
             for slot, adapter in enumerate((own, other)):
-                if adapter.delta_weight(name) is not None:
+                if name in adapted[slot]:
                     total[slot] += float(delta_term(module, x, adapter, name, context).norm())
             total[2] += float(y.norm())
         return record
 
-    hooks = [modules[name.removesuffix(".weight")].register_forward_hook(recorder(name)) for name in names]
+    hooks = [modules[name.removesuffix(".weight")].register_forward_hook(recorder(name))
+             for name in sorted(adapted[0] | adapted[1])]
     try:
         for prompt in prompts:
             generate(model, prompt, seed=first_seed, num_images_per_prompt=seeds, num_inference_steps=steps,

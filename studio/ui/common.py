@@ -324,9 +324,10 @@ def adapter_files(rows: list[list] | None) -> list[tuple[Path, float]]:
     return [(library.get(name).path, scale) for name, scale in adapter_scales(rows)]
 
 
-def optional_number(value: str | float | None, label: str) -> float | None:
+def optional_number(value: str | float | None, label: str, example: str = "1e-4") -> float | None:
     """A number typed in a "blank: the default" box: None when blank, else the number (refused by name when it is
-    not one). A 0 is passed on as typed: the method refuses it when 0 makes no sense there."""
+    not one, with `example` as one to type). A 0 is passed on as typed: the method refuses it when 0 makes no sense
+    there."""
     if value is None or isinstance(value, (int, float)):
         return value
     if not value.strip():
@@ -334,8 +335,8 @@ def optional_number(value: str | float | None, label: str) -> float | None:
     try:
         return float(value)
     except ValueError:
-        raise InputError(f"{label}: {value.strip()!r} is not a number; type one (e.g. 1e-4), or leave it blank "
-                         "for the default") from None
+        raise InputError(f"{label}: {value.strip()!r} is not a number; type one (e.g. {example}), or leave it "
+                         "blank for the default") from None
 
 
 def option_component(method: str, field: dataclasses.Field, unet, shown: bool, value: Any,

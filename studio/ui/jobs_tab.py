@@ -12,6 +12,7 @@ again and the tab is shown.
 
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 import warnings
@@ -96,9 +97,9 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
         defaults = parse_settings(settings or "", "More settings")
         if method:
             defaults["method"] = method
-        steps = optional_number(steps, "Steps")
+        steps = optional_number(steps, "Steps", example="200")
         if steps is not None:
-            if steps < 1 or steps != int(steps):
+            if not math.isfinite(steps) or steps < 1 or steps != int(steps):
                 raise InputError(f"Steps {steps:g}: type a whole number of steps, 1 or more, or leave it blank for "
                                  "the manifest's (else 200)")
             defaults["steps"] = int(steps)
