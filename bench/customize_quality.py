@@ -77,7 +77,8 @@ def subject_set(out: Path, seed: int = 0, subject: tuple[str, str, str] = SUBJEC
     """`images` renders of the subject (colour, shape, trigger; default the orange star), cycling through the five
     positions, varied size/background; the trigger replaces "orange star" in the world caption, so the rest of the
     caption still teaches the context words. The backgrounds are drawn (the 5 of seed 0: gray, gray, white, white,
-    white, never black); `every_background` shows each background at least once, the positions and sizes kept:
+    white, never black); `every_background` shows each background at least once and, from 25 images, each
+    position on each background, the positions and sizes kept:
     DreamBooth's advice to vary all but the subject; more `images` vary each position's size and background: 20 meet
     the targets where 5 memorise (docs/benchmarks.md, session 19)."""
     color, shape, trigger = subject
@@ -88,7 +89,10 @@ def subject_set(out: Path, seed: int = 0, subject: tuple[str, str, str] = SUBJEC
     if every_background:
         backgrounds = list(BACKGROUNDS) + ["white", "gray"]
         random.Random(seed).shuffle(backgrounds)
-        scenes = [dataclasses.replace(scene, background=backgrounds[i % len(backgrounds)])
+        # Shifted by one at each round of the five positions, so that a position meets every background. Cycled in
+        # step with the positions (until session 26), each position kept one background: "a sks on a black
+        # background" then meant one position.
+        scenes = [dataclasses.replace(scene, background=backgrounds[(i + i // 5) % len(backgrounds)])
                   for i, scene in enumerate(scenes)]
     write_captioned(out, scenes, [s.caption().replace(f"{color} {shape}", trigger) for s in scenes])
     write_masks(out.parent / f"{out.name}_masks", scenes)
