@@ -35,8 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fill-weight", type=float, default=2.0, help="composer: weight of L_fill (default 2)")
     p.add_argument("--region-weight", type=float, default=10.0, help="composer: weight of L_region (default 10)")
     p.add_argument("--step-size", type=float, default=20.0, help="composer: latent update step (default 20, as "
-                   "published); raise it when a concept is missing from its box: 40 on the embedded model, whose "
-                   "attention maps are flat, with --early-stop-from 10 (docs/benchmarks.md, fusion)")
+                   "published, and the best measured on the embedded model for subjects trained on their "
+                   "captions); a larger step (40, with --early-stop-from 10) helped subjects trained with the "
+                   "bare trigger, a weaker binding (docs/benchmarks.md, fusion)")
     p.add_argument("--refine-until", type=int, default=25, help="composer: no latent update from this step on "
                    "(default 25; 0: none)")
     p.add_argument("--early-stop-from", type=int, default=5, help="composer: from this step on, an image's latent "

@@ -415,13 +415,14 @@ def build(model: LoadedModel, out_dir: Path) -> OnShow:
                 gr.Markdown("Beyond the paper, on by default here: this studio's concepts are trained on the UNet "
                             "alone, so their identity is not all in cross-attention. Published (cross-attention "
                             "only, cells wholly inside): untick and pick 'wholly inside'. On the embedded model two "
-                            "subjects both appear in 40 % of 256 images with these defaults, in none with the "
-                            "published settings. Step size: how hard each step pushes a concept into its box (20, "
-                            "as published); from the early stop's step on, an image's updates end once its loss "
-                            "rises (5, as published). Raise them when a concept is missing from its box: on the "
-                            "embedded model, whose attention maps are flat, step 40 gives 60 %, and 65 % with the "
-                            "early stop from step 10; past a step of about 100 images break (docs/benchmarks.md, "
-                            "fusion).")
+                            "subjects both appear in 82 % of 256 images with these defaults when each was trained on "
+                            "its captions (the Train tab's share of steps on the trigger alone at 0), and in 40 % when "
+                            "trained with the trigger alone on half its steps (in none of those with the published "
+                            "settings). Step size: how hard each step pushes a concept into its box (20, as "
+                            "published); from the early stop's step on, an image's updates end once its loss "
+                            "rises (5, as published). Subjects trained with the trigger alone did better at step "
+                            "40 with the early stop from step 10 (65 %); past a step of about 100 images break "
+                            "(docs/benchmarks.md, fusion).")
                 with gr.Row():
                     every_delta = gr.Checkbox(True, label="Every delta in its box (self-attention, feed-forward, "
                                               "convolutions too)", elem_id="compose-every-delta")
