@@ -85,6 +85,11 @@ def caption(objects: list[tuple[tuple[str, str, str], str]]) -> str:
     return text
 
 
+def adapter_file(work: Path, method: str, trigger: str) -> Path:
+    """Where `train_concepts` keeps a subject's adapter of one method."""
+    return work / "runs" / f"{method}-{trigger}" / f"{method}-{trigger}.safetensors"
+
+
 def train_concepts(pipe, subjects, work: Path, steps: int, lrs: dict[str, float], options: dict,
                    instance_prompt_share: float = 0.0, images: int = 5,
                    every_background: bool = False) -> dict[str, list[Path]]:
@@ -97,7 +102,7 @@ def train_concepts(pipe, subjects, work: Path, steps: int, lrs: dict[str, float]
         for subject in subjects:
             trigger = subject[2]
             name = f"{method}-{trigger}"
-            path = work / "runs" / name / f"{name}.safetensors"
+            path = adapter_file(work, method, trigger)
             if not path.exists():
                 subject_set(work / "data" / trigger, subject=subject, images=images, every_background=every_background)
                 t0 = time.time()
@@ -437,8 +442,7 @@ def main() -> None:
         model = load_model("assets/shapes-sd")
         model.pipe.set_progress_bar_config(disable=True)
         subjects = [tuple(text.split(":")) for text in args.subjects]
-        files = {method: [args.work / "runs" / f"{method}-{s[2]}" / f"{method}-{s[2]}.safetensors" for s in subjects]
-                 for method in METHODS}
+        files = {method: [adapter_file(args.work, method, s[2]) for s in subjects] for method in METHODS}
         missing = [str(path) for paths in files.values() for path in paths if not path.exists()]
         if missing:
             sys.exit(f"--only crosstalk reads the trained adapters in --work; missing: {', '.join(missing)}. Train "
